@@ -1,0 +1,41 @@
+"""hf_mm_rerank: LoRA/QLoRA fine-tuning of multimodal bi-encoders and rerankers with a plain Trainer.
+
+Public names are imported lazily, so ``import hf_mm_rerank`` is cheap and never imports bitsandbytes;
+QLoRA imports it only when a ``quantization_config`` is given.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BiEncoder": "modeling",
+    "BiEncoderCollator": "collators",
+    "BiEncoderTrainer": "trainers",
+    "CachedContrastiveLoss": "losses",
+    "ContrastiveLoss": "losses",
+    "InputError": "inputs",
+    "MMInput": "inputs",
+    "MatryoshkaLoss": "losses",
+    "RETRIEVAL_METRIC_PATH": "evaluation",
+    "RetrievalEvaluator": "evaluation",
+    "ranking_metrics": "evaluation",
+    "to_input": "inputs",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_mm_rerank' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,102 @@
+"""What the recipes share: ``--config file.yaml`` parsing, data loading and model building arguments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+
+def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """``HfArgumentParser`` over ``dataclass_types``; ``--config x.yaml`` supplies defaults that flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path.")
+        with open(argv[i + 1]) as handle:
+            config = yaml.safe_load(handle) or {}
+        argv = _yaml_to_flags(config) + argv[:i] + argv[i + 2:]  # later flags win in argparse
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _yaml_to_flags(config: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{key}", *(str(v) for v in values)]
+    return flags
+
+
+@dataclass
+class DataArguments:
+    """Where the training rows come from (``datasets.load_dataset`` or the built-in demo data)."""
+
+    dataset_name: str = field(default="builtin:emoji", metadata={
+        "help": "Hub dataset name, a loader (json, csv, parquet, imagefolder) with --data_files/--data_dir, "
+                "or builtin:emoji (offline demo data)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Local data files (json/csv/parquet)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder for imagefolder-style datasets."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split for the retrieval evaluator."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction when no eval_split."})
+    query_column: str = field(default="query", metadata={"help": "Column renamed to 'query'."})
+    positive_column: str = field(default="positive", metadata={"help": "Column renamed to 'positive'."})
+    image_root: str | None = field(default=None, metadata={
+        "help": "Relative image paths are resolved against this folder (default: the first data file's folder)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+
+
+def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
+    """Return (train, eval) datasets with canonical column names; eval may be None."""
+    from datasets import load_dataset
+
+    from .demo import DEMO_DATA, emoji_splits
+
+    if args.dataset_name == DEMO_DATA:
+        train, held_out = emoji_splits()
+    else:
+        loaded = load_dataset(args.dataset_name, args.dataset_config, data_files=args.data_files,
+                              data_dir=args.data_dir)
+        train = loaded[args.train_split]
+        held_out = loaded[args.eval_split] if args.eval_split else None
+        if held_out is None and args.eval_fraction > 0:
+            split = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+            train, held_out = split["train"], split["test"]
+    train, held_out = (_canonical(d, args) if d is not None else None for d in (train, held_out))
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if held_out is not None and args.max_eval_samples:
+        held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
+    return train, held_out
+
+
+def _canonical(dataset: Any, args: DataArguments) -> Any:
+    for old, new in ((args.query_column, "query"), (args.positive_column, "positive")):
+        if old != new and old in dataset.column_names:
+            dataset = dataset.rename_column(old, new)
+    root = args.image_root or (os.path.dirname(os.path.abspath(args.data_files[0])) if args.data_files else None)
+    string_columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"]
+    if root and string_columns:
+        dataset = dataset.map(lambda row: {c: _rooted(row[c], root) for c in string_columns})
+    return dataset
+
+
+def _rooted(value: str | None, root: str) -> str | None:
+    if value and not os.path.isabs(value):
+        candidate = os.path.join(root, value)
+        if os.path.isfile(candidate):
+            return candidate
+    return value

@@ -1,0 +1,131 @@
+"""Retrieval metrics and the evaluator the bi-encoder trainer runs in ``evaluate()``.
+
+:func:`ranking_metrics` is the one implementation of the metrics; the ``evaluate`` metric module shipped in
+``hf_mm_rerank/metrics/retrieval_metrics`` (see :data:`RETRIEVAL_METRIC_PATH`) wraps it, so
+``evaluate.load(RETRIEVAL_METRIC_PATH)`` works offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_METRIC_PATH = str(Path(__file__).parent / "metrics" / "retrieval_metrics")
+
+
+def _ndcg(hits: list[bool], n_relevant: int, k: int) -> float:
+    dcg = sum(1.0 / math.log2(i + 2) for i, hit in enumerate(hits[:k]) if hit)
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, n_relevant)))
+    return dcg / ideal if ideal else 0.0
+
+
+def _mrr(hits: list[bool], k: int) -> float:
+    return next((1.0 / (i + 1) for i, hit in enumerate(hits[:k]) if hit), 0.0)
+
+
+def _average_precision(hits: list[bool], n_relevant: int, k: int) -> float:
+    found, total = 0, 0.0
+    for i, hit in enumerate(hits[:k]):
+        if hit:
+            found += 1
+            total += found / (i + 1)
+    return total / min(n_relevant, k) if n_relevant else 0.0
+
+
+def ranking_metrics(rankings: Sequence[Sequence[Hashable]], relevant: Sequence[Iterable[Hashable]],
+                    k_values: Sequence[int] = (1, 5, 10), map_at: int = 100) -> dict[str, float]:
+    """Mean ndcg@k, mrr@k, recall@k (each k) and map@``map_at`` over queries, with binary relevance.
+
+    Args:
+        rankings: per query, document ids best first.
+        relevant: per query, the ids of its relevant documents (queries with none are skipped).
+    """
+    if len(rankings) != len(relevant):
+        raise ValueError(f"rankings ({len(rankings)}) and relevant ({len(relevant)}) must have one entry per query.")
+    sums: dict[str, float] = {}
+    counted = 0
+    for ranked, rel in zip(rankings, relevant):
+        rel = set(rel)
+        if not rel:
+            continue
+        counted += 1
+        hits = [doc in rel for doc in ranked]
+        for k in k_values:
+            scores = {f"ndcg@{k}": _ndcg(hits, len(rel), k), f"mrr@{k}": _mrr(hits, k),
+                      f"recall@{k}": sum(hits[:k]) / len(rel)}
+            for name, value in scores.items():
+                sums[name] = sums.get(name, 0.0) + value
+        sums[f"map@{map_at}"] = sums.get(f"map@{map_at}", 0.0) + _average_precision(hits, len(rel), map_at)
+    return {name: value / counted for name, value in sums.items()} if counted else {}
+
+
+class RetrievalEvaluator:
+    """Embeds queries and a corpus with a :class:`BiEncoder` and reports ranking metrics.
+
+    Args:
+        queries: ``{query_id: input}``; inputs are text, images, paths, bytes or ``{"text", "image"}``.
+        corpus: ``{doc_id: input}``.
+        relevant: ``{query_id: {doc_id, ...}}``.
+        k_values: cut-offs for ndcg/mrr/recall (default 1, 5, 10).
+        batch_size: inputs per forward pass while encoding.
+        map_at: cut-off of MAP (default 100).
+
+    Example:
+        >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
+        >>> evaluator(model)["ndcg@10"]
+    """
+
+    def __init__(self, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
+                 relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
+                 batch_size: int = 32, map_at: int = 100) -> None:
+        unknown_q = [q for q in relevant if q not in queries]
+        unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
+        if unknown_q or unknown_d:
+            raise ValueError(f"relevant: names query ids {unknown_q[:5]} / doc ids {unknown_d[:5]} that are not in "
+                             "queries / corpus. Fix: build relevant from the same ids.")
+        if not corpus:
+            raise ValueError("corpus is empty.")
+        self.query_ids = [q for q in queries if relevant.get(q)]
+        if len(self.query_ids) < len(queries):
+            logger.warning("RetrievalEvaluator: %d queries without relevant documents are skipped.",
+                           len(queries) - len(self.query_ids))
+        self.queries = [queries[q] for q in self.query_ids]
+        self.doc_ids = list(corpus)
+        self.corpus = [corpus[d] for d in self.doc_ids]
+        self.relevant = [set(relevant[q]) for q in self.query_ids]
+        self.k_values = tuple(k_values)
+        self.batch_size = batch_size
+        self.map_at = map_at
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, **kwargs: Any) -> RetrievalEvaluator:
+        """Build from (query, positive[, negatives]) rows: row i's query must retrieve row i's positive, with
+        every row's positive and negatives as the corpus."""
+        from .collators import negative_columns
+
+        negatives = negative_columns(dataset.column_names)
+        queries, corpus, relevant = {}, {}, {}
+        for i, row in enumerate(dataset):
+            queries[i] = row["query"]
+            corpus[f"pos-{i}"] = row["positive"]
+            relevant[i] = {f"pos-{i}"}
+            for j, column in enumerate(negatives):
+                cells = row[column] if isinstance(row[column], list) else [row[column]]
+                corpus.update({f"neg-{i}-{j}-{n}": cell for n, cell in enumerate(cells)})
+        return cls(queries, corpus, relevant, **kwargs)
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        documents = model.encode(self.corpus, side="document", batch_size=self.batch_size)
+        queries = model.encode(self.queries, side="query", batch_size=self.batch_size)
+        scores = queries.float() @ documents.float().T
+        depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
+        top = torch.topk(scores, depth, dim=1).indices.tolist()
+        rankings = [[self.doc_ids[i] for i in row] for row in top]
+        return ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)

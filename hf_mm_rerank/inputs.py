@@ -1,0 +1,159 @@
+"""The one place that turns a dataset cell into text and/or an RGB image.
+
+Accepted cells: ``str`` text, ``PIL.Image.Image``, a local image file path (``str`` or ``Path``), raw image
+``bytes``, a ``datasets.Image`` value (``{"bytes": ..., "path": ...}``), or ``{"text": ..., "image": ...}``
+for an input that has both. Everything that reads pixels (training collators, ``encode``, ``score`` and the
+evaluators) goes through :func:`to_input`, so training and inference see the same images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class MMInput:
+    """One model input: text, an RGB image, or both."""
+
+    text: str | None = None
+    image: Image.Image | None = None
+
+
+class InputError(ValueError):
+    """A dataset cell that cannot be turned into text or an image (names the row and column)."""
+
+
+def _where(row: Any, column: str | None) -> str:
+    parts = []
+    if row is not None:
+        parts.append(f"row {row}")
+    if column is not None:
+        parts.append(f"column '{column}'")
+    return ", ".join(parts) or "input"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
+
+
+def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, column: str | None = None) -> MMInput:
+    """Turn one cell into an :class:`MMInput`.
+
+    Args:
+        cell: the cell (see the module docstring for the accepted kinds).
+        max_pixels: images with more pixels are shrunk (aspect kept) before any processor sees them.
+        row, column: where the cell came from, for error messages.
+
+    Raises:
+        InputError: the cell is of an unsupported kind, a path does not exist, or bytes are not an image.
+    """
+    where = _where(row, column)
+    if isinstance(cell, dict) and ("text" in cell or "image" in cell) and not {"bytes", "path"} & cell.keys():
+        text = cell.get("text")
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"{where}: 'text' must be a string, received {_describe(text)}.")
+        image = cell.get("image")
+        image = None if image is None else load_image(image, max_pixels=max_pixels, where=where)
+        if text is None and image is None:
+            raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
+        return MMInput(text=text, image=image)
+    if isinstance(cell, str) and not _looks_like_image_path(cell):
+        if not cell.strip():
+            raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
+        return MMInput(text=cell)
+    return MMInput(image=load_image(cell, max_pixels=max_pixels, where=where))
+
+
+def _looks_like_image_path(value: str) -> bool:
+    return len(value) < 4096 and Path(value).suffix.lower() in IMAGE_SUFFIXES and "\n" not in value
+
+
+def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input") -> Image.Image:
+    """Open an image cell as RGB, shrunk to at most ``max_pixels`` pixels.
+
+    JPEGs are decoded at reduced scale (``Image.draft``) when the target is much smaller, which roughly
+    halves decoding time for large photos.
+    """
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(
+                f"{where}: received the image path '{value}', which does not exist. Fix: make paths absolute or "
+                "relative to the working directory, or load the column with datasets.Image()."
+            )
+        image = _open(path, where, max_pixels)
+    elif isinstance(value, (bytes, bytearray)):
+        image = _open(io.BytesIO(value), where, max_pixels)
+    elif isinstance(value, dict) and {"bytes", "path"} & value.keys():
+        if value.get("bytes"):
+            image = _open(io.BytesIO(value["bytes"]), where, max_pixels)
+        elif value.get("path"):
+            return load_image(value["path"], max_pixels=max_pixels, where=where)
+        else:
+            raise InputError(f"{where}: received a datasets Image dict with neither bytes nor path.")
+    else:
+        raise InputError(
+            f"{where}: received {_describe(value)}; expected text (str), a PIL image, an image file path, "
+            "image bytes, a datasets Image value or {'text': ..., 'image': ...}."
+        )
+    return fit_pixels(to_rgb(image), max_pixels)
+
+
+def _open(source: Any, where: str, max_pixels: int | None) -> Image.Image:
+    try:
+        image = Image.open(source)
+        if max_pixels and image.format == "JPEG":
+            _draft(image, max_pixels)
+        image.load()
+        return image
+    except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
+        raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
+
+
+def _draft(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    scale = math.sqrt(max_pixels / (width * height))
+    if scale < 0.5:
+        # draft() keeps the decoded size >= the requested one, so the later resize stays exact.
+        image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (RGBA, LA, P, CMYK, L, I;16, I, F, ...) to RGB; transparency becomes white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: scale to 8 bits by the image's own range instead of clipping.
+        lo, hi = image.getextrema()
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = image.point(lambda v: (v - lo) * scale).convert("L") if image.mode in ("I", "F") else \
+            image.convert("I").point(lambda v: (v - lo) * scale).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Shrink ``image`` (aspect kept) so that width * height <= ``max_pixels``."""
+    width, height = image.size
+    if not max_pixels or width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)

@@ -1,0 +1,234 @@
+"""Training losses. Each is an ``nn.Module`` called as ``loss(model, batch)`` by the trainers.
+
+Bi-encoder batches are ``{"query": chunks, "positive": chunks, "negative": chunks?}`` (see the collators).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather ``x`` across ranks keeping the local slice's gradient; returns (gathered, local offset).
+
+    Ranks may hold different row counts (a last, smaller batch): rows are padded, gathered and unpadded.
+    """
+    rank, world = _world()
+    if world == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
+    parts = all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE over in-batch and hard negatives (MultipleNegativesRanking / CLIP-style loss).
+
+    Each query is scored against every positive and negative in the global batch (other GPUs' included
+    when ``gather_across_devices``); its own positive is the target.
+
+    Args:
+        temperature: softmax temperature (default 0.05). With ``learnable_temperature`` it is the start
+            value of a trained log-scale, capped at 1/100 like CLIP.
+        symmetric: add the document->query direction (positives scored against all queries).
+        gather_across_devices: gather embeddings from all ranks so negatives span the global batch.
+
+    Example:
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
+        ...                            loss=ContrastiveLoss(temperature=0.02, symmetric=True))
+    """
+
+    mini_batch_size: int | None = None
+
+    def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False, symmetric: bool = False,
+                 gather_across_devices: bool = True) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, received {temperature}.")
+        self.symmetric = symmetric
+        self.gather_across_devices = gather_across_devices
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.scale)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
+        query = model(batch["query"])
+        positive = model(batch["positive"])
+        negative = model(batch["negative"]) if batch.get("negative") else None
+        return (objective or self.objective)(query, positive, negative)
+
+    def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        """The loss from embeddings: query ``[B, D]``, positive ``[B, D]``, negative ``[B*k, D]`` or None."""
+        gather = self.gather_across_devices
+        documents = positive if negative is None else torch.cat([positive, negative])
+        # Each rank's positives lead its own block of the gathered documents: targets start at that block.
+        all_documents, block_start = gather_with_grad(documents) if gather else (documents, 0)
+        scale = self.scale.to(query.device)
+        labels = torch.arange(query.shape[0], device=query.device) + block_start
+        loss = F.cross_entropy(scale * query.float() @ all_documents.float().T, labels)
+        if self.symmetric:
+            all_queries, offset = gather_with_grad(query) if gather else (query, 0)
+            back = scale * positive.float() @ all_queries.float().T
+            loss = (loss + F.cross_entropy(back, torch.arange(positive.shape[0], device=query.device) + offset)) / 2
+        return loss
+
+
+class _RandomState:
+    """Captures the CPU/CUDA RNG so a chunk's second (gradient) pass sees the same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> Any:
+        devices = [self.device] if self.cuda is not None else []
+        context = torch.random.fork_rng(devices=devices)
+        context.__enter__()
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        return context
+
+
+class CachedContrastiveLoss(ContrastiveLoss):
+    """GradCache version of :class:`ContrastiveLoss`: same loss and gradients, memory of one mini-batch.
+
+    Pass 1 embeds every mini-batch without a graph; the loss is computed on those embeddings as leaves.
+    When the Trainer calls ``backward``, a hook re-embeds each mini-batch with a graph and back-propagates
+    the cached embedding gradients (same RNG state, same autocast). The collator featurizes mini-batches
+    separately, and the trainer leaves them on the CPU: each moves to the device only when it is embedded.
+
+    Args:
+        mini_batch_size: inputs per forward pass (default 32).
+        **kwargs: as :class:`ContrastiveLoss`.
+    """
+
+    def __init__(self, mini_batch_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, received {mini_batch_size}.")
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
+        columns = [c for c in ("query", "positive", "negative") if batch.get(c)]
+        states: dict[str, list[_RandomState]] = {c: [] for c in columns}
+        leaves = {}
+        training = torch.is_grad_enabled()
+        for column in columns:
+            parts = []
+            with torch.no_grad():
+                for chunk in batch[column]:
+                    states[column].append(_RandomState(_device_of(model)))
+                    parts.append(model(chunk))
+            leaves[column] = torch.cat(parts).requires_grad_(training)
+        if training:
+            autocast = _autocast_state(_device_of(model))
+            tensors = [leaves[c] for c in columns]
+            torch.autograd.graph.register_multi_grad_hook(
+                tensors, lambda grads: self._second_pass(model, batch, columns, states, grads, autocast))
+        return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"))
+
+    @staticmethod
+    def _second_pass(model: nn.Module, batch: dict[str, Any], columns: list[str],
+                     states: dict[str, list[_RandomState]], grads: Sequence[torch.Tensor | None],
+                     autocast: Callable[[], Any]) -> None:
+        for column, grad in zip(columns, grads):
+            if grad is None:
+                continue
+            start = 0
+            for chunk, state in zip(batch[column], states[column]):
+                rng = state.restore()
+                try:
+                    with torch.enable_grad(), autocast():
+                        embedding = model(chunk)
+                finally:
+                    rng.__exit__(None, None, None)
+                if embedding.requires_grad:  # e.g. images through a frozen vision tower have nothing to train
+                    torch.autograd.backward(embedding, grad[start:start + embedding.shape[0]])
+                start += embedding.shape[0]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast_state(device: torch.device) -> Callable[[], Any]:
+    device_type = device.type
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext
+    dtype = torch.get_autocast_dtype(device_type)
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+class MatryoshkaLoss(nn.Module):
+    """Applies a contrastive loss at several embedding sizes (Matryoshka Representation Learning).
+
+    Embeddings are computed once; the wrapped loss's objective runs on each prefix ``[:, :dim]``
+    (re-normalised), weighted by ``weights`` (default 1 each). Works with :class:`CachedContrastiveLoss`.
+
+    Example:
+        >>> loss = MatryoshkaLoss(ContrastiveLoss(), dims=[768, 256, 64])
+    """
+
+    def __init__(self, loss: ContrastiveLoss, dims: Sequence[int], weights: Sequence[float] | None = None,
+                 renormalize: bool = True) -> None:
+        super().__init__()
+        if not dims or any(int(d) < 1 for d in dims):
+            raise ValueError(f"dims must be positive sizes, received {list(dims)}.")
+        if weights is not None and len(weights) != len(dims):
+            raise ValueError(f"weights: expected {len(dims)} values (one per dim), received {len(weights)}.")
+        self.loss = loss
+        self.dims = [int(d) for d in dims]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.dims)
+        self.renormalize = renormalize
+
+    @property
+    def mini_batch_size(self) -> int | None:
+        return self.loss.mini_batch_size
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self.loss(model, batch, objective=self.objective)
+
+    def _cut(self, x: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if dim > x.shape[-1]:
+            raise ValueError(f"dims: {dim} is larger than the model's embedding size {x.shape[-1]}.")
+        x = x[:, :dim]
+        return F.normalize(x, dim=-1) if self.renormalize else x
+
+    def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        return sum(w * self.loss.objective(self._cut(query, d), self._cut(positive, d), self._cut(negative, d))
+                   for d, w in zip(self.dims, self.weights))

@@ -1,0 +1,142 @@
+"""Backbone loading: family detection, dtype/attention pass-through, 4/8-bit quantization and LoRA.
+
+Module selection is by module *type*, never by a name regex:
+- the vision tower is every top-most module whose ``config`` is of the checkpoint's vision-config class;
+- the language model's linear layers are the ``nn.Linear`` modules that live inside a transformer block
+  list (an ``nn.ModuleList``) outside the vision tower;
+- everything else (vision tower, projection and pooling heads, merger) stays out of quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+DUAL = "dual_encoder"
+CHAT = "chat_vlm"
+
+
+def detect_family(model: nn.Module) -> str:
+    """``dual_encoder`` for models with text and image feature methods, else ``chat_vlm``."""
+    if hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
+        return DUAL
+    return CHAT
+
+
+def vision_roots(model: nn.Module) -> list[str]:
+    """Names of the top-most modules that hold the vision tower (matched by config class)."""
+    vision_config = getattr(model.config, "vision_config", None)
+    if vision_config is None:
+        return []
+    roots: list[str] = []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if name and isinstance(config, PretrainedConfig) and type(config) is type(vision_config):
+            if not any(name.startswith(root + ".") for root in roots):
+                roots.append(name)
+    return roots
+
+
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def _block_list_prefixes(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name]
+
+
+def language_linear_names(model: nn.Module) -> list[str]:
+    """The language/text model's linear layers inside transformer blocks (default LoRA and 4-bit targets)."""
+    roots = vision_roots(model)
+    blocks = _block_list_prefixes(model)
+    return [
+        name for name, module in model.named_modules()
+        if _is_linear(module) and not _inside(name, roots) and any(name.startswith(b + ".") for b in blocks)
+    ]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
+    return isinstance(module, nn.Linear)
+
+
+def quantization_skip_modules(model: nn.Module) -> list[str]:
+    """Everything that must stay in full precision: the vision tower and every linear outside the blocks."""
+    roots = vision_roots(model)
+    targets = set(language_linear_names(model))
+    heads = [name for name, module in model.named_modules()
+             if _is_linear(module) and name not in targets and not _inside(name, roots)]
+    return roots + heads
+
+
+def _skeleton(config: PretrainedConfig, model_kwargs: dict[str, Any]) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return AutoModel.from_config(config, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+
+
+def _quantization_config(quantization_config: Any, config: PretrainedConfig, model_kwargs: dict[str, Any]) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("quantization_config needs bitsandbytes: pip install 'hf_mm_rerank[qlora]'") from exc
+    quantization_config = copy.deepcopy(quantization_config)
+    skip = quantization_skip_modules(_skeleton(config, model_kwargs))
+    user_skip = list(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
+    quantization_config.llm_int8_skip_modules = sorted(set(user_skip + skip))
+    return quantization_config
+
+
+def load_backbone(name_or_path: str, *, quantization_config: Any = None, **model_kwargs: Any) -> nn.Module:
+    """Load the bare backbone (``AutoModel``: no LM head) with dtype/attention/quantization settings."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = _quantization_config(quantization_config, config, model_kwargs)
+        if torch.cuda.is_available() and "device_map" not in model_kwargs:
+            # bitsandbytes weights are quantized as they land on the GPU; each process takes its own.
+            model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModel.from_pretrained(name_or_path, **model_kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def apply_lora(model: nn.Module, lora_config: Any, *, gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap ``model`` with ``peft.get_peft_model``; default targets are the language model's linear layers."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    lora_config = copy.deepcopy(lora_config)
+    if not getattr(lora_config, "target_modules", None):
+        targets = language_linear_names(model)
+        if not targets:
+            raise ValueError(
+                f"lora_config: found no linear layers in {type(model).__name__}'s language model to adapt. "
+                "Fix: set LoraConfig(target_modules=[...]) explicitly."
+            )
+        lora_config.target_modules = targets
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return get_peft_model(model, lora_config)
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32

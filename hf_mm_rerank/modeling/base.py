@@ -1,0 +1,257 @@
+"""What bi- and cross-encoders share: the saved layout, loading, LoRA/QLoRA wiring and device handling.
+
+Saved layout of a model folder (local or a Hub repo):
+- ``hf_mm_rerank_config.json``: kind, base model reference, family and the task settings;
+- ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA, with any ``modules_to_save``), or the full
+  backbone weights + ``config.json`` when fully fine-tuned or merged;
+- ``head.safetensors`` when the model has a trained head outside the backbone;
+- the processor files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoProcessor
+
+from .. import __version__
+from .backbone import apply_lora, detect_family, dtype_of, is_quantized, load_backbone
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "hf_mm_rerank_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """The small config saved beside the weights; enough to rebuild the model from its base."""
+
+    kind: str
+    base_model: str
+    family: str
+    adapter: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    version: str = __version__
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+            json.dump(asdict(self), handle, indent=2, sort_keys=True)
+
+    @classmethod
+    def find(cls, name_or_path: str, **hub_kwargs: Any) -> ModelSpec | None:
+        path = resolve_file(name_or_path, CONFIG_NAME, **hub_kwargs)
+        if path is None:
+            return None
+        with open(path) as handle:
+            data = json.load(handle)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def resolve_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | None:
+    """Local path of ``filename`` in a folder or Hub repo, or None when the repo does not have it."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(name_or_path, filename, **hub_kwargs)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None
+
+
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move nested dicts/lists of tensors; floating pixel tensors also take the model's dtype."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype, non_blocking=True)
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype if k.startswith("pixel") else None) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, dtype) for v in obj)
+    return obj
+
+
+class AdapterModel(nn.Module):
+    """Base of :class:`BiEncoder` and :class:`CrossEncoder`: a backbone (maybe a ``PeftModel``), its processor,
+    an optional trained head and a :class:`ModelSpec`."""
+
+    kind = "model"
+
+    def __init__(self, backbone: nn.Module, processor: Any, spec: ModelSpec) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.processor = processor
+        self.spec = spec
+
+    # ----- properties Trainer and users look for -------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The bare transformers model under any PEFT wrapper."""
+        model = self.backbone
+        return model.get_base_model() if self.is_peft else model
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return dtype_of(self.base_model)
+
+    def heads(self) -> nn.Module | None:
+        """Trained modules outside the backbone, saved to ``head.safetensors`` (none by default)."""
+        return None
+
+    # ----- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def _load_parts(cls, name_or_path: str, *, lora_config: Any, quantization_config: Any,
+                    gradient_checkpointing: bool, is_trainable: bool, model_kwargs: dict[str, Any],
+                    ) -> tuple[nn.Module, Any, ModelSpec | None]:
+        hub_kwargs = {k: model_kwargs[k] for k in ("revision", "token", "cache_dir") if k in model_kwargs}
+        spec = ModelSpec.find(name_or_path, **hub_kwargs)
+        if spec is not None and spec.kind != cls.kind:
+            raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
+        if spec is not None and spec.adapter:
+            backbone = load_backbone(spec.base_model, quantization_config=quantization_config, **model_kwargs)
+            backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs)
+            if lora_config is not None:
+                logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",
+                               name_or_path)
+        else:
+            backbone = load_backbone(name_or_path, quantization_config=quantization_config, **model_kwargs)
+            if lora_config is not None:
+                backbone = apply_lora(backbone, lora_config, gradient_checkpointing=gradient_checkpointing)
+            elif is_quantized(backbone):
+                raise ValueError(
+                    "quantization_config without lora_config: a 4/8-bit model cannot be fully fine-tuned. "
+                    "Fix: pass lora_config=LoraConfig(...) (QLoRA), or drop quantization_config."
+                )
+        processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        return backbone, processor, spec
+
+    @staticmethod
+    def _new_spec(kind: str, name_or_path: str, backbone: nn.Module, settings: dict[str, Any],
+                  quantization_config: Any) -> ModelSpec:
+        base = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
+        quant = quantization_config.to_dict() if quantization_config is not None else None
+        return ModelSpec(kind=kind, base_model=str(name_or_path), family=detect_family(base),
+                         adapter=hasattr(backbone, "peft_config"), settings=settings, quantization=quant)
+
+    def _load_head(self, name_or_path: str) -> None:
+        heads = self.heads()
+        if heads is None:
+            return
+        path = resolve_file(name_or_path, HEAD_WEIGHTS)
+        if path is None:
+            raise FileNotFoundError(
+                f"{name_or_path} has no {HEAD_WEIGHTS}, but this {self.kind} has a trained head; refusing to "
+                "re-initialise it silently. Fix: load a folder written by save_pretrained()."
+            )
+        heads.load_state_dict(load_file(path), strict=True)
+
+    # ----- saving -------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str, *, save_processor: bool = True) -> None:
+        """Write adapter (or full weights), head, processor and ``hf_mm_rerank_config.json``."""
+        os.makedirs(directory, exist_ok=True)
+        self.backbone.save_pretrained(directory)
+        heads = self.heads()
+        if heads is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
+                      os.path.join(directory, HEAD_WEIGHTS))
+        if save_processor and self.processor is not None:
+            self.processor.save_pretrained(directory)
+        self.spec.adapter = self.is_peft
+        self.spec.save(directory)
+
+    def load_trained_weights(self, directory: str) -> None:
+        """Load the trained part (adapter or full weights, and head) of a checkpoint into this model in place.
+
+        Used for ``load_best_model_at_end`` and ``resume_from_checkpoint``.
+        """
+        if self.is_peft:
+            from peft.utils import set_peft_model_state_dict
+
+            state = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+            _check_adapter_keys(self.backbone, state, directory)
+            set_peft_model_state_dict(self.backbone, state)
+        else:
+            fresh = AutoModel.from_pretrained(directory, dtype=self.compute_dtype)
+            self.backbone.load_state_dict(fresh.state_dict(), strict=True)
+        self._load_head(directory)
+
+    def merge_and_unload(self) -> AdapterModel:
+        """Fold the LoRA weights into the backbone; ``save_pretrained`` then writes a plain full model."""
+        if not self.is_peft:
+            raise ValueError("merge_and_unload: this model has no adapter to merge.")
+        if is_quantized(self.base_model):
+            raise ValueError("merge_and_unload: cannot merge into a 4/8-bit backbone; reload the base without "
+                             "quantization_config, then merge.")
+        self.backbone = self.backbone.merge_and_unload()
+        self.spec.adapter = False
+        return self
+
+    # ----- training plumbing --------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.is_peft and hasattr(self.base_model, "enable_input_require_grads"):
+            try:
+                self.base_model.enable_input_require_grads()
+            except NotImplementedError:  # dual encoders without a single input embedding
+                pass
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+
+def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gradient_checkpointing: bool,
+                  hub_kwargs: dict[str, Any]) -> nn.Module:
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if is_quantized(backbone) and is_trainable:
+        backbone = prepare_model_for_kbit_training(
+            backbone, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+    path = resolve_file(name_or_path, ADAPTER_WEIGHTS, **hub_kwargs)
+    if path is None:
+        raise FileNotFoundError(f"{name_or_path}: {ADAPTER_WEIGHTS} is missing; the adapter cannot be loaded.")
+    _check_adapter_keys(model, load_file(path), name_or_path)
+    return model
+
+
+def _check_adapter_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse checkpoints whose adapter tensors do not match the model one to one (PEFT only warns)."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{where}: the adapter weights do not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape-mismatched {mismatched[:5]}). Fix: load it on the base model it was "
+            "trained from, with the same LoRA settings."
+        )

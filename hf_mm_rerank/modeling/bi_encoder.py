@@ -1,0 +1,157 @@
+"""BiEncoder: a multimodal embedding model (dual encoder or chat VLM) with optional LoRA/QLoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..inputs import to_input
+from ..processing import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
+from .backbone import CHAT, DUAL
+from .base import AdapterModel, ModelSpec, to_device
+
+POOLINGS = {DUAL: ("auto", "model"), CHAT: ("auto", "last", "mean")}
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state at each row's last attended position (works for left and right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = (positions * mask.long()).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class BiEncoder(AdapterModel):
+    """Embeds queries and documents (text, images or both) into one vector space.
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> model = BiEncoder.from_pretrained("openai/clip-vit-base-patch32", lora_config=LoraConfig(r=8))
+        >>> emb = model.encode(["a red bicycle", "photo.jpg"])          # [2, D], L2-normalised
+    """
+
+    kind = "bi_encoder"
+
+    def __init__(self, backbone: torch.nn.Module, processor: Any, spec: ModelSpec) -> None:
+        super().__init__(backbone, processor, spec)
+        settings = spec.settings
+        pooling = settings.get("pooling", "auto")
+        if pooling not in POOLINGS[spec.family]:
+            raise ValueError(f"pooling={pooling!r} is not valid for a {spec.family}; use one of "
+                             f"{POOLINGS[spec.family]}.")
+        self.pooling = "last" if pooling == "auto" and spec.family == CHAT else pooling
+        self.normalize = bool(settings.get("normalize", True))
+        featurizer_cls = DualEncoderFeaturizer if spec.family == DUAL else ChatFeaturizer
+        max_pixels = settings.get("max_pixels")
+        if max_pixels is None and spec.family == DUAL:
+            max_pixels = dual_default_max_pixels(processor)
+        self.featurizer: Featurizer = featurizer_cls(
+            processor, max_pixels=max_pixels, max_length=settings.get("max_length"),
+            prompts=settings.get("prompts"))
+        settings["max_pixels"] = self.featurizer.max_pixels
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        lora_config: Any = None,
+        quantization_config: Any = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        query_prompt: str | None = None,
+        document_prompt: str | None = None,
+        max_pixels: int | None = None,
+        max_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        is_trainable: bool = True,
+        **model_kwargs: Any,
+    ) -> BiEncoder:
+        """Load a base checkpoint (optionally adding LoRA / QLoRA) or a folder/repo saved by this class.
+
+        Args:
+            name_or_path: a transformers checkpoint (CLIP, SigLIP, VisionTextDualEncoder, a chat VLM) or a
+                folder / Hub repo written by :meth:`save_pretrained`.
+            lora_config: a ``peft.LoraConfig``; ``target_modules=None`` adapts the language model's linears.
+            quantization_config: a ``transformers.BitsAndBytesConfig`` (4- or 8-bit, needs lora_config).
+            pooling: ``"auto"``, ``"last"`` or ``"mean"`` (chat VLMs); dual encoders use their own heads.
+            normalize: L2-normalise embeddings (default True).
+            query_prompt, document_prompt: instruction per side (system turn for VLMs, prefix otherwise).
+            max_pixels: images above this many pixels are shrunk by the collator before processing.
+            max_length: token limit for the text part of an input.
+            gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
+            is_trainable: load a saved adapter trainable (default) or frozen for inference.
+            **model_kwargs: passed to ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ...).
+        """
+        backbone, processor, spec = cls._load_parts(
+            name_or_path, lora_config=lora_config, quantization_config=quantization_config,
+            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs)
+        given = {"pooling": pooling, "normalize": normalize, "max_pixels": max_pixels, "max_length": max_length}
+        prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
+        if spec is None:
+            settings = {"pooling": "auto", "normalize": True, "max_pixels": None, "max_length": None}
+            spec = cls._new_spec(cls.kind, name_or_path, backbone, settings, quantization_config)
+        spec.settings.update({k: v for k, v in given.items() if v is not None})
+        if prompts:
+            spec.settings["prompts"] = {**spec.settings.get("prompts", {}), **prompts}
+        return cls(backbone, processor, spec)
+
+    # ----- embedding ----------------------------------------------------------------------------------
+    def forward(self, features: dict[str, Any] | list[dict[str, Any]]) -> torch.Tensor:
+        """Embed featurized inputs (one chunk or a list of chunks) -> ``[N, D]`` float32."""
+        if isinstance(features, list):
+            return torch.cat([self.forward(chunk) for chunk in features])
+        features = to_device(features, self.device, self.compute_dtype)
+        embeddings = self._embed_dual(features) if self.spec.family == DUAL else self._embed_chat(features)
+        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
+
+    def _embed_chat(self, features: dict[str, Any]) -> torch.Tensor:
+        hidden = self.backbone(**features, use_cache=False).last_hidden_state
+        pool = last_token_pool if self.pooling == "last" else mean_pool
+        return pool(hidden, features["attention_mask"]).float()
+
+    def _embed_dual(self, features: dict[str, Any]) -> torch.Tensor:
+        parts = []
+        if "text" in features:
+            parts.append((features["text_index"], _pooled(self.backbone.get_text_features(**features["text"]))))
+        if "image" in features:
+            parts.append((features["image_index"], _pooled(self.backbone.get_image_features(**features["image"]))))
+        size = int(features["size"])
+        dim = parts[0][1].shape[-1]
+        total = torch.zeros(size, dim, device=self.device, dtype=torch.float32)
+        count = torch.zeros(size, 1, device=self.device, dtype=torch.float32)
+        for index, emb in parts:
+            emb = emb.float()
+            # Text+image inputs average the two towers' (normalised) embeddings.
+            total = total.index_add(0, index, F.normalize(emb, dim=-1) if self.normalize else emb)
+            count = count.index_add(0, index, torch.ones_like(emb[:, :1]))
+        return total / count.clamp(min=1)
+
+    @torch.no_grad()
+    def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32) -> torch.Tensor:
+        """Embed raw inputs (text, PIL images, paths, bytes, ``{"text", "image"}`` dicts) -> ``[N, D]`` on CPU.
+
+        Uses the same featurizer as training, so images are resized and processed identically.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for start in range(0, len(inputs), batch_size):
+                items = [to_input(cell, max_pixels=self.featurizer.max_pixels, row=start + i, column=side)
+                         for i, cell in enumerate(inputs[start:start + batch_size])]
+                out.append(self(self.featurizer(items, side)).cpu())
+            return torch.cat(out) if out else torch.empty(0)
+        finally:
+            self.train(was_training)

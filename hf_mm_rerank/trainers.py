@@ -1,0 +1,152 @@
+"""Trainer subclasses driven by a plain ``transformers.TrainingArguments``.
+
+They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups), ``compute_loss``,
+``prediction_step``, ``evaluate`` (runs the evaluator), ``_prepare_inputs`` (GradCache keeps mini-batches off
+the device), ``create_optimizer`` (learnable loss parameters), ``_save`` and the checkpoint reloads.
+Checkpointing, pushing, DDP and logging stay the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .collators import ROW_KEY, BiEncoderCollator, check_columns, negative_columns
+from .losses import ContrastiveLoss
+
+logger = logging.getLogger(__name__)
+
+
+def _columns(dataset: Any) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, dict):  # a DatasetDict
+        raise TypeError("pass one split (e.g. dataset['train']), not a DatasetDict.")
+    return list(names) if names is not None else None
+
+
+def _with_row_index(dataset: Any) -> Any:
+    """Add the row index as a column (cheap in Arrow) so errors can name the dataset row."""
+    if hasattr(dataset, "add_column") and hasattr(dataset, "__len__") and ROW_KEY not in (_columns(dataset) or []):
+        return dataset.add_column(ROW_KEY, list(range(len(dataset))))
+    return dataset
+
+
+class RetrievalTrainerMixin:
+    """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving and reloading."""
+
+    loss: nn.Module
+    evaluator: Any
+
+    @staticmethod
+    def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
+        args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
+        if args.remove_unused_columns:
+            # The default would drop our query/positive/negative columns (the model's forward does not name them).
+            logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
+            args.remove_unused_columns = False
+        return args
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        loss = self.loss(model, inputs)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        if getattr(self.loss, "mini_batch_size", None):
+            return inputs  # GradCache: the model moves each mini-batch to the device when it embeds it
+        return super()._prepare_inputs(inputs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        extra = [p for p in self.loss.parameters() if p.requires_grad]
+        if extra and not any(p is q for group in optimizer.param_groups for p in group["params"] for q in extra):
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss on ``eval_dataset`` (if any) plus the evaluator's metrics, prefixed ``eval_``.
+
+        Runs with only an evaluator too (Trainer itself refuses to evaluate without an eval_dataset).
+        """
+        metrics: dict[str, float] = {}
+        has_dataset = eval_dataset is not None or self.eval_dataset is not None
+        if has_dataset:
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+        if self.evaluator is None:
+            if not has_dataset:
+                raise ValueError("evaluate() needs an eval_dataset or an evaluator (evaluator=RetrievalEvaluator(...)).")
+            return metrics
+        results = self.evaluator(self.accelerator.unwrap_model(self.model))
+        results = {f"{metric_key_prefix}_{k}": float(v) for k, v in results.items()}
+        metrics.update(results)
+        self.log(results)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self.accelerator.unwrap_model(self.model).load_trained_weights(self.state.best_model_checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = model if model is not None else self.model
+        self.accelerator.unwrap_model(target).load_trained_weights(resume_from_checkpoint)
+
+
+class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
+    """Trains a :class:`BiEncoder` on (query, positive[, negatives]) rows with a plain ``TrainingArguments``.
+
+    Args:
+        model: the :class:`BiEncoder`.
+        args: plain ``TrainingArguments`` (``remove_unused_columns`` is switched off, with a log line).
+        train_dataset, eval_dataset: datasets with columns ``query``, ``positive`` and optionally ``negative``
+            or ``negative_1 ... negative_k``; cells are text or images.
+        loss: a loss from :mod:`hf_mm_rerank.losses` (default :class:`ContrastiveLoss`).
+        evaluator: e.g. :class:`RetrievalEvaluator`; its metrics are returned by ``evaluate()`` as ``eval_*``.
+        data_collator: default :class:`BiEncoderCollator` (mini-batched for cached losses).
+        **kwargs: anything else ``Trainer`` takes (callbacks, optimizers, ...).
+
+    Example:
+        >>> trainer = BiEncoderTrainer(model=model, args=TrainingArguments("out", num_train_epochs=1),
+        ...                            train_dataset=ds, evaluator=RetrievalEvaluator(queries, corpus, relevant))
+        >>> trainer.train(); trainer.evaluate()["eval_ndcg@10"]
+    """
+
+    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
+                 data_collator: Any = None, **kwargs: Any) -> None:
+        args = self._fix_args(args)
+        self.loss = loss if loss is not None else ContrastiveLoss()
+        self.evaluator = evaluator
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            columns = _columns(dataset) if dataset is not None else None
+            if columns is not None:
+                check_columns(columns, ("query", "positive"), name)
+                negative_columns(columns)
+        if data_collator is None:
+            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(self.loss, "mini_batch_size", None))
+        train_dataset = _with_row_index(train_dataset) if train_dataset is not None else None
+        eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, **kwargs)
+        self.loss.to(self.args.device)
