@@ -80,7 +80,7 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(1.0 / self.scale)
+        return float(1.0 / self.scale.detach())
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
         query = model(batch["query"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 QWEN_SPECIALS = [
@@ -32,13 +32,21 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer(specials: list[str], **kwargs) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with the 256 byte symbols as vocabulary and no merges."""
+def byte_tokenizer(specials: list[str], template: str | None = None, **kwargs) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the 256 byte symbols as vocabulary and no merges.
+
+    ``template`` (e.g. ``"[CLS] $A [SEP]"``) adds the model's special tokens around each text, as the real
+    tokenizers do (CLIP pools at its end token, BERT at [CLS]).
+    """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
+    if template:
+        ids = {t: len(alphabet) + i for i, t in enumerate(specials)}
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, ids[t]) for t in specials if t in template.split()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
@@ -54,7 +62,7 @@ def make_clip(path: Path, hidden: int = 64) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(0)
-    tok = byte_tokenizer(["<|startoftext|>", "<|endoftext|>"], bos_token="<|startoftext|>",
+    tok = byte_tokenizer(["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", bos_token="<|startoftext|>",
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -72,7 +80,7 @@ def make_siglip(path: Path, hidden: int = 64) -> Path:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     torch.manual_seed(0)
-    tok = byte_tokenizer(["</s>", "<pad>", "<unk>"], eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+    tok = byte_tokenizer(["</s>", "<pad>", "<unk>"], "$A </s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>")
     cfg = SiglipConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
@@ -91,7 +99,7 @@ def make_vtde(path: Path, hidden: int = 64) -> Path:
                               VisionTextDualEncoderProcessor)
 
     torch.manual_seed(0)
-    tok = byte_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], pad_token="[PAD]", cls_token="[CLS]",
+    tok = byte_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], "[CLS] $A [SEP]", pad_token="[PAD]", cls_token="[CLS]",
                          sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
     text = BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,

@@ -1,0 +1,71 @@
+import pickle
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from hf_mm_rerank import BiEncoder, BiEncoderCollator
+from hf_mm_rerank.collators import negative_columns
+from images import color_rows, solid
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_path):
+    return BiEncoder.from_pretrained(tiny_path("clip"))
+
+
+def test_batch_layout_and_negative_order(clip):
+    rows = color_rows(negatives=2)[:3]
+    batch = BiEncoderCollator(clip)(rows)
+    assert set(batch) == {"query", "positive", "negative"}
+    assert batch["query"][0]["text"]["input_ids"].shape[0] == 3
+    negatives = batch["negative"][0]
+    assert negatives["image"]["pixel_values"].shape[0] == 6  # 3 rows x 2 negatives, row-major
+    # Row 0's negatives come first: negative_1 of row 0 is row 1's colour (green).
+    direct = clip.featurizer.processor.image_processor(images=[solid("green")], return_tensors="pt")
+    assert torch.allclose(negatives["image"]["pixel_values"][0], direct["pixel_values"][0])
+
+
+def test_mini_batches_split_every_column(clip):
+    batch = BiEncoderCollator(clip, mini_batch_size=3)(color_rows()[:8])
+    assert [c["size"].item() for c in batch["query"]] == [3, 3, 2]
+    assert len(batch["negative"]) == 3
+
+
+def test_list_of_negatives_in_one_column(clip):
+    rows = [{"query": "q", "positive": solid("red"), "negative": [solid("blue"), solid("green")]}] * 2
+    assert BiEncoderCollator(clip)(rows)["negative"][0]["size"].item() == 4
+
+
+def test_collator_is_picklable_and_runs_in_two_workers(clip):
+    collator = pickle.loads(pickle.dumps(BiEncoderCollator(clip)))
+    loader = DataLoader(Dataset.from_list(color_rows(repeat=2)), batch_size=4, num_workers=2, collate_fn=collator)
+    batches = list(loader)
+    assert len(batches) == 4
+    assert all(b["positive"][0]["image"]["pixel_values"].shape == (4, 3, 32, 32) for b in batches)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"query": "q", "document": "d"}], r"missing column\(s\) \['positive'\]"),
+    ([{"query": "q", "positive": "p", "negative": ["a"]}, {"query": "q", "positive": "p", "negative": ["a", "b"]}],
+     "different numbers of negatives"),
+    ([{"query": "q", "positive": None}], "row 0 of the batch, column 'positive': received None"),
+    ([{"query": "q", "positive": 3.5, "_row": 17}], "row 17, column 'positive': received float"),
+])
+def test_bad_rows_get_clear_errors(clip, rows, message):
+    with pytest.raises(ValueError, match=message):
+        BiEncoderCollator(clip)(rows)
+
+
+def test_negative_column_forms():
+    assert negative_columns(["query", "positive", "negative_2", "negative_1"]) == ["negative_1", "negative_2"]
+    with pytest.raises(ValueError, match="both 'negative' and"):
+        negative_columns(["negative", "negative_1"])
+    with pytest.raises(ValueError, match="without gaps"):
+        negative_columns(["negative_1", "negative_3"])
+
+
+def test_rejects_non_model():
+    with pytest.raises(TypeError, match="expected a BiEncoder"):
+        BiEncoderCollator(object())
