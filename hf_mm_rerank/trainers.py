@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from .collators import ROW_KEY, BiEncoderCollator, check_columns, negative_columns
 from .losses import ContrastiveLoss
@@ -50,6 +51,16 @@ class RetrievalTrainerMixin:
             logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
             args.remove_unused_columns = False
         return args
+
+    def _validate_args(self) -> None:
+        # Trainer refuses eval_strategy != "no" without an eval_dataset; an evaluator is enough for us.
+        if self.evaluator is None or self.eval_dataset is not None or self.args.eval_strategy == IntervalStrategy.NO:
+            return super()._validate_args()
+        strategy, self.args.eval_strategy = self.args.eval_strategy, IntervalStrategy.NO
+        try:
+            super()._validate_args()
+        finally:
+            self.args.eval_strategy = strategy
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -212,17 +212,17 @@ class AdapterModel(nn.Module):
         return self
 
     # ----- training plumbing --------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if self.is_peft and hasattr(self.base_model, "enable_input_require_grads"):
-            try:
-                self.base_model.enable_input_require_grads()
-            except NotImplementedError:  # dual encoders without a single input embedding
-                pass
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Called by Trainer for ``gradient_checkpointing=True``; delegates to the transformers backbone."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.base_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload)
+        if self.is_peft and kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()  # reentrant checkpoints need inputs that require grad
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.activation_checkpointing_disable()
 
 
 def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gradient_checkpointing: bool,
