@@ -24,6 +24,22 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local slice (each rank's loss uses it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads).contiguous()
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather ``x`` across ranks keeping the local slice's gradient; returns (gathered, local offset).
 
@@ -32,13 +48,11 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank, world = _world()
     if world == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     sizes = [int(s) for s in sizes]
     padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    parts = all_gather(padded)
+    parts = _AllGather.apply(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 

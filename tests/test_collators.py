@@ -40,7 +40,9 @@ def test_list_of_negatives_in_one_column(clip):
 
 def test_collator_is_picklable_and_runs_in_two_workers(clip):
     collator = pickle.loads(pickle.dumps(BiEncoderCollator(clip)))
-    loader = DataLoader(Dataset.from_list(color_rows(repeat=2)), batch_size=4, num_workers=2, collate_fn=collator)
+    # spawn: workers get the collator by pickling, as on macOS/Windows (and no fork-after-threads deadlock)
+    loader = DataLoader(Dataset.from_list(color_rows(repeat=2)), batch_size=4, num_workers=2, collate_fn=collator,
+                        multiprocessing_context="spawn")
     batches = list(loader)
     assert len(batches) == 4
     assert all(b["positive"][0]["image"]["pixel_values"].shape == (4, 3, 32, 32) for b in batches)

