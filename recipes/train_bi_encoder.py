@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 
 from transformers import BitsAndBytesConfig, TrainingArguments
 
-from hf_mm_rerank import (BiEncoder, BiEncoderTrainer, CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss,
-                          RetrievalEvaluator)
+from hf_mm_rerank import (
+    BiEncoder,
+    BiEncoderTrainer,
+    CachedContrastiveLoss,
+    ContrastiveLoss,
+    MatryoshkaLoss,
+    RetrievalEvaluator,
+)
 from hf_mm_rerank.cli import DataArguments, load_data, parse_with_config
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
 

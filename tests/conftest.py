@@ -13,9 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import tiny_models  # noqa: E402
+import torch  # noqa: E402
 from images import COLORS, color_rows, solid  # noqa: E402
 
 torch.set_num_threads(2)

@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
+from helpers import args, losses
+from images import solid
 from peft import LoraConfig
 from PIL import Image
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer
-from helpers import args, losses
-from images import solid
 
 FAMILIES = ["clip", "siglip", "vtde", "qwen2_vl", "qwen3_vl"]
 PROBE = ["a red square", solid("blue"), {"text": "green", "image": solid("green")}]

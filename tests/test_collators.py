@@ -3,11 +3,11 @@ import pickle
 import pytest
 import torch
 from datasets import Dataset
+from images import color_rows, solid
 from torch.utils.data import DataLoader
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator
 from hf_mm_rerank.collators import negative_columns
-from images import color_rows, solid
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from images import color_rows
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss
-from images import color_rows
 
 
 def _unit(*shape, seed=0):

@@ -3,11 +3,11 @@ import sys
 
 import pytest
 import torch
+from helpers import args, losses
 from peft import LoraConfig
 from transformers import BitsAndBytesConfig
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer
-from helpers import args, losses
 
 pytest.importorskip("bitsandbytes")
 

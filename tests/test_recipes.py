@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import Dataset
-
 from images import COLORS, solid
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,11 +3,11 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import args, losses
+from images import color_rows
 from peft import LoraConfig
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CachedContrastiveLoss, ContrastiveLoss
-from helpers import args, losses
-from images import color_rows
 
 
 @pytest.fixture()

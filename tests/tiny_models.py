@@ -94,9 +94,16 @@ def make_siglip(path: Path, hidden: int = 64) -> Path:
 
 def make_vtde(path: Path, hidden: int = 64) -> Path:
     """A VisionTextDualEncoder with a tiny BERT text tower and a tiny ViT."""
-    from transformers import (BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel,
-                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel,
-                              VisionTextDualEncoderProcessor)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        VisionTextDualEncoderProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     torch.manual_seed(0)
     tok = byte_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], "[CLS] $A [SEP]", pad_token="[PAD]", cls_token="[CLS]",
@@ -132,8 +139,13 @@ def _qwen_text_config(tok, hidden: int) -> dict:
 
 
 def make_qwen2_vl(path: Path, hidden: int = 64) -> Path:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     torch.manual_seed(0)
     tok = _qwen_tokenizer()
@@ -150,8 +162,7 @@ def make_qwen2_vl(path: Path, hidden: int = 64) -> Path:
 
 
 def make_qwen3_vl(path: Path, hidden: int = 64) -> Path:
-    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor)
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     torch.manual_seed(0)
