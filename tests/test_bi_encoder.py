@@ -134,3 +134,14 @@ def test_loading_a_cross_kind_folder_fails(tiny_path, tmp_path):
     assert ModelSpec.find(str(folder)).kind == "cross_encoder"
     with pytest.raises(ValueError, match="holds a cross_encoder"):
         BiEncoder.from_pretrained(str(folder))
+
+
+def test_modules_to_save_heads_train_and_reload(tiny_path, tmp_path, color_dataset):
+    config = LoraConfig(r=4, modules_to_save=["visual_projection", "text_projection"])
+    model = BiEncoder.from_pretrained(tiny_path("vtde"), lora_config=config)
+    head = model.base_model.visual_projection.weight.detach().clone()
+    BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=color_dataset).train()
+    assert not torch.equal(head, model.base_model.visual_projection.weight.detach())
+    model.save_pretrained(str(tmp_path / "heads"))
+    again = BiEncoder.from_pretrained(str(tmp_path / "heads"))
+    assert torch.allclose(model.encode(PROBE), again.encode(PROBE), atol=1e-6)
