@@ -136,10 +136,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: scale to 8 bits by the image's own range instead of clipping.
+        image = image if image.mode in ("I", "F") else image.convert("I")
         lo, hi = image.getextrema()
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = image.point(lambda v: (v - lo) * scale).convert("L") if image.mode in ("I", "F") else \
-            image.convert("I").point(lambda v: (v - lo) * scale).convert("L")
+        image = image.point(lambda v: (v - lo) * scale).convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

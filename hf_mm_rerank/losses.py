@@ -6,8 +6,8 @@ Bi-encoder batches are ``{"query": chunks, "positive": chunks, "negative": chunk
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -126,14 +126,13 @@ class _RandomState:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    def restore(self) -> Any:
-        devices = [self.device] if self.cuda is not None else []
-        context = torch.random.fork_rng(devices=devices)
-        context.__enter__()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        return context
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
 
 
 class CachedContrastiveLoss(ContrastiveLoss):
@@ -183,12 +182,8 @@ class CachedContrastiveLoss(ContrastiveLoss):
                 continue
             start = 0
             for chunk, state in zip(batch[column], states[column]):
-                rng = state.restore()
-                try:
-                    with torch.enable_grad(), autocast():
-                        embedding = model(chunk)
-                finally:
-                    rng.__exit__(None, None, None)
+                with state.replay(), torch.enable_grad(), autocast():
+                    embedding = model(chunk)
                 if embedding.requires_grad:  # e.g. images through a frozen vision tower have nothing to train
                     torch.autograd.backward(embedding, grad[start:start + embedding.shape[0]])
                 start += embedding.shape[0]

