@@ -100,3 +100,89 @@ def _rooted(value: str | None, root: str) -> str | None:
         if os.path.isfile(candidate):
             return candidate
     return value
+
+
+@dataclass
+class LoraArguments:
+    """Backbone loading and adapter settings shared by the bi-encoder and reranker recipes."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Modules to adapt (default: the language model's linear layers)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules trained fully and saved with the adapter (e.g. projection heads)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 4-bit base weights."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights."})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, bfloat16, float16, float32."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, flash_attention_2, eager."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image."})
+    max_length: int | None = field(default=None, metadata={"help": "Token limit for the text part."})
+
+
+def build_lora(m: LoraArguments) -> Any:
+    from peft import LoraConfig
+
+    if not m.lora_r:
+        return None
+    return LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                      target_modules=m.lora_target_modules, modules_to_save=m.modules_to_save)
+
+
+def build_quantization(m: LoraArguments, args: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if not (m.load_in_4bit or m.load_in_8bit):
+        return None
+    return BitsAndBytesConfig(load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype="bfloat16" if args.bf16 else "float32")
+
+
+def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str, list[float]]:
+    """``{metric: [before, after]}`` for the evaluator's metrics."""
+    keys = [k for k in after if k.startswith("eval_") and ("@" in k or k.endswith("_map") or k == "eval_map")]
+    return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
+
+
+def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = None, seed: int = 42) -> Any:
+    """Give (query, positive) rows ``negative_1..k`` for reranker training; other layouts pass through.
+
+    With ``mining_model`` (a BiEncoder folder/repo) the negatives are mined hard negatives; otherwise they are
+    other rows' positives drawn at random (Arrow-level: no image is decoded).
+    """
+    from .collators import negative_columns
+
+    if dataset is None or "document" in dataset.column_names or negative_columns(dataset.column_names):
+        return dataset
+    if "positive" not in dataset.column_names:
+        return dataset
+    if mining_model:
+        from .mining import mine_hard_negatives
+        from .modeling import BiEncoder
+
+        encoder = BiEncoder.from_pretrained(mining_model, is_trainable=False)
+        return mine_hard_negatives(encoder, dataset.select_columns(["query", "positive"]), num_negatives=num_negatives)
+    return random_negatives(dataset, num_negatives, seed)
+
+
+def random_negatives(dataset: Any, num_negatives: int, seed: int = 42) -> Any:
+    import random
+
+    from datasets import concatenate_datasets
+
+    size = len(dataset)
+    if num_negatives >= size:
+        raise ValueError(f"num_negatives={num_negatives} needs more than {num_negatives} rows; the dataset has {size}.")
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    slot = {row: t for t, row in enumerate(order)}
+    base = dataset.select_columns(["query", "positive"])
+    columns = [base]
+    for j in range(1, num_negatives + 1):
+        # Row order[t] takes the positive of row order[t + j]: distinct per row and never its own.
+        picked = [order[(slot[i] + j) % size] for i in range(size)]
+        column = base.select(picked).flatten_indices().select_columns(["positive"])
+        columns.append(column.rename_column("positive", f"negative_{j}"))
+    return concatenate_datasets(columns, axis=1)

@@ -98,3 +98,112 @@ class BiEncoderCollator:
             raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
                              "(dataset.filter(lambda r: r[column] is not None)).")
         return to_input(cell, max_pixels=self.featurizer.max_pixels, row=where, column=column)
+
+
+_TEACHER = re.compile(r"^teacher_score_(\d+)$")
+POINTWISE, GROUPED = "pointwise", "grouped"
+
+
+def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """Classify reranker rows: ``(layout, negative columns, teacher columns)``.
+
+    - pointwise: ``query``, ``document``, ``label`` in [0, 1], optional ``teacher_score``;
+    - grouped: ``query``, ``positive``, ``negative`` (a cell or a list) or ``negative_1 ... negative_k``,
+      optional ``teacher_scores`` (a list: positive first) or ``teacher_score_0 ... teacher_score_k``.
+    """
+    if "document" in columns:
+        check_columns(columns, ("query", "document", "label"), "pointwise reranker dataset")
+        return POINTWISE, [], ["teacher_score"] if "teacher_score" in columns else []
+    check_columns(columns, ("query", "positive"), "reranker dataset (pointwise: query/document/label; grouped: "
+                  "query/positive/negative_1..k)")
+    negatives = negative_columns(columns)
+    if not negatives:
+        raise ValueError(f"grouped reranker dataset: no negative column in {list(columns)}. Fix: add negative_1 ... "
+                         "negative_k (mine_hard_negatives() builds them), or use pointwise rows query/document/label.")
+    numbered = sorted(int(m.group(1)) for c in columns if (m := _TEACHER.match(c)))
+    if "teacher_scores" in columns:
+        return GROUPED, negatives, ["teacher_scores"]
+    return GROUPED, negatives, [f"teacher_score_{n}" for n in numbered]
+
+
+class CrossEncoderCollator:
+    """Builds ``{"pairs": chunks, "targets": [N], "group_size": int, "teacher": [N]?}`` for a reranker.
+
+    Grouped rows become ``1 + k`` consecutive pairs per query (positive first, target 1, then negatives,
+    target 0); pointwise rows one pair each (``group_size`` 1, target = ``label``). ``chunks`` is a list of
+    featurized mini-batches of at most ``mini_batch_size`` pairs. All decoding and processing runs here,
+    in DataLoader workers.
+
+    Example:
+        >>> collator = CrossEncoderCollator(reranker)
+        >>> batch = collator([{"query": "red car", "positive": "car.jpg", "negative_1": "boat.jpg"}])
+    """
+
+    def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None) -> None:
+        self.featurizer = featurizer_of(model_or_featurizer)
+        self.mini_batch_size = mini_batch_size
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
+        pairs, targets, teachers, sizes = [], [], [], set()
+        for i, row in enumerate(rows):
+            where = row.get(ROW_KEY, f"{i} of the batch")
+            query = self._input(row["query"], where, "query")
+            if layout == POINTWISE:
+                docs = [self._input(row["document"], where, "document")]
+                targets.append(_label(row["label"], where))
+            else:
+                docs = [self._input(row["positive"], where, "positive")]
+                docs += [self._input(cell, where, column) for cell, column in _cells(row, negatives)]
+                targets += [1.0] + [0.0] * (len(docs) - 1)
+            sizes.add(len(docs))
+            pairs += [(query, doc) for doc in docs]
+            if teacher:
+                teachers += _teacher_scores(row, teacher, len(docs), where)
+        if len(sizes) > 1:
+            raise ValueError(f"rows have different numbers of negatives ({sorted(s - 1 for s in sizes)}); every "
+                             "grouped row needs the same count.")
+        batch = {"pairs": self.featurizer.chunks(pairs, "pair", self.mini_batch_size),
+                 "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes.pop()}
+        if teacher:
+            batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
+        return batch
+
+    def _input(self, cell: Any, where: Any, column: str) -> MMInput:
+        if cell is None:
+            raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells.")
+        item = to_input(cell, max_pixels=self.featurizer.max_pixels, row=where, column=column)
+        return self.featurizer.check(item, where, column)
+
+
+def _cells(row: dict[str, Any], negatives: list[str]) -> list[tuple[Any, str]]:
+    if negatives == ["negative"] and isinstance(row["negative"], (list, tuple)):
+        return [(cell, "negative") for cell in row["negative"]]
+    return [(row[c], c) for c in negatives]
+
+
+def _label(value: Any, where: Any) -> float:
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        label = float("nan")
+    if not 0.0 <= label <= 1.0:  # also rejects NaN
+        raise InputError(f"row {where}, column 'label': received {value!r}; labels must be numbers in [0, 1]. "
+                         "Fix: map graded relevance to [0, 1] (e.g. grade / max_grade).")
+    return label
+
+
+def _teacher_scores(row: dict[str, Any], columns: list[str], size: int, where: Any) -> list[float]:
+    values = row[columns[0]] if columns == ["teacher_scores"] else [row[c] for c in columns]
+    values = values if isinstance(values, (list, tuple)) else [values]
+    try:
+        scores = [float(v) for v in values]
+    except (TypeError, ValueError):
+        scores = []
+    if len(scores) != size or any(s != s for s in scores):
+        raise InputError(f"row {where}, column '{columns[0]}': received {values!r}; expected {size} teacher "
+                         "score(s), one per (query, document) pair of the row, positive first. Fix: give one "
+                         "number per document.")
+    return scores

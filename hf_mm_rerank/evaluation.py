@@ -129,3 +129,114 @@ class RetrievalEvaluator:
         top = torch.topk(scores, depth, dim=1).indices.tolist()
         rankings = [[self.doc_ids[i] for i in row] for row in top]
         return ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)
+
+
+class RerankingEvaluator:
+    """Reranks each sample's candidates with a :class:`CrossEncoder` and reports ndcg@k, mrr@k and map,
+    with the same metrics of the incoming order as ``base_*``.
+
+    Args:
+        samples: ``[{"query": q, "positive": [...], "negative": [...]}]`` (cells: text, images, paths, bytes,
+            ``{"text", "image"}``). The incoming order is ``"documents"`` when a sample gives it (e.g. the
+            first-stage retriever's order; positives are those also listed in ``"positive"``), else a seeded
+            shuffle of positives and negatives, i.e. chance level.
+        at_k: cut-off of ndcg and mrr (default 10).
+        batch_size: pairs per forward pass.
+        seed: seed of the shuffle.
+
+    Example:
+        >>> evaluator = RerankingEvaluator([{"query": "a red car", "positive": ["car.jpg"], "negative": ["boat.jpg"]}])
+        >>> evaluator(reranker)   # {"ndcg@10": ..., "mrr@10": ..., "map": ..., "base_ndcg@10": ..., ...}
+    """
+
+    def __init__(self, samples: Sequence[Mapping[str, Any]], *, at_k: int = 10, batch_size: int = 16,
+                 seed: int = 0) -> None:
+        import random
+
+        rng = random.Random(seed)
+        self.queries, self.candidates, self.relevant = [], [], []
+        for i, sample in enumerate(samples):
+            positives, negatives = _as_list(sample, "positive", i), _as_list(sample, "negative", i, required=False)
+            if "query" not in sample:
+                raise ValueError(f"samples[{i}]: no 'query'. Fix: give each sample query, positive and negative.")
+            if "documents" in sample:
+                docs = list(sample["documents"])
+                # A sample whose positives the first stage missed scores 0 (the id -1 is never ranked).
+                rel = {j for j, doc in enumerate(docs) if any(_same(doc, p) for p in positives)} or {-1}
+            else:
+                docs = positives + negatives
+                order = list(range(len(docs)))
+                rng.shuffle(order)
+                rel = {order.index(j) for j in range(len(positives))}
+                docs = [docs[j] for j in order]
+            self.queries.append(sample["query"])
+            self.candidates.append(docs)
+            self.relevant.append(rel)
+        if not self.queries:
+            raise ValueError("RerankingEvaluator: no samples (pointwise rows need at least one label >= 0.5 per "
+                             "query to count). Fix: pass samples with positives.")
+        self.at_k = at_k
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
+        """Build from grouped rows (query, positive, negative / negative_1..k) or pointwise rows (query,
+        document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
+        from .collators import negative_columns
+
+        if "document" in dataset.column_names:
+            return cls(_pointwise_samples(dataset), **kwargs)
+        negatives = negative_columns(dataset.column_names)
+        samples = []
+        for row in dataset:
+            cells = [c for column in negatives for c in (row[column] if isinstance(row[column], list) else [row[column]])]
+            samples.append({"query": row["query"], "positive": [row["positive"]], "negative": cells})
+        return cls(samples, **kwargs)
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        pairs = [(q, doc) for q, docs in zip(self.queries, self.candidates) for doc in docs]
+        scores = model.score(pairs, batch_size=self.batch_size).tolist()
+        rankings, start = [], 0
+        for docs in self.candidates:
+            group = scores[start:start + len(docs)]
+            rankings.append(sorted(range(len(docs)), key=lambda j: -group[j]))
+            start += len(docs)
+        incoming = [list(range(len(docs))) for docs in self.candidates]
+        return {**self._metrics(rankings, ""), **self._metrics(incoming, "base_")}
+
+    def _metrics(self, rankings: list[list[int]], prefix: str) -> dict[str, float]:
+        depth = max(len(docs) for docs in self.candidates)
+        metrics = ranking_metrics(rankings, self.relevant, (self.at_k,), map_at=depth)
+        return {f"{prefix}ndcg@{self.at_k}": metrics[f"ndcg@{self.at_k}"],
+                f"{prefix}mrr@{self.at_k}": metrics[f"mrr@{self.at_k}"], f"{prefix}map": metrics[f"map@{depth}"]}
+
+
+def _as_list(sample: Mapping[str, Any], key: str, index: int, required: bool = True) -> list[Any]:
+    value = sample.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"samples[{index}]: no '{key}' documents. Fix: give at least one positive per sample.")
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays without a truth value
+        return False
+
+
+def _pointwise_samples(dataset: Any) -> list[dict[str, Any]]:
+    from .mining import fingerprint
+
+    groups: dict[str, dict[str, Any]] = {}
+    for row in dataset:
+        sample = groups.setdefault(fingerprint(row["query"]), {"query": row["query"], "positive": [], "negative": []})
+        sample["positive" if float(row["label"]) >= 0.5 else "negative"].append(row["document"])
+    kept = [s for s in groups.values() if s["positive"]]
+    if len(kept) < len(groups):
+        logger.warning("RerankingEvaluator: %d queries without a relevant document are skipped.", len(groups) - len(kept))
+    return kept

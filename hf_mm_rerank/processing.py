@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .inputs import MMInput
+from .inputs import InputError, MMInput
 
 SIDES = ("query", "document")
 # Default visual-token budget for chat VLMs when the user gives no max_pixels.
@@ -20,6 +20,8 @@ DEFAULT_VISUAL_TOKENS = 768
 
 class Featurizer:
     """Base class. Subclasses implement :meth:`__call__` for one backbone family."""
+
+    supports_images = True
 
     def __init__(self, processor: Any, *, max_pixels: int | None = None, max_length: int | None = None,
                  prompts: dict[str, str] | None = None) -> None:
@@ -37,6 +39,14 @@ class Featurizer:
 
     def __call__(self, items: list[MMInput], side: str = "query") -> dict[str, Any]:
         raise NotImplementedError
+
+    def check(self, item: MMInput, row: Any, column: str) -> MMInput:
+        """Refuse images when this featurizer reads text only, naming the row and column."""
+        if item.image is not None and not self.supports_images:
+            raise InputError(f"row {row}, column '{column}': received an image, but this text cross-encoder "
+                             "(head='classification' without a chat template) reads text only. Fix: use a "
+                             "chat VLM backbone (head='yes_no' or 'linear'), or pass text.")
+        return item
 
     def chunks(self, items: list[MMInput], side: str, size: int | None) -> list[dict[str, Any]]:
         """Featurize ``items`` as consecutive mini-batches of at most ``size`` (all at once when None)."""
@@ -144,3 +154,94 @@ def dual_default_max_pixels(processor: Any) -> int | None:
     side = size.get("shortest_edge") or size.get("height")
     return int((2 * side) ** 2) if side else None
 
+
+
+# ----- rerankers: one sequence per (query, document) pair ----------------------------------------------------
+DEFAULT_RERANK_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
+                         'provided. Note that the answer can only be "yes" or "no".')
+DEFAULT_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+RERANK_PROMPT_DEFAULTS = {"system_prompt": DEFAULT_RERANK_SYSTEM, "instruction": DEFAULT_RERANK_INSTRUCTION,
+                          "query_prefix": "<Query>: ", "document_prefix": "\n<Document>: ",
+                          "assistant_prefix": ""}
+Pair = tuple[MMInput, MMInput]
+
+
+class ChatPairFeaturizer(ChatFeaturizer):
+    """Renders (query, document) pairs through a chat VLM's template, as Qwen3-VL-Reranker does.
+
+    The user turn is ``<Instruct>: {instruction}`` + ``query_prefix`` + query (image, then text) +
+    ``document_prefix`` + document (image, then text); ``system_prompt`` is the system turn and
+    ``assistant_prefix`` (e.g. ``"<think>\\n\\n</think>\\n\\n"`` for Qwen3) follows the generation prompt.
+    Sequences are left-padded so every pair ends at the last position. At construction a probe pair is
+    rendered: a template that drops the query or the document (text or image) raises a ValueError.
+    """
+
+    def __init__(self, processor: Any, *, prompt: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(processor, **kwargs)
+        self.prompt = {**RERANK_PROMPT_DEFAULTS, **(prompt or {})}
+        unknown = set(self.prompt) - set(RERANK_PROMPT_DEFAULTS)
+        if unknown:
+            raise ValueError(f"prompt: unknown key(s) {sorted(unknown)}; use {sorted(RERANK_PROMPT_DEFAULTS)}.")
+        self.tokenizer.padding_side = "left"
+        self._check_template()
+
+    def pair_messages(self, query: MMInput, document: MMInput) -> list[dict[str, Any]]:
+        p = self.prompt
+        content: list[dict[str, Any]] = []
+        head = f"<Instruct>: {p['instruction']}\n" if p["instruction"] else ""
+        for prefix, item in ((head + p["query_prefix"], query), (p["document_prefix"], document)):
+            if prefix:
+                content.append({"type": "text", "text": prefix})
+            if item.image is not None:
+                content.append({"type": "image"})
+            if item.text is not None:
+                content.append({"type": "text", "text": self._truncate(item.text)})
+        messages = [{"role": "user", "content": content}]
+        if p["system_prompt"]:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": p["system_prompt"]}]})
+        return messages
+
+    def render_pair(self, query: MMInput, document: MMInput) -> str:
+        return self.render(self.pair_messages(query, document)) + self.prompt["assistant_prefix"]
+
+    def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
+        texts = [self.render_pair(q, d) for q, d in items]
+        images = [item.image for pair in items for item in pair if item.image is not None]
+        return self.encode_texts(texts, images)
+
+    def _check_template(self) -> None:
+        q_mark, d_mark = "QUERY_7f3a", "DOCUMENT_9c1e"
+        text = self.render_pair(MMInput(text=q_mark), MMInput(text=d_mark))
+        dropped = [side for side, mark in (("query", q_mark), ("document", d_mark)) if mark not in text]
+        image_token = getattr(self.processor, "image_token", None)
+        if image_token and not dropped:
+            pixel = _probe_image()
+            text = self.render_pair(MMInput(image=pixel), MMInput(image=pixel))
+            if text.count(image_token) != 2:
+                dropped.append(f"an image (found {text.count(image_token)} of 2 image placeholders)")
+        if dropped:
+            raise ValueError(
+                f"the chat template of {type(self.processor).__name__} drops the {' and '.join(dropped)} of a "
+                "(query, document) pair: the reranker would not see it. Fix: use a template that renders every "
+                "text and image part of the user turn (processor.chat_template = ...).")
+
+
+def _probe_image() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8))
+
+
+class TextPairFeaturizer(Featurizer):
+    """Text cross-encoders (BERT-style ``AutoModelForSequenceClassification``): ``[CLS] query [SEP] doc [SEP]``.
+
+    ``max_length`` bounds the whole pair; the document is truncated first.
+    """
+
+    supports_images = False
+
+    def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
+        limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
+        limit = limit if limit and limit < 100_000 else 512
+        return dict(self.tokenizer([q.text or "" for q, _ in items], [d.text or "" for _, d in items],
+                                   padding=True, truncation="longest_first", max_length=limit, return_tensors="pt"))

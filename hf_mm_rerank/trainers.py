@@ -17,8 +17,16 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .collators import ROW_KEY, BiEncoderCollator, check_columns, negative_columns
-from .losses import ContrastiveLoss
+from .collators import (
+    GROUPED,
+    ROW_KEY,
+    BiEncoderCollator,
+    CrossEncoderCollator,
+    check_columns,
+    negative_columns,
+    reranker_layout,
+)
+from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +169,56 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
         self.loss.to(self.args.device)
+
+
+class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
+    """Trains a :class:`CrossEncoder` (reranker) with a plain ``TrainingArguments``.
+
+    Args:
+        model: the :class:`CrossEncoder`.
+        args: plain ``TrainingArguments`` (``remove_unused_columns`` is switched off, with a log line).
+        train_dataset, eval_dataset: pointwise rows (``query``, ``document``, ``label`` in [0, 1]) or grouped rows
+            (``query``, ``positive``, ``negative_1 ... negative_k``), optionally with teacher scores
+            (``teacher_score`` / ``teacher_scores`` / ``teacher_score_0..k``).
+        loss: a reranking loss from :mod:`hf_mm_rerank.losses` (default: :class:`BinaryCrossEntropyLoss` for
+            pointwise rows, :class:`ListwiseSoftmaxLoss` for grouped rows).
+        evaluator: e.g. :class:`RerankingEvaluator`; ``evaluate()`` returns its metrics as ``eval_*``.
+        data_collator: default :class:`CrossEncoderCollator` (mini-batched when the loss has ``mini_batch_size``).
+
+    Example:
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=TrainingArguments("out"), train_dataset=ds,
+        ...                               evaluator=RerankingEvaluator(samples))
+        >>> trainer.train(); trainer.evaluate()["eval_ndcg@10"]
+    """
+
+    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
+                 data_collator: Any = None, **kwargs: Any) -> None:
+        args = self._fix_args(args)
+        layouts = {name: reranker_layout(columns) for name, dataset in
+                   (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+                   if dataset is not None and (columns := _columns(dataset)) is not None}
+        if loss is None:
+            grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
+            loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()
+        for name, (layout, _, teacher) in layouts.items():
+            _check_loss_fits(loss, name, layout, teacher)
+        self.loss = loss
+        self.evaluator = evaluator
+        if data_collator is None:
+            data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
+        train_dataset = _with_row_index(train_dataset) if train_dataset is not None else None
+        eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, **kwargs)
+        self.loss.to(self.args.device)
+
+
+def _check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
+    if getattr(loss, "needs_groups", False) and layout != GROUPED:
+        raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
+                         "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
+                         "group the rows (mine_hard_negatives() builds grouped rows).")
+    if getattr(loss, "needs_teacher", False) and not teacher:
+        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
+                         "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from transformers import BitsAndBytesConfig, TrainingArguments
+from transformers import TrainingArguments
 
 from hf_mm_rerank import (
     BiEncoder,
@@ -21,32 +21,27 @@ from hf_mm_rerank import (
     MatryoshkaLoss,
     RetrievalEvaluator,
 )
-from hf_mm_rerank.cli import DataArguments, load_data, parse_with_config
+from hf_mm_rerank.cli import (
+    DataArguments,
+    LoraArguments,
+    build_lora,
+    build_quantization,
+    load_data,
+    parse_with_config,
+    report_table,
+)
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: str = field(default=DEMO_MODEL, metadata={
         "help": "Checkpoint (CLIP, SigLIP, VisionTextDualEncoder, a chat VLM) or builtin:minilm-vit (demo)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "Modules to adapt (default: the language model's linear layers)."})
-    modules_to_save: list[str] | None = field(default=None, metadata={
-        "help": "Modules trained fully and saved with the adapter (e.g. projection heads)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 4-bit base weights."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, bfloat16, float16, float32."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, flash_attention_2, eager."})
     pooling: str = field(default="auto", metadata={"help": "auto, last or mean (chat VLMs)."})
     query_prompt: str | None = field(default=None, metadata={"help": "Instruction for queries."})
     document_prompt: str | None = field(default=None, metadata={"help": "Instruction for documents."})
-    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image."})
-    max_length: int | None = field(default=None, metadata={"help": "Token limit for the text part."})
     temperature: float = field(default=0.05, metadata={"help": "Contrastive temperature."})
     learnable_temperature: bool = field(default=False, metadata={"help": "Train the temperature."})
     symmetric: bool = field(default=False, metadata={"help": "Add the document->query loss term."})
@@ -56,23 +51,14 @@ class ModelArguments:
 
 
 def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
-    from peft import LoraConfig
-
     path = m.model_name_or_path
     if path == DEMO_MODEL:
         path = build_demo_base(f"{args.output_dir}/base_model")
-    quant = None
-    if m.load_in_4bit or m.load_in_8bit:
-        quant = BitsAndBytesConfig(load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
-                                   bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype="bfloat16" if args.bf16 else "float32")
-    lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                      target_modules=m.lora_target_modules, modules_to_save=m.modules_to_save) if m.lora_r else None
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     return BiEncoder.from_pretrained(
-        path, lora_config=lora, quantization_config=quant, pooling=m.pooling, query_prompt=m.query_prompt,
-        document_prompt=m.document_prompt, max_pixels=m.max_pixels, max_length=m.max_length, dtype=m.dtype,
-        gradient_checkpointing=args.gradient_checkpointing, **kwargs)
+        path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
+        query_prompt=m.query_prompt, document_prompt=m.document_prompt, max_pixels=m.max_pixels,
+        max_length=m.max_length, dtype=m.dtype, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
 
 
 def build_loss(m: ModelArguments):
@@ -104,13 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     trainer.save_model(f"{args.output_dir}/final")
     report = {"before": before, "after": after}
     if trainer.is_world_process_zero():
-        print(json.dumps(_table(before, after), indent=2))
+        print(json.dumps(report_table(before, after), indent=2))
     return report
-
-
-def _table(before: dict[str, float], after: dict[str, float]) -> dict[str, list[float]]:
-    keys = [k for k in after if k.startswith("eval_") and "@" in k]
-    return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
 
 
 if __name__ == "__main__":

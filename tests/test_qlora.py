@@ -81,3 +81,28 @@ except ImportError as e:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family, head", [("qwen2_vl", "yes_no"), ("qwen3_vl", "mlp")])
+def test_qlora_reranker_trains_on_cpu_and_reloads(tiny_path, tmp_path, family, head):
+    from datasets import Dataset
+    from images import solid
+    from test_cross_encoder import PLAIN_PROMPT, red_rows
+
+    from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer
+
+    rr = CrossEncoder.from_pretrained(tiny_path(family), head=head, lora_config=LoraConfig(r=8, lora_alpha=16),
+                                      quantization_config=_4bit(), **PLAIN_PROMPT)
+    quantized = _linear_types(rr)
+    assert quantized and all(".layers." in n for n in quantized)
+    assert not [n for n in quantized if "visual" in n or "lm_head" in n], "vision tower and LM head stay unquantized"
+    trainer = CrossEncoderTrainer(model=rr, args=args(tmp_path, max_steps=8, learning_rate=3e-3,
+                                                      gradient_checkpointing=True),
+                                  train_dataset=Dataset.from_list(red_rows()))
+    trainer.train()
+    history = losses(trainer)
+    assert sum(history[-2:]) / 2 < history[0] - 0.2, history
+    probe = [("a red square", solid(c)) for c in ("red", "blue", "green")]
+    rr.save_pretrained(str(tmp_path / "q"))
+    again = CrossEncoder.from_pretrained(str(tmp_path / "q"), quantization_config=_4bit(), is_trainable=False)
+    torch.testing.assert_close(again.score(probe), rr.score(probe), atol=1e-5, rtol=1e-5)

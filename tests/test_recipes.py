@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "recipes" / "configs"
 FAMILY = {"demo.yaml": None, "clip_vit_b32_lora.yaml": "clip", "siglip_full.yaml": "siglip",
           "qwen3_vl_embedding_2b_qlora.yaml": "qwen3_vl"}
+RERANKER_FAMILY = {"qwen3_vl_reranker_2b_lora.yaml": "qwen3_vl", "qwen2_vl_2b_qlora_yes_no.yaml": "qwen2_vl",
+                   "text_cross_encoder.yaml": "bert"}
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("train_bi_encoder", ROOT / "recipes" / "train_bi_encoder.py")
+def _recipe(name: str = "train_bi_encoder"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -42,16 +44,20 @@ def _json_data(folder: Path) -> str:
 def test_every_config_names_its_launch_command():
     for config in CONFIGS.glob("*.yaml"):
         first = config.read_text().splitlines()[0]
-        assert first.startswith("# accelerate launch recipes/train_bi_encoder.py --config") and config.name in first
-        assert config.name in FAMILY, f"add {config.name} to the recipe tests"
+        recipe = "train_bi_encoder" if config.name in FAMILY else "train_cross_encoder"
+        assert first.startswith(f"# accelerate launch recipes/{recipe}.py --config") and config.name in first
+        assert config.name in FAMILY or config.name in RERANKER_FAMILY, f"add {config.name} to the recipe tests"
 
 
-def test_help_renders():
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--help"],
+@pytest.mark.parametrize("recipe, flags", [
+    ("train_bi_encoder", ("--mini_batch_size", "--pooling", "--matryoshka_dims")),
+    ("train_cross_encoder", ("--head", "--loss", "--num_negatives", "--mining_model", "--yes_token")),
+])
+def test_help_renders(recipe, flags):
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--mini_batch_size",
-                 "--per_device_train_batch_size"):
+    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--per_device_train_batch_size", *flags):
         assert flag in out.stdout
 
 
@@ -70,6 +76,41 @@ def test_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path
     final = tmp_path / "out" / "final"
     assert (final / "hf_mm_rerank_config.json").is_file()
     assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
+
+
+def _text_pairs(folder: Path) -> str:
+    folder.mkdir(parents=True)
+    names = list(COLORS)
+    rows = [{"query": f"which square is {c}", "document": f"the square is {names[(i + j) % len(names)]}",
+             "label": float(j == 0)} for i, c in enumerate(names) for j in range(3)]
+    path = folder / "pairs.json"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("config", list(RERANKER_FAMILY))
+def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path, config):
+    from test_cross_encoder import _bert_classifier
+
+    settings = yaml.safe_load((CONFIGS / config).read_text())
+    family = RERANKER_FAMILY[config]
+    model = _bert_classifier(tmp_path) if family == "bert" else tiny_path(family)
+    data = _text_pairs(tmp_path / "data") if family == "bert" else _json_data(tmp_path / "data")
+    argv = ["--config", str(CONFIGS / config), "--model_name_or_path", model, "--data_files", data,
+            "--eval_fraction", "0.3", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--num_negatives", "2", "--use_cpu", "true", "--bf16", "false",
+            "--dtype", "float32", "--dataloader_num_workers", "0", "--eval_steps", "1", "--save_steps", "1",
+            "--max_pixels", "4096"]
+    if settings.get("mini_batch_size"):
+        argv += ["--mini_batch_size", "3"]
+    if settings.get("head") == "yes_no":
+        argv += ["--assistant_prefix", ""]  # the tiny byte tokenizer has no <think> tokens (they would still work)
+    report = _recipe("train_cross_encoder").main(argv)
+    assert {"eval_ndcg@10", "eval_mrr@10", "eval_map", "eval_base_map"} <= set(report["after"])
+    final = tmp_path / "out" / "final"
+    assert (final / "hf_mm_rerank_config.json").is_file()
+    assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "hf_mm_rerank_config.json").is_file()
 
 
 def test_cli_flags_override_the_yaml(tmp_path):

@@ -120,7 +120,9 @@ def make_vtde(path: Path, hidden: int = 64) -> Path:
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return byte_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = byte_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(["yes", "no"])  # single tokens, as in Qwen's vocabulary (the yes_no reranker head needs them)
+    return tok
 
 
 def _special_ids(tok) -> dict:

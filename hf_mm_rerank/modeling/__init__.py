@@ -2,5 +2,6 @@
 
 from .base import AdapterModel, ModelSpec
 from .bi_encoder import BiEncoder
+from .cross_encoder import CrossEncoder
 
-__all__ = ["AdapterModel", "BiEncoder", "ModelSpec"]
+__all__ = ["AdapterModel", "BiEncoder", "CrossEncoder", "ModelSpec"]

@@ -77,37 +77,56 @@ def quantization_skip_modules(model: nn.Module) -> list[str]:
     return roots + heads
 
 
-def _skeleton(config: PretrainedConfig, model_kwargs: dict[str, Any]) -> nn.Module:
+def _skeleton(config: PretrainedConfig, model_kwargs: dict[str, Any], auto_class: Any = AutoModel) -> nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return AutoModel.from_config(config, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+        return auto_class.from_config(config, trust_remote_code=model_kwargs.get("trust_remote_code", False))
 
 
-def _quantization_config(quantization_config: Any, config: PretrainedConfig, model_kwargs: dict[str, Any]) -> Any:
+def _quantization_config(quantization_config: Any, config: PretrainedConfig, model_kwargs: dict[str, Any],
+                         auto_class: Any = AutoModel) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("quantization_config needs bitsandbytes: pip install 'hf_mm_rerank[qlora]'") from exc
     quantization_config = copy.deepcopy(quantization_config)
-    skip = quantization_skip_modules(_skeleton(config, model_kwargs))
+    skip = quantization_skip_modules(_skeleton(config, model_kwargs, auto_class))
     user_skip = list(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
     quantization_config.llm_int8_skip_modules = sorted(set(user_skip + skip))
     return quantization_config
 
 
-def load_backbone(name_or_path: str, *, quantization_config: Any = None, **model_kwargs: Any) -> nn.Module:
-    """Load the bare backbone (``AutoModel``: no LM head) with dtype/attention/quantization settings."""
+def load_backbone(name_or_path: str, *, quantization_config: Any = None, auto_class: Any = None,
+                  **model_kwargs: Any) -> nn.Module:
+    """Load the backbone with dtype/attention/quantization settings.
+
+    ``auto_class`` defaults to ``AutoModel`` (the bare model: no LM head), what bi-encoders need; rerankers
+    pass ``AutoModelForImageTextToText`` (yes/no head) or ``AutoModelForSequenceClassification``.
+    """
+    auto_class = auto_class or AutoModel
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
     if quantization_config is not None:
-        model_kwargs["quantization_config"] = _quantization_config(quantization_config, config, model_kwargs)
+        model_kwargs["quantization_config"] = _quantization_config(quantization_config, config, model_kwargs,
+                                                                   auto_class)
         if torch.cuda.is_available() and "device_map" not in model_kwargs:
             # bitsandbytes weights are quantized as they land on the GPU; each process takes its own.
             model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModel.from_pretrained(name_or_path, **model_kwargs)
+    model = auto_class.from_pretrained(name_or_path, **model_kwargs)
+    if quantization_config is not None:
+        _keep_cpu_4bit_trainable(model)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
+
+
+def _keep_cpu_4bit_trainable(model: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks 4-bit CPU weights for AVX512-BF16 inference on the first no-grad eval forward;
+    a later training forward then fails in place on layers with a bias (Qwen2-VL's q/k/v). Evaluating before
+    and during training is normal here, so the repacking is switched off (it only speeds up CPU inference)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model: nn.Module) -> bool:

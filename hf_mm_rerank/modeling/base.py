@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoProcessor
 
 from .. import __version__
 from .backbone import apply_lora, detect_family, dtype_of, is_quantized, load_backbone
@@ -69,6 +69,11 @@ def resolve_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | N
         return hf_hub_download(name_or_path, filename, **hub_kwargs)
     except (EntryNotFoundError, RepositoryNotFoundError):
         return None
+
+
+def hub_kwargs_of(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` kwargs that also apply to downloading our own files from a Hub repo."""
+    return {k: model_kwargs[k] for k in ("revision", "token", "cache_dir") if k in model_kwargs}
 
 
 def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -127,19 +132,21 @@ class AdapterModel(nn.Module):
     @classmethod
     def _load_parts(cls, name_or_path: str, *, lora_config: Any, quantization_config: Any,
                     gradient_checkpointing: bool, is_trainable: bool, model_kwargs: dict[str, Any],
-                    ) -> tuple[nn.Module, Any, ModelSpec | None]:
-        hub_kwargs = {k: model_kwargs[k] for k in ("revision", "token", "cache_dir") if k in model_kwargs}
+                    auto_class: Any = None) -> tuple[nn.Module, Any, ModelSpec | None]:
+        hub_kwargs = hub_kwargs_of(model_kwargs)
         spec = ModelSpec.find(name_or_path, **hub_kwargs)
         if spec is not None and spec.kind != cls.kind:
             raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
         if spec is not None and spec.adapter:
-            backbone = load_backbone(spec.base_model, quantization_config=quantization_config, **model_kwargs)
+            backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
+                                     **model_kwargs)
             backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs)
             if lora_config is not None:
                 logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",
                                name_or_path)
         else:
-            backbone = load_backbone(name_or_path, quantization_config=quantization_config, **model_kwargs)
+            backbone = load_backbone(name_or_path, quantization_config=quantization_config, auto_class=auto_class,
+                                     **model_kwargs)
             if lora_config is not None:
                 backbone = apply_lora(backbone, lora_config, gradient_checkpointing=gradient_checkpointing)
             elif is_quantized(backbone):
@@ -158,11 +165,11 @@ class AdapterModel(nn.Module):
         return ModelSpec(kind=kind, base_model=str(name_or_path), family=detect_family(base),
                          adapter=hasattr(backbone, "peft_config"), settings=settings, quantization=quant)
 
-    def _load_head(self, name_or_path: str) -> None:
+    def _load_head(self, name_or_path: str, **hub_kwargs: Any) -> None:
         heads = self.heads()
         if heads is None:
             return
-        path = resolve_file(name_or_path, HEAD_WEIGHTS)
+        path = resolve_file(name_or_path, HEAD_WEIGHTS, **hub_kwargs)
         if path is None:
             raise FileNotFoundError(
                 f"{name_or_path} has no {HEAD_WEIGHTS}, but this {self.kind} has a trained head; refusing to "
@@ -196,7 +203,7 @@ class AdapterModel(nn.Module):
             _check_adapter_keys(self.backbone, state, directory)
             set_peft_model_state_dict(self.backbone, state)
         else:
-            fresh = AutoModel.from_pretrained(directory, dtype=self.compute_dtype)
+            fresh = type(self.base_model).from_pretrained(directory, dtype=self.compute_dtype)
             self.backbone.load_state_dict(fresh.state_dict(), strict=True)
         self._load_head(directory)
 

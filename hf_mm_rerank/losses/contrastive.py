@@ -1,4 +1,4 @@
-"""Training losses. Each is an ``nn.Module`` called as ``loss(model, batch)`` by the trainers.
+"""Bi-encoder losses: contrastive (in-batch + hard negatives, cross-rank gather), GradCache, Matryoshka.
 
 Bi-encoder batches are ``{"query": chunks, "positive": chunks, "negative": chunks?}`` (see the collators).
 """
@@ -6,14 +6,15 @@ Bi-encoder batches are ``{"query": chunks, "positive": chunks, "negative": chunk
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .grad_cache import grad_cached
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -118,23 +119,6 @@ class ContrastiveLoss(nn.Module):
         return loss
 
 
-class _RandomState:
-    """Captures the CPU/CUDA RNG so a chunk's second (gradient) pass sees the same dropout masks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
 class CachedContrastiveLoss(ContrastiveLoss):
     """GradCache version of :class:`ContrastiveLoss`: same loss and gradients, memory of one mini-batch.
 
@@ -155,50 +139,8 @@ class CachedContrastiveLoss(ContrastiveLoss):
         self.mini_batch_size = mini_batch_size
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
-        columns = [c for c in ("query", "positive", "negative") if batch.get(c)]
-        states: dict[str, list[_RandomState]] = {c: [] for c in columns}
-        leaves = {}
-        training = torch.is_grad_enabled()
-        for column in columns:
-            parts = []
-            with torch.no_grad():
-                for chunk in batch[column]:
-                    states[column].append(_RandomState(_device_of(model)))
-                    parts.append(model(chunk))
-            leaves[column] = torch.cat(parts).requires_grad_(training)
-        if training:
-            autocast = _autocast_state(_device_of(model))
-            tensors = [leaves[c] for c in columns]
-            torch.autograd.graph.register_multi_grad_hook(
-                tensors, lambda grads: self._second_pass(model, batch, columns, states, grads, autocast))
+        leaves = grad_cached(model, batch, [c for c in ("query", "positive", "negative") if batch.get(c)])
         return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"))
-
-    @staticmethod
-    def _second_pass(model: nn.Module, batch: dict[str, Any], columns: list[str],
-                     states: dict[str, list[_RandomState]], grads: Sequence[torch.Tensor | None],
-                     autocast: Callable[[], Any]) -> None:
-        for column, grad in zip(columns, grads):
-            if grad is None:
-                continue
-            start = 0
-            for chunk, state in zip(batch[column], states[column]):
-                with state.replay(), torch.enable_grad(), autocast():
-                    embedding = model(chunk)
-                if embedding.requires_grad:  # e.g. images through a frozen vision tower have nothing to train
-                    torch.autograd.backward(embedding, grad[start:start + embedding.shape[0]])
-                start += embedding.shape[0]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _autocast_state(device: torch.device) -> Callable[[], Any]:
-    device_type = device.type
-    if not torch.is_autocast_enabled(device_type):
-        return nullcontext
-    dtype = torch.get_autocast_dtype(device_type)
-    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 class MatryoshkaLoss(nn.Module):

@@ -1,0 +1,34 @@
+"""Training losses. Each is an ``nn.Module`` called as ``loss(model, batch)`` by the trainers.
+
+- bi-encoders (:mod:`.contrastive`): :class:`ContrastiveLoss`, :class:`CachedContrastiveLoss` (GradCache),
+  :class:`MatryoshkaLoss`;
+- rerankers (:mod:`.reranking`): :class:`BinaryCrossEntropyLoss`, :class:`ListwiseSoftmaxLoss`,
+  :class:`LambdaLoss`, :class:`MarginMSELoss`, :class:`DistillKLLoss`.
+"""
+
+from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
+from .grad_cache import grad_cached
+from .reranking import (
+    RERANKING_LOSSES,
+    BinaryCrossEntropyLoss,
+    DistillKLLoss,
+    LambdaLoss,
+    ListwiseSoftmaxLoss,
+    MarginMSELoss,
+    RerankingLoss,
+)
+
+__all__ = [
+    "RERANKING_LOSSES",
+    "BinaryCrossEntropyLoss",
+    "CachedContrastiveLoss",
+    "ContrastiveLoss",
+    "DistillKLLoss",
+    "LambdaLoss",
+    "ListwiseSoftmaxLoss",
+    "MarginMSELoss",
+    "MatryoshkaLoss",
+    "RerankingLoss",
+    "gather_with_grad",
+    "grad_cached",
+]

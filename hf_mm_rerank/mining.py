@@ -1,0 +1,157 @@
+"""Hard-negative mining with a :class:`BiEncoder`: grouped reranker rows from (query, positive) pairs.
+
+Works when documents are images (or text + image), unlike sentence-transformers' miner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .inputs import to_input
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(cell: Any) -> str:
+    """Content hash of a cell (text and pixels), so the same document in two places compares equal."""
+    item = to_input(cell)
+    digest = hashlib.md5()
+    if item.text is not None:
+        digest.update(b"T" + item.text.encode())
+    if item.image is not None:
+        digest.update(b"I" + repr(item.image.size).encode() + item.image.tobytes())
+    return digest.hexdigest()
+
+
+def mine_hard_negatives(
+    bi_encoder: Any,
+    dataset: Any,
+    corpus: Sequence[Any] | None = None,
+    num_negatives: int = 4,
+    *,
+    range_min: int = 0,
+    range_max: int | None = 100,
+    margin: float | None = None,
+    duplicate_threshold: float | None = 0.98,
+    sampling: str = "top",
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Any:
+    """For each (query, positive) row, pick ``num_negatives`` documents the bi-encoder ranks high but that are
+    not the positive: grouped rows ``query, positive, negative_1 ... negative_k`` for a reranker.
+
+    Args:
+        bi_encoder: a :class:`BiEncoder` (any object with ``encode(inputs, side=..., batch_size=...)``).
+        dataset: a ``datasets.Dataset`` with ``query`` and ``positive`` columns (text or images).
+        corpus: candidate documents (default: the dataset's distinct positives).
+        num_negatives: negatives per row; rows with fewer eligible candidates are skipped and counted.
+        range_min, range_max: only candidates ranked in ``[range_min, range_max)`` for the query are eligible
+            (skipping the very top avoids unlabelled positives).
+        margin: also exclude candidates scoring above ``score(query, positive) - margin`` (likely false
+            negatives). None: no such limit.
+        duplicate_threshold: exclude candidates whose embedding has cosine similarity >= this with the positive's
+            (near-duplicates of the positive). The positive itself is always excluded by content hash.
+        sampling: ``"top"`` (the highest-ranked eligible) or ``"random"`` (uniform among the eligible).
+        batch_size: encoding batch size.
+        seed: seed of ``"random"`` sampling.
+
+    Returns:
+        A ``datasets.Dataset`` (query, positive, negative_1..k); images stay images.
+    """
+    from datasets import Dataset
+
+    _check(dataset, num_negatives, sampling, range_min, range_max)
+    queries, positives = list(dataset["query"]), list(dataset["positive"])
+    derived = corpus is None
+    if corpus is None:
+        corpus = _distinct(positives)
+    corpus = list(corpus)
+    corpus_fp = [fingerprint(cell) for cell in corpus]
+    positive_fp = [fingerprint(cell) for cell in positives]
+    docs = bi_encoder.encode(corpus, side="document", batch_size=batch_size).float()
+    pos = _positive_embeddings(bi_encoder, positives, positive_fp, corpus_fp, docs, batch_size)
+    query_emb = bi_encoder.encode(queries, side="query", batch_size=batch_size).float()
+    scores = query_emb @ docs.T
+    positive_scores = (query_emb * pos).sum(-1)
+    duplicates = (_normalized(pos) @ _normalized(docs).T) if duplicate_threshold is not None else None
+    depth = min(range_max or len(corpus), len(corpus))
+    order = scores.topk(depth, dim=1).indices.tolist()
+    rng = random.Random(seed)
+    rows: dict[str, list[Any]] = {"query": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(num_negatives)}}
+    skipped = 0
+    for i, ranked in enumerate(order):
+        eligible = [j for j in ranked[range_min:] if corpus_fp[j] != positive_fp[i]
+                    and (duplicates is None or duplicates[i, j] < duplicate_threshold)
+                    and (margin is None or scores[i, j] <= positive_scores[i] - margin)]
+        if len(eligible) < num_negatives:
+            skipped += 1
+            continue
+        chosen = eligible[:num_negatives] if sampling == "top" else rng.sample(eligible, num_negatives)
+        rows["query"].append(queries[i])
+        rows["positive"].append(positives[i])
+        for j, doc in enumerate(chosen):
+            rows[f"negative_{j + 1}"].append(corpus[doc])
+    logger.info("mine_hard_negatives: %d rows with %d negatives each; %d rows skipped (fewer than %d eligible "
+                "candidates after excluding the positive, near-duplicates%s).", len(rows["query"]), num_negatives,
+                skipped, num_negatives, " and the margin" if margin is not None else "")
+    if skipped:
+        logger.warning("mine_hard_negatives: skipped %d of %d rows (not enough eligible candidates).", skipped,
+                       len(order))
+    return Dataset.from_dict(rows, features=_features(dataset, num_negatives, corpus_is_positives=derived))
+
+
+def _check(dataset: Any, num_negatives: int, sampling: str, range_min: int, range_max: int | None) -> None:
+    from .collators import check_columns
+
+    check_columns(list(dataset.column_names), ("query", "positive"), "mine_hard_negatives dataset")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, received {num_negatives}.")
+    if sampling not in ("top", "random"):
+        raise ValueError(f"sampling must be 'top' or 'random', received {sampling!r}.")
+    if range_min < 0 or range_max is not None and range_max <= range_min:
+        raise ValueError(f"range_min/range_max: need 0 <= range_min < range_max, received {range_min}, {range_max}.")
+
+
+def _distinct(cells: list[Any]) -> list[Any]:
+    seen, out = set(), []
+    for cell in cells:
+        key = fingerprint(cell)
+        if key not in seen:
+            seen.add(key)
+            out.append(cell)
+    return out
+
+
+def _positive_embeddings(bi_encoder: Any, positives: list[Any], positive_fp: list[str], corpus_fp: list[str],
+                         docs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Reuse the corpus embedding of a positive that is in the corpus; encode the others."""
+    where = {fp: j for j, fp in enumerate(corpus_fp)}
+    missing = [i for i, fp in enumerate(positive_fp) if fp not in where]
+    out = torch.empty(len(positives), docs.shape[1])
+    found = [i for i in range(len(positives)) if i not in set(missing)]
+    if found:
+        out[found] = docs[[where[positive_fp[i]] for i in found]]
+    if missing:
+        out[missing] = bi_encoder.encode([positives[i] for i in missing], side="document",
+                                         batch_size=batch_size).float()
+    return out
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _features(dataset: Any, num_negatives: int, corpus_is_positives: bool) -> Any:
+    from datasets import Features
+
+    features = getattr(dataset, "features", None)
+    if features is None or not corpus_is_positives:
+        return None
+    return Features({"query": features["query"], "positive": features["positive"],
+                     **{f"negative_{j + 1}": features["positive"] for j in range(num_negatives)}})

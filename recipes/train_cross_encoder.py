@@ -1,0 +1,107 @@
+"""Fine-tune a multimodal reranker (cross-encoder) with LoRA, QLoRA or fully.
+
+    accelerate launch recipes/train_cross_encoder.py --config recipes/configs/qwen3_vl_reranker_2b_lora.yaml
+
+Rows: pointwise (query, document, label) or grouped (query, positive, negative_1..k). Pairs (query, positive)
+without negatives get k negatives: mined with --mining_model (a BiEncoder folder or repo), else drawn at
+random from the other rows' positives. Every TrainingArguments flag works (bf16, eval_strategy, push_to_hub...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator
+from hf_mm_rerank.cli import (
+    DataArguments,
+    LoraArguments,
+    add_negatives,
+    build_lora,
+    build_quantization,
+    load_data,
+    parse_with_config,
+    report_table,
+)
+from hf_mm_rerank.losses import RERANKING_LOSSES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RerankerArguments(LoraArguments):
+    model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={
+        "help": "A chat VLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-Reranker), a text cross-encoder, or a "
+                "folder written by CrossEncoder.save_pretrained."})
+    head: str = field(default="auto", metadata={"help": "auto, yes_no, linear, mlp or classification."})
+    instruction: str | None = field(default=None, metadata={"help": "Task instruction in the pair prompt."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System turn of the pair prompt."})
+    assistant_prefix: str | None = field(default=None, metadata={
+        "help": "Text after the generation prompt (Qwen3: '<think>\\n\\n</think>\\n\\n')."})
+    yes_token: str | None = field(default=None, metadata={"help": "Token of the yes_no head (default 'yes')."})
+    no_token: str | None = field(default=None, metadata={"help": "Token of the yes_no head (default 'no')."})
+    loss: str = field(default="auto", metadata={
+        "help": "auto (bce for pointwise rows, listwise for grouped), bce, listwise, lambda, margin_mse, kl."})
+    pos_weight: str | None = field(default=None, metadata={"help": "BCE positive weight: a number or 'auto'."})
+    mini_batch_size: int = field(default=0, metadata={"help": "Pairs per forward pass (GradCache); 0 = all."})
+    num_negatives: int = field(default=3, metadata={"help": "Negatives per query when the rows have none."})
+    mining_model: str | None = field(default=None, metadata={
+        "help": "BiEncoder used to mine hard negatives (default: random negatives)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass in evaluation."})
+
+
+def build_model(m: RerankerArguments, args: TrainingArguments) -> CrossEncoder:
+    kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+    return CrossEncoder.from_pretrained(
+        m.model_name_or_path, head=m.head, lora_config=build_lora(m), quantization_config=build_quantization(m, args),
+        instruction=m.instruction, system_prompt=m.system_prompt, assistant_prefix=m.assistant_prefix,
+        yes_token=m.yes_token, no_token=m.no_token, max_pixels=m.max_pixels, max_length=m.max_length,
+        dtype=m.dtype, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
+
+
+def build_loss(m: RerankerArguments):
+    if m.loss == "auto":
+        return None  # the trainer picks bce (pointwise rows) or listwise (grouped rows)
+    if m.loss not in RERANKING_LOSSES:
+        raise ValueError(f"--loss {m.loss}: choose auto or one of {sorted(RERANKING_LOSSES)}.")
+    kwargs = {"mini_batch_size": m.mini_batch_size or None}
+    if m.loss == "bce" and m.pos_weight:
+        kwargs["pos_weight"] = m.pos_weight if m.pos_weight == "auto" else float(m.pos_weight)
+    return RERANKING_LOSSES[m.loss](**kwargs)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    # 1. Arguments: dataclasses + plain TrainingArguments, --config YAML defaults overridden by flags.
+    model_args, data_args, args = parse_with_config((RerankerArguments, DataArguments, TrainingArguments), argv)
+    logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+
+    # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
+    train, held_out = load_data(data_args, seed=args.seed)
+    train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed)
+    held_out = add_negatives(held_out, model_args.num_negatives, model_args.mining_model, seed=args.seed)
+    evaluator = RerankingEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
+
+    # 3. Model, loss, trainer.
+    model = build_model(model_args, args)
+    loss = build_loss(model_args)
+    if loss is None and model_args.mini_batch_size:
+        raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator)
+
+    # 4. Train, measuring reranking before and after.
+    before = trainer.evaluate() if evaluator else {}
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    after = trainer.evaluate() if evaluator else {}
+
+    # 5. Save the adapter (or full model), head, processor and config; report.
+    trainer.save_model(f"{args.output_dir}/final")
+    if trainer.is_world_process_zero():
+        print(json.dumps(report_table(before, after), indent=2))
+    return {"before": before, "after": after}
+
+
+if __name__ == "__main__":
+    main()
