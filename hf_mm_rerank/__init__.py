@@ -18,6 +18,7 @@ _EXPORTS = {
     "BinaryCrossEntropyLoss": "losses",
     "CachedContrastiveLoss": "losses",
     "ContrastiveLoss": "losses",
+    "HubPushCallback": "callbacks",
     "CrossEncoder": "modeling",
     "CrossEncoderCollator": "collators",
     "CrossEncoderTrainer": "trainers",

@@ -121,6 +121,31 @@ class LoraArguments:
     max_length: int | None = field(default=None, metadata={"help": "Token limit for the text part."})
 
 
+@dataclass
+class PublishArguments:
+    """Hub publishing beyond Trainer's own ``--push_to_hub``: background pushes and model-card fields."""
+
+    hub_push_on: str | None = field(default=None, metadata={
+        "help": "Push with HubPushCallback to --hub_model_id on every 'save', the 'best' checkpoint, or at the 'end'."})
+    card_license: str | None = field(default=None, metadata={"help": "License named in the model card."})
+    card_datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids named in the card."})
+    card_base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the base model, when it was loaded from a local folder."})
+
+    def card(self) -> dict[str, Any]:
+        return {"license": self.card_license, "datasets": self.card_datasets, "base_model": self.card_base_model}
+
+    def callbacks(self, args: Any) -> list[Any]:
+        from .callbacks import HubPushCallback
+
+        if not self.hub_push_on:
+            return []
+        if not args.hub_model_id:
+            raise ValueError("--hub_push_on needs --hub_model_id user/name.")
+        return [HubPushCallback(args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision,
+                                push_on=self.hub_push_on, token=args.hub_token, card=self.card())]
+
+
 def build_lora(m: LoraArguments) -> Any:
     from peft import LoraConfig
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -108,19 +109,62 @@ class RetrievalTrainerMixin:
                 raise ValueError("evaluate() needs an eval_dataset or an evaluator (evaluator=RetrievalEvaluator(...)).")
             return metrics
         results = self.evaluator(self.accelerator.unwrap_model(self.model))
+        if self.state.global_step == 0:  # train() resets the log history: keep the baseline for the model card
+            self.metrics_before_training = {k: float(v) for k, v in results.items()}
         results = {f"{metric_key_prefix}_{k}": float(v) for k, v in results.items()}
         metrics.update(results)
         self.log(results)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _after_init(self, model_card: dict[str, Any] | None) -> None:
+        from .callbacks import HubPushCallback
+
+        self.model_card_kwargs = dict(model_card or {})
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, HubPushCallback):
+                callback.attach(self)
+        self.loss.to(self.args.device)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The full hf_mm_rerank layout (adapter or weights, head, processor, config) plus the model card."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self._write_card(output_dir)
+
+    def _write_card(self, output_dir: str, **overrides: Any) -> None:
+        from .model_card import write_model_card
+
+        repo_id = self.hub_model_id if self.args.push_to_hub and hasattr(self, "hub_model_id") else None
+        try:
+            fields = {**self.model_card_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
+            write_model_card(self, output_dir, repo_id=repo_id, **fields)
+        except Exception as error:  # a card must never cost a checkpoint
+            logger.warning("hf_mm_rerank: could not write the model card (%s).", error)
+
+    def create_model_card(self, language: str | None = None, license: str | None = None, tags: Any = None,
+                          model_name: str | None = None, finetuned_from: str | None = None, tasks: Any = None,
+                          dataset_tags: Any = None, dataset: Any = None, dataset_args: Any = None) -> None:
+        """Trainer.push_to_hub calls this: write our card (not Trainer's) into ``output_dir``."""
+        if not self.is_world_process_zero():
+            return
+        datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
+        self._write_card(self.args.output_dir, language=language, license=license, model_name=model_name,
+                         datasets=datasets)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer copies only its own modeling files to output_dir before uploading it; copy every loadable
+        # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
+        from .callbacks import loadable_files
+
+        if self.is_world_process_zero():
+            for name in loadable_files(checkpoint_folder):
+                shutil.copy2(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
@@ -143,6 +187,8 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         loss: a loss from :mod:`hf_mm_rerank.losses` (default :class:`ContrastiveLoss`).
         evaluator: e.g. :class:`RetrievalEvaluator`; its metrics are returned by ``evaluate()`` as ``eval_*``.
         data_collator: default :class:`BiEncoderCollator` (mini-batched for cached losses).
+        model_card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``,
+            ``dataset_name``); every save writes the card (README.md) beside the weights.
         **kwargs: anything else ``Trainer`` takes (callbacks, optimizers, ...).
 
     Example:
@@ -153,7 +199,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+                 data_collator: Any = None, model_card: dict[str, Any] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
         self.loss = loss if loss is not None else ContrastiveLoss()
         self.evaluator = evaluator
@@ -168,7 +214,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
-        self.loss.to(self.args.device)
+        self._after_init(model_card)
 
 
 class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
@@ -184,6 +230,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
             pointwise rows, :class:`ListwiseSoftmaxLoss` for grouped rows).
         evaluator: e.g. :class:`RerankingEvaluator`; ``evaluate()`` returns its metrics as ``eval_*``.
         data_collator: default :class:`CrossEncoderCollator` (mini-batched when the loss has ``mini_batch_size``).
+        model_card: extra model-card fields, as for :class:`BiEncoderTrainer`.
 
     Example:
         >>> trainer = CrossEncoderTrainer(model=reranker, args=TrainingArguments("out"), train_dataset=ds,
@@ -193,7 +240,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+                 data_collator: Any = None, model_card: dict[str, Any] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
@@ -211,7 +258,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
-        self.loss.to(self.args.device)
+        self._after_init(model_card)
 
 
 def _check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:

@@ -24,6 +24,7 @@ from hf_mm_rerank import (
 from hf_mm_rerank.cli import (
     DataArguments,
     LoraArguments,
+    PublishArguments,
     build_lora,
     build_quantization,
     load_data,
@@ -53,7 +54,7 @@ class ModelArguments(LoraArguments):
 def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
     path = m.model_name_or_path
     if path == DEMO_MODEL:
-        path = build_demo_base(f"{args.output_dir}/base_model")
+        path = build_demo_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     return BiEncoder.from_pretrained(
         path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
@@ -69,7 +70,8 @@ def build_loss(m: ModelArguments):
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 1. Arguments: dataclasses + plain TrainingArguments, --config YAML defaults overridden by flags.
-    model_args, data_args, args = parse_with_config((ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, publish, args = parse_with_config(
+        (ModelArguments, DataArguments, PublishArguments, TrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
     # 2. Data: (query, positive[, negatives]) rows; a held-out split feeds the retrieval evaluator.
@@ -79,15 +81,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
-                               evaluator=evaluator)
+                               evaluator=evaluator,
+                               callbacks=publish.callbacks(args), model_card=publish.card())
 
     # 4. Train, measuring retrieval before and after.
     before = trainer.evaluate() if evaluator else {}
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     after = trainer.evaluate() if evaluator else {}
 
-    # 5. Save the adapter (or full model), head, processor and config; report.
-    trainer.save_model(f"{args.output_dir}/final")
+    # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it
+    #    when --push_to_hub); report.
+    trainer.save_model()
     report = {"before": before, "after": after}
     if trainer.is_world_process_zero():
         print(json.dumps(report_table(before, after), indent=2))

@@ -19,6 +19,7 @@ from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator
 from hf_mm_rerank.cli import (
     DataArguments,
     LoraArguments,
+    PublishArguments,
     add_negatives,
     build_lora,
     build_quantization,
@@ -75,7 +76,8 @@ def build_loss(m: RerankerArguments):
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 1. Arguments: dataclasses + plain TrainingArguments, --config YAML defaults overridden by flags.
-    model_args, data_args, args = parse_with_config((RerankerArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, publish, args = parse_with_config(
+        (RerankerArguments, DataArguments, PublishArguments, TrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
@@ -89,15 +91,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     loss = build_loss(model_args)
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator)
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
+                                  callbacks=publish.callbacks(args), model_card=publish.card())
 
     # 4. Train, measuring reranking before and after.
     before = trainer.evaluate() if evaluator else {}
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     after = trainer.evaluate() if evaluator else {}
 
-    # 5. Save the adapter (or full model), head, processor and config; report.
-    trainer.save_model(f"{args.output_dir}/final")
+    # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it
+    #    when --push_to_hub); report.
+    trainer.save_model()
     if trainer.is_world_process_zero():
         print(json.dumps(report_table(before, after), indent=2))
     return {"before": before, "after": after}

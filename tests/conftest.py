@@ -6,11 +6,19 @@ import os
 import sys
 import tempfile
 
-# Before anything imports huggingface_hub: no network, a throwaway cache.
+sys.path.insert(0, os.path.dirname(__file__))
+from hub_server import HubServer  # noqa: E402
+
+# Before anything imports huggingface_hub: no network, a throwaway cache, and the Hub endpoint is a loopback
+# server started here (Hub tests switch offline mode off for themselves; nothing can reach the real Hub).
+HUB = HubServer()
+HUB_TOKEN = "hf_test_SECRET_token_3f9a1c"
+os.environ["HF_ENDPOINT"] = HUB.endpoint
+os.environ["HF_TOKEN"] = HUB_TOKEN
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
@@ -46,3 +54,24 @@ def color_evaluator():
 
     return RetrievalEvaluator({c: f"a {c} square" for c in COLORS}, {c: solid(c) for c in COLORS},
                               {c: {c} for c in COLORS})
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    """The loopback Hub, emptied, with offline mode off for this test."""
+    import time
+
+    import huggingface_hub.constants as constants
+    import huggingface_hub.utils._http as http
+
+    class NoSleep:  # huggingface_hub's own HTTP retries (1 s, 2 s, 4 s, ...) without the waiting
+        sleep = staticmethod(lambda seconds: None)
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(http, "time", NoSleep())
+    HUB.reset()
+    yield HUB
+    HUB.reset()

@@ -73,7 +73,7 @@ def test_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path
         argv += ["--mini_batch_size", "2"]
     report = _recipe().main(argv)
     assert "eval_ndcg@10" in report["after"]
-    final = tmp_path / "out" / "final"
+    final = tmp_path / "out"
     assert (final / "hf_mm_rerank_config.json").is_file()
     assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
 
@@ -107,7 +107,7 @@ def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path,
         argv += ["--assistant_prefix", ""]  # the tiny byte tokenizer has no <think> tokens (they would still work)
     report = _recipe("train_cross_encoder").main(argv)
     assert {"eval_ndcg@10", "eval_mrr@10", "eval_map", "eval_base_map"} <= set(report["after"])
-    final = tmp_path / "out" / "final"
+    final = tmp_path / "out"
     assert (final / "hf_mm_rerank_config.json").is_file()
     assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
     assert (tmp_path / "out" / "checkpoint-2" / "hf_mm_rerank_config.json").is_file()
@@ -133,7 +133,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
                              "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "32",
                              "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0"])
     assert report["before"]["eval_ndcg@10"] >= 0 and "eval_ndcg@10" in report["after"]
-    assert (tmp_path / "demo" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
 
 
 def test_imagefolder_style_columns_are_renamed(tmp_path):

@@ -138,8 +138,9 @@ class AdapterModel(nn.Module):
         if spec is not None and spec.kind != cls.kind:
             raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
         if spec is not None and spec.adapter:
+            base_kwargs = {k: v for k, v in model_kwargs.items() if k != "revision"}  # the revision is the adapter's
             backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
-                                     **model_kwargs)
+                                     **base_kwargs)
             backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs)
             if lora_config is not None:
                 logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",

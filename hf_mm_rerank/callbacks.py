@@ -1,0 +1,266 @@
+"""Trainer callbacks: background pushes of adapters + model cards to the Hub.
+
+A push never costs the user their run: uploads run on a background thread, each attempt is bounded by a
+timeout, failures are retried with exponential backoff and then reported, and local checkpoints are never
+touched (the callback uploads a staged copy of the loadable files only).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+PUSH_ON = ("save", "best", "end")
+# Training state, never pushed: optimizer/scheduler/scaler/RNG state, trainer state and arguments.
+TRAINING_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+                  "training_args.bin", "*.pt", "*.pth", "*.bin"]
+
+
+def loadable_files(directory: str) -> list[str]:
+    """Files of a saved model/checkpoint folder that a user needs to load it (no training state)."""
+    return sorted(name for name in os.listdir(directory)
+                  if os.path.isfile(os.path.join(directory, name))
+                  and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE))
+
+
+def stage(directory: str) -> str:
+    """Copy the loadable files of ``directory`` into a fresh temporary folder (checkpoints may be rotated
+    away by the Trainer while an upload is still running)."""
+    staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
+    for name in loadable_files(directory):
+        shutil.copy2(os.path.join(directory, name), os.path.join(staging, name))
+    return staging
+
+
+@dataclass
+class PushRecord:
+    """What happened to one push."""
+
+    label: str
+    commit_url: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def _retryable(error: BaseException) -> bool:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return status is None or status in (408, 409, 425, 429) or status >= 500
+
+
+class HubPushCallback(TrainerCallback):
+    """Pushes what a user needs to load the model (adapter + config, any trained head, processor,
+    ``hf_mm_rerank_config.json``, model card) to a Hub repo while training runs.
+
+    Args:
+        repo_id: ``"user/name"``; created if missing.
+        private: visibility when the repo is created.
+        revision: branch to push to (created from main if missing); default main.
+        push_on: ``"save"`` (every checkpoint), ``"best"`` (checkpoints that are the best so far by
+            ``metric_for_best_model``) or ``"end"`` (the final model once, after training).
+        token: Hub token (default: the logged-in / ``HF_TOKEN`` one). Never written anywhere.
+        max_retries: retries per push after the first attempt.
+        backoff: seconds before the first retry; doubles each time.
+        attempt_timeout: seconds one attempt may take before it counts as failed (a hung server).
+        wait_at_end: seconds ``on_train_end`` waits for queued pushes before reporting what is left.
+        card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
+
+    After training, ``records`` lists every push and ``commit_url`` is the last successful commit.
+
+    Example:
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
+        ...                            callbacks=[HubPushCallback("me/clip-lora", push_on="best")])
+    """
+
+    def __init__(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                 push_on: str = "save", token: str | None = None, max_retries: int = 4, backoff: float = 2.0,
+                 attempt_timeout: float = 600.0, wait_at_end: float = 1800.0, card: dict[str, Any] | None = None,
+                 ) -> None:
+        if push_on not in PUSH_ON:
+            raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
+        if "/" not in repo_id:
+            raise ValueError(f"repo_id={repo_id!r}: use the full 'user_or_org/name' form.")
+        self.repo_id, self.private, self.revision, self.push_on = repo_id, private, revision, push_on
+        self._token = token
+        self.max_retries, self.backoff = max_retries, backoff
+        self.attempt_timeout, self.wait_at_end = attempt_timeout, wait_at_end
+        self.card = dict(card or {})
+        self.records: list[PushRecord] = []
+        self.trainer: Any = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._repo_ready = False
+
+    def __repr__(self) -> str:  # never show the token
+        return f"HubPushCallback(repo_id={self.repo_id!r}, push_on={self.push_on!r}, revision={self.revision!r})"
+
+    @property
+    def commit_url(self) -> str | None:
+        return next((r.commit_url for r in reversed(self.records) if r.commit_url), None)
+
+    def attach(self, trainer: Any) -> None:
+        """Called by the hf_mm_rerank trainers: lets the callback render cards and save the final model."""
+        self.trainer = trainer
+
+    # ----- Trainer events -----------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.push_on == "best" and not args.metric_for_best_model:
+            raise ValueError("HubPushCallback(push_on='best') needs TrainingArguments(metric_for_best_model=...), "
+                             "e.g. 'ndcg@10', and an evaluation strategy.")
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or self.push_on == "end":
+            return
+        if self.push_on == "best" and state.best_global_step != state.global_step:
+            return
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(checkpoint):
+            self._submit(f"step {state.global_step}", stage(checkpoint))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        if self.push_on == "end":
+            staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
+            target = self.trainer.accelerator.unwrap_model(self.trainer.model) if self.trainer else model
+            target.save_pretrained(staging)
+            self._submit(f"end of training (step {state.global_step})", stage_and_clean(staging))
+        self.wait(self.wait_at_end)
+        self._report()
+
+    # ----- background work ----------------------------------------------------------------------------
+    def _submit(self, label: str, staging: str) -> None:
+        if self.trainer is not None:
+            self._write_card(staging)
+        record = PushRecord(label, files=sorted(os.listdir(staging)))
+        self.records.append(record)
+        self._jobs.put((record, staging))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="hf_mm_rerank-hub-push", daemon=True)
+            self._worker.start()
+
+    def _write_card(self, staging: str) -> None:
+        from .model_card import write_model_card
+
+        try:
+            fields = {**getattr(self.trainer, "model_card_kwargs", {}), **self.card}
+            write_model_card(self.trainer, staging, repo_id=self.repo_id, **fields)
+        except Exception as error:  # a card problem must not block the weights from being shared
+            logger.warning("HubPushCallback: could not render the model card (%s); pushing without it.", error)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until queued pushes are done (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._jobs.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            record, staging = self._jobs.get()
+            try:
+                self._push(record, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._jobs.task_done()
+
+    def _push(self, record: PushRecord, staging: str) -> None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=self._token)
+        last_error: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            record.attempts = attempt + 1
+            try:
+                if not self._repo_ready:
+                    self._bounded(lambda: self._prepare_repo(api))
+                    self._repo_ready = True
+                info = self._bounded(lambda: api.upload_folder(
+                    repo_id=self.repo_id, folder_path=staging, revision=self.revision,
+                    commit_message=f"hf_mm_rerank: {record.label}"))
+                record.commit_url, record.error = info.commit_url, None
+                logger.info("HubPushCallback: pushed %s to %s (%s).", record.label, self.repo_id, info.commit_url)
+                return
+            except Exception as error:  # network, server, auth: report, never raise into training
+                last_error = error
+                if not _retryable(error) or attempt == self.max_retries:
+                    break
+                delay = self.backoff * 2 ** attempt
+                logger.warning("HubPushCallback: push of %s failed (%s); retrying in %.1f s.", record.label,
+                               _describe(error), delay)
+                time.sleep(delay)
+        record.error = _describe(last_error)
+        logger.error("HubPushCallback: giving up on pushing %s to %s after %d attempt(s): %s. Training goes on and "
+                     "local checkpoints are intact; push them later with HfApi().upload_folder().%s", record.label,
+                     self.repo_id, record.attempts, record.error, _auth_hint(last_error))
+
+    def _prepare_repo(self, api: Any) -> None:
+        api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        if self.revision:
+            api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        """Run ``call`` on a daemon thread; a hung connection counts as a failed attempt after the timeout."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = call()
+            except BaseException as error:  # handed back to the caller
+                result["error"] = error
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(self.attempt_timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"no answer from the Hub within {self.attempt_timeout:g} s")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def _report(self) -> None:
+        pending = [r.label for r in self.records if r.commit_url is None and r.error is None]
+        failed = [r for r in self.records if r.error]
+        if self.commit_url:
+            logger.warning("HubPushCallback: last push of %s is at %s", self.repo_id, self.commit_url)
+        if failed:
+            logger.error("HubPushCallback: %d push(es) to %s failed: %s", len(failed), self.repo_id,
+                         "; ".join(f"{r.label}: {r.error}" for r in failed))
+        if pending:
+            logger.error("HubPushCallback: still pushing %s after waiting %g s.", pending, self.wait_at_end)
+
+
+def stage_and_clean(directory: str) -> str:
+    staging = stage(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    return staging
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    return f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
+
+
+def _auth_hint(error: BaseException | None) -> str:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return " The token was refused: check HF_TOKEN or run `hf auth login` with a token that can write."
+    return ""

@@ -1,0 +1,260 @@
+"""Model cards for trained bi-encoders and rerankers, rendered from ``templates/model_card.md``.
+
+:func:`card_info` gathers what a card says from a trainer (model, adapter, quantization, loss, arguments,
+logged metrics); :func:`render_card` turns that plain dict into the card with ``huggingface_hub.ModelCard``.
+The two are separate so a card is reproducible from its info (the golden cards in ``model_cards/``).
+A card never holds a token, a local path or a host name: only Hub ids, numbers and settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+CARD_NAME = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_METRIC = re.compile(r"^eval_(?!loss|runtime|samples_per_second|steps_per_second)(.+)$")
+PIPELINE_TAGS = {"bi_encoder": "feature-extraction", "cross_encoder": "text-ranking"}
+
+
+def hub_id(name: str | None) -> str | None:
+    """``name`` when it looks like a Hub repo id and is not a local folder, else None (never leak a path)."""
+    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return None
+    return name if _HUB_ID.match(name) and ".." not in name else None
+
+
+def _versions(quantized: bool) -> dict[str, str]:
+    names = ["hf_mm_rerank", "transformers", "peft", "torch", "accelerate", "datasets", "huggingface_hub"]
+    if quantized:
+        names.append("bitsandbytes")
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name.replace("_", "-")) if name != "hf_mm_rerank" else _own_version()
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _hardware(world_size: int) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{world_size} x {torch.cuda.get_device_name(0)}"
+    return f"{world_size} x CPU ({os.cpu_count()} cores)" if world_size > 1 else f"CPU ({os.cpu_count()} cores)"
+
+
+def _lora(model: Any) -> dict[str, Any] | None:
+    config = getattr(model.backbone, "peft_config", {}).get("default") if model.is_peft else None
+    if config is None:
+        return None
+    targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else [config.target_modules]
+    kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "targets": f"{', '.join(kinds)} ({len(targets)} modules)",
+            "modules_to_save": sorted(config.modules_to_save or [])}
+
+
+def _quantization(spec: Any) -> str | None:
+    q = spec.quantization
+    if not q:
+        return None
+    if q.get("load_in_4bit"):
+        double = ", double quantization" if q.get("bnb_4bit_use_double_quant") else ""
+        return f"4-bit {str(q.get('bnb_4bit_quant_type', 'fp4')).upper()}{double}, compute {q.get('bnb_4bit_compute_dtype')}"
+    return "8-bit (LLM.int8)" if q.get("load_in_8bit") else None
+
+
+def _loss(loss: Any) -> dict[str, Any]:
+    if loss is None:
+        return {"name": "unknown", "params": {}}
+    params = {k: v for k, v in vars(loss).items() if not k.startswith("_") and k != "training"
+              and isinstance(v, (int, float, str, bool))}
+    if hasattr(loss, "temperature") and "temperature" not in params:
+        params["temperature"] = round(float(loss.temperature), 4)
+    if hasattr(loss, "loss") and hasattr(loss, "dims"):  # Matryoshka
+        params["dims"] = loss.dims
+        params["inner"] = type(loss.loss).__name__
+    return {"name": type(loss).__name__, "params": dict(sorted(params.items()))}
+
+
+def _negatives(dataset: Any, kind: str) -> str:
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if not columns:
+        return "n/a"
+    if "document" in columns:
+        return "pointwise rows (query, document, label)"
+    from .collators import negative_columns
+
+    negatives = negative_columns(columns)
+    if negatives == ["negative"]:
+        first = dataset[0]["negative"]
+        count = len(first) if isinstance(first, list) else 1
+    else:
+        count = len(negatives)
+    prefix = "in-batch + " if kind == "bi_encoder" else ""
+    return f"{prefix}{count} hard negative(s)" if count else "in-batch only"
+
+
+def _eval(history: list[dict[str, Any]], baseline: dict[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
+    """(before, after): the evaluation before training (kept by the trainer, else the first logged one) and the
+    last logged one."""
+    evals = [{m.group(1): v for k, v in row.items() if (m := _METRIC.match(k)) and isinstance(v, (int, float))}
+             for row in history]
+    evals = [e for e in evals if e]
+    if not evals:
+        return {}, {}
+    return baseline or (evals[0] if len(evals) > 1 else {}), evals[-1]
+
+
+def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Everything the card says, as plain data, gathered from a trainer after (or during) training.
+
+    Args:
+        trainer: a :class:`BiEncoderTrainer` or :class:`CrossEncoderTrainer`.
+        repo_id: the Hub repo the card will live in (used in the usage snippets).
+        **overrides: ``license``, ``datasets`` (Hub ids), ``language``, ``model_name``, ``dataset_name``,
+            ``base_model`` (the Hub id of a base that was loaded from a local folder).
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    spec, args, state = model.spec, trainer.args, trainer.state
+    world = max(1, args.world_size)
+    runtime = next((row for row in reversed(state.log_history) if "train_runtime" in row), {})
+    before, after = _eval(state.log_history, getattr(trainer, "metrics_before_training", None))
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else str(model.compute_dtype).replace("torch.", "")
+    settings = spec.settings
+    info = {
+        "kind": spec.kind, "family": spec.family, "adapter": model.is_peft,
+        "base_model": hub_id(spec.base_model), "repo_id": repo_id or hub_id(getattr(args, "hub_model_id", None)),
+        "quantization": _quantization(spec), "lora": _lora(model),
+        "head": settings.get("head"), "pooling": getattr(model, "pooling", None),
+        "normalize": getattr(model, "normalize", None), "modalities": ["text", "image"],
+        "loss": _loss(getattr(trainer, "loss", None)),
+        "training": {
+            "global batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+            "negatives per query": _negatives(trainer.train_dataset, spec.kind),
+            "epochs": round(float(state.epoch or 0), 2), "steps": state.global_step,
+            "learning rate": args.learning_rate, "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup steps": args.warmup_steps, "weight decay": args.weight_decay,
+            "optimizer": str(getattr(args.optim, "value", args.optim)), "precision": precision,
+            "gradient checkpointing": bool(args.gradient_checkpointing), "hardware": _hardware(world),
+            "duration": f"{runtime['train_runtime']:.0f} s" if runtime else "n/a",
+            "samples/s": round(runtime["train_samples_per_second"], 2) if runtime else "n/a",
+            "training rows": len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else "n/a",
+        },
+        "eval": {"before": before, "after": after},
+        "versions": _versions(bool(spec.quantization)),
+        "license": None, "datasets": [], "language": None, "model_name": None, "dataset_name": None,
+    }
+    info.update({k: v for k, v in overrides.items() if v is not None})
+    info["base_model"] = hub_id(info["base_model"])  # an override may name the Hub original of a local copy
+    info["datasets"] = [d for d in (info["datasets"] or []) if hub_id(d)]
+    return info
+
+
+def _method(info: dict[str, Any]) -> tuple[str, str]:
+    if not info["adapter"]:
+        return "full fine-tuning", "finetune"
+    return ("QLoRA" if info["quantization"] else "LoRA"), "adapter"
+
+
+def _usage(info: dict[str, Any]) -> tuple[str, str]:
+    repo = info["repo_id"] or "path/to/this/model"
+    base = info["base_model"] or "<base model>"
+    if info["kind"] == "bi_encoder":
+        library = (f'from hf_mm_rerank import BiEncoder\n\nmodel = BiEncoder.from_pretrained("{repo}")\n'
+                   'embeddings = model.encode(["a photo of a red bicycle", "bicycle.jpg"])  # [2, D]\n'
+                   'scores = embeddings[:1] @ embeddings[1:].T')
+        auto = "AutoModel"
+    else:
+        library = (f'from hf_mm_rerank import CrossEncoder\n\nreranker = CrossEncoder.from_pretrained("{repo}")\n'
+                   'scores = reranker.score([("a red bicycle", "bicycle.jpg"), ("a red bicycle", "boat.jpg")])\n'
+                   'ranked = reranker.rank("a red bicycle", ["bicycle.jpg", "boat.jpg"], top_k=1)')
+        auto = {"yes_no": "AutoModelForImageTextToText", "classification": "AutoModelForSequenceClassification"}.get(
+            info["head"], "AutoModel")
+    if info["adapter"]:
+        plain = (f"from peft import PeftModel\nfrom transformers import {auto}, AutoProcessor\n\n"
+                 f'base = {auto}.from_pretrained("{base}")\n'
+                 f'model = PeftModel.from_pretrained(base, "{repo}")\n'
+                 f'processor = AutoProcessor.from_pretrained("{repo}")')
+    else:
+        plain = (f"from transformers import {auto}, AutoProcessor\n\n"
+                 f'model = {auto}.from_pretrained("{repo}")\nprocessor = AutoProcessor.from_pretrained("{repo}")')
+    if info["head"] in ("linear", "mlp"):
+        plain += "\n# The trained score head is in head.safetensors (applied to the last token's hidden state)."
+    return library, plain
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _metadata(info: dict[str, Any], relation: str, method: str) -> Any:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    kind_tag = "embeddings" if info["kind"] == "bi_encoder" else "reranker"
+    tags = ["hf_mm_rerank", method.lower().replace(" ", "-"), "multimodal", *info["modalities"], kind_tag]
+    task = PIPELINE_TAGS[info["kind"]]
+    name = info["model_name"] or (info["repo_id"] or "hf_mm_rerank model").split("/")[-1]
+    results = [EvalResult(task_type=task, dataset_type=info["dataset_name"] or "custom",
+                          dataset_name=info["dataset_name"] or "held-out evaluation set",
+                          metric_type=metric.replace("@", "_at_"), metric_name=metric, metric_value=round(value, 4))
+               for metric, value in info["eval"]["after"].items()] or None
+    return ModelCardData(
+        library_name="peft" if info["adapter"] else "transformers", base_model=info["base_model"],
+        base_model_relation=relation if info["base_model"] else None, pipeline_tag=task, tags=tags,
+        datasets=info["datasets"] or None, license=info["license"], language=info["language"],
+        model_name=name if results else None, eval_results=results)
+
+
+def render_card(info: dict[str, Any]) -> str:
+    """The card (YAML metadata + markdown body) for ``info`` as returned by :func:`card_info`."""
+    from huggingface_hub import ModelCard
+
+    method, relation = _method(info)
+    library, plain = _usage(info)
+    kind_text = "bi-encoder (embedding model)" if info["kind"] == "bi_encoder" else "cross-encoder (reranker)"
+    summary = ("Embeds queries and documents (text, images, or both) into one vector space for retrieval."
+               if info["kind"] == "bi_encoder" else
+               "Reads a (query, document) pair (text, images, or both on each side) and outputs one relevance score.")
+    lora = info["lora"]
+    lora_rows = [("rank r", lora["r"]), ("alpha", lora["alpha"]), ("dropout", lora["dropout"]),
+                 ("target modules", lora["targets"]), ("modules trained fully", _fmt(lora["modules_to_save"])),
+                 ("base weights", info["quantization"] or "unquantized")] if lora else []
+    before, after = info["eval"]["before"], info["eval"]["after"]
+    eval_rows = [(k, _fmt(before[k]) if k in before else "n/a", _fmt(v)) for k, v in after.items()]
+    card = ModelCard.from_template(
+        _metadata(info, relation, method), template_path=str(TEMPLATE),
+        title=info["model_name"] or (info["repo_id"] or "hf_mm_rerank model").split("/")[-1], summary=summary,
+        kind_text=kind_text, base_model_text=f"[{info['base_model']}](https://huggingface.co/{info['base_model']})"
+        if info["base_model"] else "a local checkpoint (not on the Hub)",
+        method_text=method + (f" ({info['quantization']})" if info["quantization"] else ""),
+        head_text=info["head"], modalities=info["modalities"], head=info["head"], pooling=info["pooling"],
+        normalize=info["normalize"], adapter=info["adapter"], usage_library=library, usage_plain=plain,
+        training_rows=[(k, _fmt(v)) for k, v in info["training"].items()], lora_rows=lora_rows,
+        loss=info["loss"], eval_rows=eval_rows, versions=info["versions"],
+        eval_text=f"On {info['dataset_name'] or 'the held-out evaluation set'}, before and after fine-tuning.")
+    return str(card)
+
+
+def write_model_card(trainer: Any, directory: str, **kwargs: Any) -> str:
+    """Render the card for ``trainer`` into ``directory/README.md`` (replacing peft's stub) and return its path."""
+    path = os.path.join(directory, CARD_NAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(render_card(card_info(trainer, **kwargs)))
+    return path
