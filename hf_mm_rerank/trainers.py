@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import Counter
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from .callbacks import HubPushCallback, ThroughputCallback, batch_counts
 from .collators import (
     GROUPED,
     ROW_KEY,
@@ -46,6 +48,17 @@ def _with_row_index(dataset: Any) -> Any:
     return dataset
 
 
+def auto_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the local ranks, minus one for
+    the training step (at least 1, at most 16)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cpus // local_world - 1))
+
+
 class RetrievalTrainerMixin:
     """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving and reloading."""
 
@@ -59,6 +72,13 @@ class RetrievalTrainerMixin:
             # The default would drop our query/positive/negative columns (the model's forward does not name them).
             logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
             args.remove_unused_columns = False
+        if args.dataloader_num_workers == 0 and os.environ.get("HF_MM_RERANK_AUTO_WORKERS", "1") != "0":
+            # Image decoding and processing belong in DataLoader workers, beside the training step.
+            args.dataloader_num_workers = auto_num_workers()
+            args.dataloader_persistent_workers = True
+            logger.info("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the "
+                        "CPU count (set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).",
+                        args.dataloader_num_workers)
         return args
 
     def _validate_args(self) -> None:
@@ -73,6 +93,9 @@ class RetrievalTrainerMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if model.training:
+            for name, count in batch_counts(inputs).items():
+                self.input_counts[name] += count
         loss = self.loss(model, inputs)
         return (loss, {}) if return_outputs else loss
 
@@ -118,12 +141,14 @@ class RetrievalTrainerMixin:
         return metrics
 
     def _after_init(self, model_card: dict[str, Any] | None) -> None:
-        from .callbacks import HubPushCallback
-
         self.model_card_kwargs = dict(model_card or {})
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, HubPushCallback):
+        self.input_counts: Counter = Counter()
+        callbacks = self.callback_handler.callbacks
+        for callback in callbacks:
+            if isinstance(callback, (HubPushCallback, ThroughputCallback)):
                 callback.attach(self)
+        # Throughput goes first so the reporting integrations (TensorBoard, W&B, console) see its figures.
+        callbacks.sort(key=lambda cb: not isinstance(cb, ThroughputCallback))
         self.loss.to(self.args.device)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -20,6 +20,7 @@ from hf_mm_rerank import (
     ContrastiveLoss,
     MatryoshkaLoss,
     RetrievalEvaluator,
+    ThroughputCallback,
 )
 from hf_mm_rerank.cli import (
     DataArguments,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model = build_model(model_args, args)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
-                               callbacks=publish.callbacks(args), model_card=publish.card())
+                               callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())
 
     # 4. Train, measuring retrieval before and after.
     before = trainer.evaluate() if evaluator else {}

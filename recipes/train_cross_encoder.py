@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
 from hf_mm_rerank.cli import (
     DataArguments,
     LoraArguments,
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=publish.callbacks(args), model_card=publish.card())
+                                  callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())
 
     # 4. Train, measuring reranking before and after.
     before = trainer.evaluate() if evaluator else {}

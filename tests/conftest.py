@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_MM_RERANK_AUTO_WORKERS", "0")  # tests load in-process; test_throughput checks the default
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402

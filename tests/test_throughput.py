@@ -1,0 +1,86 @@
+"""Input pipeline defaults and throughput logging; training and inference see the same pixels."""
+
+import io
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from helpers import args
+from images import COLORS, color_rows, solid
+from PIL import Image
+
+from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
+from hf_mm_rerank.callbacks import ThroughputCallback, batch_counts
+from hf_mm_rerank.inputs import to_input
+from hf_mm_rerank.trainers import auto_num_workers
+
+
+def test_batch_counts_rows_images_and_tokens(tiny_path):
+    clip = BiEncoder.from_pretrained(tiny_path("clip"))
+    rows = [{"query": "ab", "positive": solid("red"), "negative": "xyz"}, {"query": "c", "positive": "d",
+                                                                          "negative": solid("blue")}]
+    counts = batch_counts(BiEncoderCollator(clip, mini_batch_size=1)(rows))
+    # tokens: "ab", "c", "d", "xyz" with CLIP's start/end tokens: 4 + 3 + 3 + 5
+    assert counts == {"samples": 2, "images": 2, "tokens": 15}
+    rr = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no")
+    batch = CrossEncoderCollator(rr)([{"query": "q", "positive": solid("red"), "negative_1": "n"}] * 3)
+    counts = batch_counts(batch)
+    assert counts["samples"] == 3 and counts["images"] == 3
+    assert counts["tokens"] == int(batch["pairs"][0]["attention_mask"].sum())
+
+
+def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    callback = ThroughputCallback()
+    trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=4, logging_steps=2),
+                               train_dataset=Dataset.from_list(color_rows(2)), callbacks=[callback])
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == 2
+    for row in logged:
+        assert row["samples_per_second"] > 0 and row["tokens_per_second"] > 0 and row["peak_memory_gb"] > 0
+        # every row has one image positive and one image negative
+        assert row["images_per_second"] == pytest.approx(row["samples_per_second"] * 2, rel=1e-3)
+
+
+def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    with caplog.at_level(logging.INFO, logger="hf_mm_rerank.trainers"):
+        trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=2),
+                                   train_dataset=Dataset.from_list(color_rows(2)))
+    assert trainer.args.dataloader_num_workers == auto_num_workers() >= 1
+    assert trainer.args.dataloader_persistent_workers
+    assert caplog.text.count("persistent DataLoader workers") == 1
+    trainer.train()  # the collator runs in the worker processes
+    assert trainer.state.global_step == 2
+    chosen = BiEncoderTrainer(model=model, args=args(tmp_path, dataloader_num_workers=3),
+                              train_dataset=Dataset.from_list(color_rows(1)))
+    assert chosen.args.dataloader_num_workers == 3  # a user's choice is kept
+
+
+def _jpeg(color: str, size=(640, 480)) -> bytes:
+    buffer = io.BytesIO()
+    gradient = Image.linear_gradient("L").resize(size)
+    Image.merge("RGB", [gradient, Image.new("L", size, COLORS[color][1]), gradient.transpose(Image.FLIP_LEFT_RIGHT)]
+                ).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_training_and_inference_see_the_same_pixels(tiny_path):
+    """A 640x480 JPEG goes through draft decoding and resizing in the collator; encode() must match."""
+    for family in ("clip", "qwen2_vl"):
+        model = BiEncoder.from_pretrained(tiny_path(family))
+        data = Dataset.from_dict({"query": ["q"], "positive": [{"bytes": _jpeg("red"), "path": None}]}).cast_column(
+            "positive", ImageFeature())
+        batch = BiEncoderCollator(model)([data[0]])
+        direct = model.featurizer([to_input(data[0]["positive"], max_pixels=model.featurizer.max_pixels)], "document")
+        key = "image" if family == "clip" else None
+        trained = batch["positive"][0][key]["pixel_values"] if key else batch["positive"][0]["pixel_values"]
+        inferred = direct[key]["pixel_values"] if key else direct["pixel_values"]
+        torch.testing.assert_close(trained, inferred, atol=0, rtol=0)
+        torch.testing.assert_close(model.encode([data[0]["positive"]], side="document"),
+                                   model(batch["positive"]).detach(), atol=1e-6, rtol=1e-5)
