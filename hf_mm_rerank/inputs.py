@@ -67,14 +67,14 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         if text is None and image is None:
             raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
         return MMInput(text=text, image=image)
-    if isinstance(cell, str) and not _looks_like_image_path(cell):
+    if isinstance(cell, str) and not looks_like_image_path(cell):
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=cell)
     return MMInput(image=load_image(cell, max_pixels=max_pixels, where=where))
 
 
-def _looks_like_image_path(value: str) -> bool:
+def looks_like_image_path(value: str) -> bool:
     return len(value) < 4096 and Path(value).suffix.lower() in IMAGE_SUFFIXES and "\n" not in value
 
 

@@ -48,15 +48,47 @@ def _with_row_index(dataset: Any) -> Any:
     return dataset
 
 
-def auto_num_workers() -> int:
-    """DataLoader workers per process: the CPUs this process may use, shared by the local ranks, minus one for
-    the training step (at least 1, at most 16)."""
+def _cpus_per_rank() -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(16, cpus // local_world - 1))
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def auto_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the local ranks, minus one for
+    the training step (at least 1, at most 16)."""
+    return max(1, min(16, _cpus_per_rank() - 1))
+
+
+def _lazy_images(dataset: Any) -> Any:
+    """Hand image cells to the collator undecoded: ``datasets.Image`` would decode every JPEG at full size on
+    access, while the collator decodes it at reduced scale (PIL draft) when the model needs far fewer pixels."""
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        if isinstance(feature, ImageFeature) and feature.decode:
+            dataset = dataset.cast_column(name, ImageFeature(decode=False))
+    return dataset
+
+
+def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
+    """Row index for error messages; with ``train_sampling_strategy="group_by_length"``, a length column estimated
+    from text tokens and image headers (Trainer's own estimate reads ``input_ids``, which raw rows lack)."""
+    if dataset is None:
+        return None
+    columns = _columns(dataset) or []
+    dataset = _lazy_images(dataset)
+    grouped = getattr(args, "train_sampling_strategy", None) == "group_by_length" or getattr(args, "group_by_length", False)
+    if grouped and columns and args.length_column_name not in columns:
+        from .pipeline import add_lengths
+
+        logger.info("hf_mm_rerank: grouping batches by length: estimating sequence lengths into column %r.",
+                    args.length_column_name)
+        dataset = add_lengths(dataset, model, column=args.length_column_name)
+    return _with_row_index(dataset)
 
 
 class RetrievalTrainerMixin:
@@ -79,6 +111,12 @@ class RetrievalTrainerMixin:
             logger.info("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the "
                         "CPU count (set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).",
                         args.dataloader_num_workers)
+            if args.device.type == "cpu":
+                # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
+                threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
+                if torch.get_num_threads() > threads:
+                    torch.set_num_threads(threads)
+                    logger.info("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
         return args
 
     def _validate_args(self) -> None:
@@ -235,8 +273,8 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                 negative_columns(columns)
         if data_collator is None:
             data_collator = BiEncoderCollator(model, mini_batch_size=getattr(self.loss, "mini_batch_size", None))
-        train_dataset = _with_row_index(train_dataset) if train_dataset is not None else None
-        eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
+        train_dataset = _prepare_dataset(train_dataset, model, args)
+        eval_dataset = _with_row_index(_lazy_images(eval_dataset)) if eval_dataset is not None else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
         self._after_init(model_card)
@@ -279,8 +317,8 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         self.evaluator = evaluator
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
-        train_dataset = _with_row_index(train_dataset) if train_dataset is not None else None
-        eval_dataset = _with_row_index(eval_dataset) if eval_dataset is not None else None
+        train_dataset = _prepare_dataset(train_dataset, model, args)
+        eval_dataset = _with_row_index(_lazy_images(eval_dataset)) if eval_dataset is not None else None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, **kwargs)
         self._after_init(model_card)

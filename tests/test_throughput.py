@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 import pytest
 import torch
@@ -46,15 +47,26 @@ def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path):
         assert row["images_per_second"] == pytest.approx(row["samples_per_second"] * 2, rel=1e-3)
 
 
-def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_path, monkeypatch, caplog):
+@pytest.fixture()
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_path, monkeypatch, caplog,
+                                                                   keep_threads):
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
+    torch.set_num_threads(os.cpu_count())
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     with caplog.at_level(logging.INFO, logger="hf_mm_rerank.trainers"):
         trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=2),
                                    train_dataset=Dataset.from_list(color_rows(2)))
-    assert trainer.args.dataloader_num_workers == auto_num_workers() >= 1
-    assert trainer.args.dataloader_persistent_workers
+    workers = trainer.args.dataloader_num_workers
+    assert workers == auto_num_workers() >= 1 and trainer.args.dataloader_persistent_workers
     assert caplog.text.count("persistent DataLoader workers") == 1
+    # CPU training leaves the workers their cores
+    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - workers)
     trainer.train()  # the collator runs in the worker processes
     assert trainer.state.global_step == 2
     chosen = BiEncoderTrainer(model=model, args=args(tmp_path, dataloader_num_workers=3),

@@ -185,8 +185,11 @@ class CrossEncoder(AdapterModel):
         base = spec.base_model if spec is not None and spec.adapter else name_or_path
         config = AutoConfig.from_pretrained(base, trust_remote_code=model_kwargs.get("trust_remote_code", False))
         head = resolve_head(head, config, spec)
-        if head == "classification" and spec is None:
-            model_kwargs.setdefault("num_labels", 1)
+        if head == "classification":  # a new head gets one logit; trained ones keep their label count
+            if spec is not None and "num_labels" in spec.settings:
+                model_kwargs.setdefault("num_labels", spec.settings["num_labels"])
+            elif not any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+                model_kwargs.setdefault("num_labels", 1)
         if lora_config is not None and head == "classification" and not getattr(lora_config, "modules_to_save", None):
             lora_config = copy.deepcopy(lora_config)
             lora_config.modules_to_save = _classifier_modules(AutoModelForSequenceClassification, config)
@@ -197,6 +200,8 @@ class CrossEncoder(AdapterModel):
         if spec is None:
             settings = {"head": head, "yes_token": "yes", "no_token": "no", "max_pixels": None, "max_length": None,
                         "prompt": dict(RERANK_PROMPT_DEFAULTS)}
+            if head == "classification":
+                settings["num_labels"] = int(backbone.config.num_labels)
             spec = cls._new_spec(cls.kind, name_or_path, backbone, settings, quantization_config)
         given = {"yes_token": yes_token, "no_token": no_token, "max_pixels": max_pixels, "max_length": max_length}
         spec.settings.update({k: v for k, v in given.items() if v is not None})

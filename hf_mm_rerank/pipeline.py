@@ -1,0 +1,128 @@
+"""Input-pipeline helpers that work on a whole ``datasets.Dataset`` before training.
+
+- :func:`cache_images`: decode and shrink every image once (to the model's pixel budget) and keep it as a
+  lossless PNG column: later epochs, workers and runs (``datasets`` caches by fingerprint) skip full-size
+  JPEG decoding, and the pixels the model sees are unchanged.
+- :func:`add_lengths`: a ``length`` column (text tokens + visual tokens per row) so that
+  ``TrainingArguments(train_sampling_strategy="group_by_length")`` batches VLM sequences of similar length
+  together (the trainers add it themselves when that strategy is chosen).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from PIL import Image
+
+from .collators import featurizer_of
+from .inputs import looks_like_image_path, to_input
+
+IMAGE_COLUMNS_HINT = ("query", "positive", "document", "negative")
+
+
+def _image_columns(dataset: Any, columns: list[str] | None) -> list[str]:
+    from datasets import Image as ImageFeature
+
+    if columns is not None:
+        return columns
+    return [name for name, feature in dataset.features.items()
+            if isinstance(feature, ImageFeature) or name.startswith(IMAGE_COLUMNS_HINT) and _has_images(dataset, name)]
+
+
+def _has_images(dataset: Any, column: str) -> bool:
+    sample = dataset[0][column] if len(dataset) else None
+    return isinstance(sample, Image.Image)
+
+
+def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num_proc: int | None = None) -> Any:
+    """Return ``dataset`` with every image cell decoded, shrunk to the model's ``max_pixels`` and stored as PNG.
+
+    Args:
+        dataset: a ``datasets.Dataset``; image columns are found from the features (``datasets.Image``).
+        model: a :class:`BiEncoder` / :class:`CrossEncoder` (or its featurizer): gives the pixel budget.
+        columns: the image columns (default: every ``datasets.Image`` column).
+        num_proc: processes for ``dataset.map``.
+
+    Example:
+        >>> train = cache_images(train, model, num_proc=8)   # once; reused by every epoch and later runs
+    """
+    from datasets import Image as ImageFeature
+
+    budget = featurizer_of(model).max_pixels
+    names = _image_columns(dataset, columns)
+
+    def shrink(row: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name in names:
+            item = to_input(row[name], max_pixels=budget, column=name)
+            if item.image is None:
+                out[name] = row[name]
+                continue
+            buffer = io.BytesIO()
+            item.image.save(buffer, "PNG")
+            out[name] = {"bytes": buffer.getvalue(), "path": None}
+        return out
+
+    features = dataset.features.copy()
+    for name in names:
+        features[name] = ImageFeature()
+    return dataset.map(shrink, features=features, num_proc=num_proc, desc="hf_mm_rerank: caching shrunk images")
+
+
+def add_lengths(dataset: Any, model: Any, column: str = "length", num_proc: int | None = None) -> Any:
+    """Add ``column``: the estimated tokens of each row (text tokens + visual tokens after the pixel budget),
+    read from image headers only (no pixel decoding)."""
+    from datasets import Image as ImageFeature
+
+    featurizer = featurizer_of(model)
+    tokenizer = featurizer.tokenizer
+    processor = getattr(featurizer.processor, "image_processor", None)
+    patch = (getattr(processor, "patch_size", None) or 0) * (getattr(processor, "merge_size", 1) or 1)
+    images = [n for n, f in dataset.features.items() if isinstance(f, ImageFeature)]
+    raw = dataset.cast_column(images[0], ImageFeature(decode=False)) if images else dataset
+    for name in images[1:]:
+        raw = raw.cast_column(name, ImageFeature(decode=False))
+    inputs = [n for n in raw.column_names if n.startswith(IMAGE_COLUMNS_HINT)]
+
+    def measure(row: dict[str, Any]) -> dict[str, int]:
+        total = 0
+        for name in inputs:
+            cells = row[name] if isinstance(row[name], list) else [row[name]]
+            total += sum(_cell_tokens(cell, tokenizer, featurizer.max_pixels, patch) for cell in cells)
+        return {column: total}
+
+    lengths = raw.map(measure, remove_columns=raw.column_names, num_proc=num_proc, desc="hf_mm_rerank: lengths")
+    return dataset.add_column(column, lengths[column])
+
+
+def _cell_tokens(cell: Any, tokenizer: Any, max_pixels: int | None, patch: int) -> int:
+    if cell is None:
+        return 0
+    if isinstance(cell, str) and not looks_like_image_path(cell):
+        return len(tokenizer(cell, add_special_tokens=False)["input_ids"])
+    if isinstance(cell, dict) and "text" in cell:
+        return _cell_tokens(cell.get("text"), tokenizer, max_pixels, patch) + _cell_tokens(
+            cell.get("image"), tokenizer, max_pixels, patch)
+    if not patch:
+        return 0  # dual encoders: images are resized to one fixed size
+    width, height = _image_size(cell)
+    if max_pixels and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        width, height = width * scale, height * scale
+    return max(1, round(width * height / patch**2))
+
+
+def _image_size(cell: Any) -> tuple[int, int]:
+    if isinstance(cell, Image.Image):
+        return cell.size
+    if isinstance(cell, dict):  # datasets.Image(decode=False): {"bytes", "path"}
+        source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+    elif isinstance(cell, (bytes, bytearray)):
+        source = io.BytesIO(cell)
+    else:
+        source = cell
+    with Image.open(source) as image:  # reads the header only
+        return image.size
+
