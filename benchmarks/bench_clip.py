@@ -136,9 +136,9 @@ def _training_args(cls, out: str, opts, workers: int | None, **extra):
 
 
 def run_ours(opts, workers: int | None) -> StepTimer:
-    from hf_mm_rerank import BiEncoder, BiEncoderTrainer, ContrastiveLoss
-
     from transformers import TrainingArguments
+
+    from hf_mm_rerank import BiEncoder, BiEncoderTrainer, ContrastiveLoss
 
     timer = StepTimer(opts.warmup)
     model = BiEncoder.from_pretrained(make_model(opts.model))
@@ -150,7 +150,11 @@ def run_ours(opts, workers: int | None) -> StepTimer:
 
 
 def run_st(opts, workers: int | None) -> StepTimer:
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     timer = StepTimer(opts.warmup)

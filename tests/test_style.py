@@ -13,5 +13,5 @@ def test_ruff_clean():
     ruff = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is part of the test extras: pip install -e '.[test]'")
-    out = subprocess.run([ruff, "check", "hf_mm_rerank", "tests", "recipes"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([ruff, "check", "hf_mm_rerank", "tests", "recipes", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:]
