@@ -101,9 +101,10 @@ def test_head_argument_must_match_the_checkpoint(tiny_path, tmp_path):
         CrossEncoder.from_pretrained(str(tmp_path / "saved"), head="yes_no")
 
 
-def _bert_classifier(tmp_path):
+def _bert_classifier(tmp_path, bare: bool = False):
+    """A tiny BERT cross-encoder checkpoint (one logit), or a bare BertModel base (``bare``) for a new head."""
     import tiny_models
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
     tok = tiny_models.byte_tokenizer(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"], None, pad_token="[PAD]",
@@ -113,19 +114,20 @@ def _bert_classifier(tmp_path):
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]")}
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=list(ids.items()))
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=128, pad_token_id=tok.pad_token_id, num_labels=1))
-    path = tmp_path / "bert"
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id, num_labels=1)
+    model = BertModel(config) if bare else BertForSequenceClassification(config)
+    path = tmp_path / ("bert-base" if bare else "bert")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
-def test_text_cross_encoder_classification_head(tmp_path):
-    path = _bert_classifier(tmp_path)
+@pytest.mark.parametrize("bare", [False, True], ids=["cross_encoder_checkpoint", "bare_encoder_base"])
+def test_text_cross_encoder_classification_head(tmp_path, bare):
+    path = _bert_classifier(tmp_path, bare=bare)
     rr = CrossEncoder.from_pretrained(path, lora_config=LoraConfig(r=8))
-    assert rr.head_type == "classification"
+    assert rr.head_type == "classification" and rr.config.num_labels == 1
     rows = [{"query": "is it red", "document": f"the square is {c}", "label": float(c == "red")} for c in NAMES] * 4
     classifier = {n: p.detach().clone() for n, p in rr.named_parameters() if "classifier" in n and "modules_to_save" in n}
     assert classifier, "the new classifier must train with the adapter (modules_to_save)"

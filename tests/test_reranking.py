@@ -51,6 +51,18 @@ def test_grouped_rows_become_positive_first_groups(reranker_path):
     assert pointwise["group_size"] == 1 and pointwise["targets"].tolist() == [0.5]
 
 
+def test_collator_runs_in_spawned_dataloader_workers(reranker_path):
+    from torch.utils.data import DataLoader
+
+    rr = _reranker(reranker_path)
+    rows = red_rows(negatives=2, repeat=1)
+    collator = CrossEncoderCollator(rr)
+    loader = DataLoader(rows, batch_size=4, collate_fn=collator, num_workers=2, multiprocessing_context="spawn")
+    batches = list(loader)
+    assert [b["targets"].tolist() for b in batches][0] == [1, 0, 0] * 4
+    torch.testing.assert_close(batches[0]["pairs"][0]["pixel_values"], collator(rows[:4])["pairs"][0]["pixel_values"])
+
+
 @pytest.mark.parametrize("row, match", [
     ({"query": "q", "document": "d", "label": 2}, r"row 5, column 'label': received 2.*\[0, 1\]"),
     ({"query": "q", "document": "d", "label": "yes"}, r"column 'label': received 'yes'"),

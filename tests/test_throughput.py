@@ -96,3 +96,30 @@ def test_training_and_inference_see_the_same_pixels(tiny_path):
         torch.testing.assert_close(trained, inferred, atol=0, rtol=0)
         torch.testing.assert_close(model.encode([data[0]["positive"]], side="document"),
                                    model(batch["positive"]).detach(), atol=1e-6, rtol=1e-5)
+
+
+def _compiled_losses(tiny_path, tmp_path, **compile_args):
+    from helpers import losses
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=4, **compile_args),
+                               train_dataset=Dataset.from_list(color_rows(2)))
+    trainer.train()
+    return trainer, losses(trainer)
+
+
+def test_torch_compile_trains_like_eager(tiny_path, tmp_path):
+    """TrainingArguments(torch_compile=True) traces our model through dynamo (backend 'eager' keeps the test
+    fast; the inductor backend runs in the slow test below) and trains to the same losses."""
+    _, plain = _compiled_losses(tiny_path, tmp_path / "plain")
+    trainer, compiled = _compiled_losses(tiny_path, tmp_path / "compiled", torch_compile=True,
+                                         torch_compile_backend="eager")
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert compiled == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor(tiny_path, tmp_path):
+    _, plain = _compiled_losses(tiny_path, tmp_path / "plain")
+    _, compiled = _compiled_losses(tiny_path, tmp_path / "compiled", torch_compile=True)
+    assert compiled == pytest.approx(plain, rel=1e-4)
