@@ -1,5 +1,10 @@
 """Side-by-side training throughput: hf_mm_rerank vs sentence-transformers vs a plain PyTorch step.
 
+Two cases: a CLIP bi-encoder (``--model tiny`` on CPU, ``vit-b32`` on GPU) and a Qwen3-VL bi-encoder with
+LoRA and GradCache (``--model qwen3vl-tiny`` on CPU, ``qwen3vl-2b``: Qwen3-VL-2B shapes, random weights, on
+GPU), where sentence-transformers runs ``CachedMultipleNegativesRankingLoss`` with last-token pooling and
+the same LoRA targets.
+
 The same random-initialised CLIP trains on the same generated 640x480 JPEG + caption pairs for the same
 steps, with the same batch, learning rate, optimizer and InfoNCE loss (temperature 0.05 = MNRL scale 20):
 
@@ -60,17 +65,20 @@ def make_data(count: int, seed: int = 0):
 
 
 def make_model(kind: str) -> str:
-    """A random-initialised CLIP: ``tiny`` (2 layers, 32 px) or ``vit-b32`` (ViT-B/32 shapes, 224 px)."""
+    """Random-initialised checkpoints: CLIP ``tiny`` (2 layers, 32 px) / ``vit-b32`` (ViT-B/32 shapes, 224 px),
+    Qwen3-VL ``qwen3vl-tiny`` (the tests' tiny model) / ``qwen3vl-2b`` (Qwen3-VL-2B shapes)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_models
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    path = CACHE / f"clip-{kind}"
+    path = CACHE / f"model-{kind}"
     if (path / "config.json").is_file():
         return str(path)
     if kind == "tiny":
         return str(tiny_models.make_clip(path))
+    if kind.startswith("qwen3vl"):
+        return str(_make_qwen3_vl(path, kind == "qwen3vl-2b"))
     torch.manual_seed(0)
     tok = tiny_models.byte_tokenizer(["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>",
                                      bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
@@ -79,6 +87,36 @@ def make_model(kind: str) -> str:
                         vision_config={"image_size": 224, "patch_size": 32})
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok)
     return str(tiny_models._save(CLIPModel(config), processor, path))
+
+
+def _make_qwen3_vl(path: Path, full_size: bool) -> Path:
+    import tiny_models
+
+    if not full_size:
+        return tiny_models.make_qwen3_vl(path)
+    import torch
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    torch.manual_seed(0)
+    tok = tiny_models._qwen_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                                "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[5, 11, 17])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **tiny_models._special_ids(tok))
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=16, image_mean=[0.5] * 3,
+                                                                       image_std=[0.5] * 3),
+                                 tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=tiny_models.QWEN_CHAT_TEMPLATE)
+    return tiny_models._save(Qwen3VLForConditionalGeneration(config).to(torch.bfloat16), processor, path)
+
+
+def _is_vlm(opts) -> bool:
+    return opts.model.startswith("qwen3vl")
 
 
 # ----- timing ----------------------------------------------------------------------------------------------
@@ -236,7 +274,7 @@ def _machine() -> str:
 def drive(opts, argv: list[str]) -> None:
     make_data(opts.images)
     make_model(opts.model)
-    runs = opts.runs.split(",")
+    runs = [r for r in opts.runs.split(",") if not (_is_vlm(opts) and r == "ceiling")]  # ceiling: CLIP only
     results: dict[str, list[dict]] = {run: [] for run in runs}
     for repeat in range(opts.repeats):
         order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]  # rotate: no run always goes first
@@ -255,7 +293,7 @@ def report(opts, results: dict[str, list[dict]]) -> None:
     median = {run: statistics.median(r["samples_per_second"] for r in rows) for run, rows in results.items()}
     memory = {run: max(r["peak_memory_mb"] for r in rows) for run, rows in results.items()}
     base = median.get("st")
-    lines = [f"# CLIP bi-encoder training throughput, {opts.model} model, {opts.device}", "",
+    lines = [f"# Bi-encoder training throughput, {opts.model} model, {opts.device}", "",
              f"- date: {date.today().isoformat()}", f"- machine: {_machine()}",
              f"- command: `bash benchmarks/run.sh {' '.join(opts.cli_args)}`",
              f"- data: {opts.images} generated 640x480 JPEGs (quality 90) with captions; batch {opts.batch}; "
@@ -277,7 +315,9 @@ def report(opts, results: dict[str, list[dict]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "vit-b32"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "vit-b32", "qwen3vl-tiny", "qwen3vl-2b"), default="tiny")
+    parser.add_argument("--mini_batch", type=int, default=8, help="GradCache mini-batch (VLM case)")
+    parser.add_argument("--max_pixels", type=int, default=None, help="pixel budget per image (VLM case)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)

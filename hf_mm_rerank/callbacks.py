@@ -56,11 +56,6 @@ class PushRecord:
     files: list[str] = field(default_factory=list)
 
 
-def _retryable(error: BaseException) -> bool:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    return status is None or status in (408, 409, 425, 429) or status >= 500
-
-
 class HubPushCallback(TrainerCallback):
     """Pushes what a user needs to load the model (adapter + config, any trained head, processor,
     ``hf_mm_rerank_config.json``, model card) to a Hub repo while training runs.
@@ -72,6 +67,7 @@ class HubPushCallback(TrainerCallback):
         push_on: ``"save"`` (every checkpoint), ``"best"`` (checkpoints that are the best so far by
             ``metric_for_best_model``) or ``"end"`` (the final model once, after training).
         token: Hub token (default: the logged-in / ``HF_TOKEN`` one). Never written anywhere.
+        endpoint: Hub endpoint (default: ``HF_ENDPOINT`` or huggingface.co), e.g. a private Hub.
         max_retries: retries per push after the first attempt.
         backoff: seconds before the first retry; doubles each time.
         attempt_timeout: seconds one attempt may take before it counts as failed (a hung server).
@@ -86,7 +82,8 @@ class HubPushCallback(TrainerCallback):
     """
 
     def __init__(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                 push_on: str = "save", token: str | None = None, max_retries: int = 4, backoff: float = 2.0,
+                 push_on: str = "save", token: str | None = None, endpoint: str | None = None,
+                 max_retries: int = 4, backoff: float = 2.0,
                  attempt_timeout: float = 600.0, wait_at_end: float = 1800.0, card: dict[str, Any] | None = None,
                  ) -> None:
         if push_on not in PUSH_ON:
@@ -95,6 +92,7 @@ class HubPushCallback(TrainerCallback):
             raise ValueError(f"repo_id={repo_id!r}: use the full 'user_or_org/name' form.")
         self.repo_id, self.private, self.revision, self.push_on = repo_id, private, revision, push_on
         self._token = token
+        self.endpoint = endpoint
         self.max_retries, self.backoff = max_retries, backoff
         self.attempt_timeout, self.wait_at_end = attempt_timeout, wait_at_end
         self.card = dict(card or {})
@@ -182,7 +180,7 @@ class HubPushCallback(TrainerCallback):
     def _push(self, record: PushRecord, staging: str) -> None:
         from huggingface_hub import HfApi
 
-        api = HfApi(token=self._token)
+        api = HfApi(token=self._token, endpoint=self.endpoint)
         last_error: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             record.attempts = attempt + 1
@@ -196,18 +194,18 @@ class HubPushCallback(TrainerCallback):
                 record.commit_url, record.error = info.commit_url, None
                 logger.info("HubPushCallback: pushed %s to %s (%s).", record.label, self.repo_id, info.commit_url)
                 return
-            except Exception as error:  # network, server, auth: report, never raise into training
+            except Exception as error:  # network, server, auth: retry, then report; never raise into training
                 last_error = error
-                if not _retryable(error) or attempt == self.max_retries:
+                if attempt == self.max_retries:
                     break
                 delay = self.backoff * 2 ** attempt
                 logger.warning("HubPushCallback: push of %s failed (%s); retrying in %.1f s.", record.label,
                                _describe(error), delay)
                 time.sleep(delay)
-        record.error = _describe(last_error)
+        record.error = _describe(last_error) + _auth_hint(last_error)
         logger.error("HubPushCallback: giving up on pushing %s to %s after %d attempt(s): %s. Training goes on and "
-                     "local checkpoints are intact; push them later with HfApi().upload_folder().%s", record.label,
-                     self.repo_id, record.attempts, record.error, _auth_hint(last_error))
+                     "local checkpoints are intact; push them later with HfApi().upload_folder().", record.label,
+                     self.repo_id, record.attempts, record.error)
 
     def _prepare_repo(self, api: Any) -> None:
         api.create_repo(self.repo_id, private=self.private, exist_ok=True)

@@ -139,13 +139,18 @@ class ChatFeaturizer(Featurizer):
 
 
 def default_max_pixels(processor: Any) -> int | None:
-    """Pixel budget for ``DEFAULT_VISUAL_TOKENS`` visual tokens of a Qwen-style image processor."""
+    """Pixel budget for ``DEFAULT_VISUAL_TOKENS`` visual tokens of a Qwen-style image processor, or the
+    processor's own pixel cap when that is smaller (it would shrink the image anyway; shrinking first lets
+    the collator decode JPEGs at reduced scale)."""
     image_processor = getattr(processor, "image_processor", None)
     patch = getattr(image_processor, "patch_size", None)
     if not patch:
         return None
     merge = getattr(image_processor, "merge_size", 1) or 1
-    return DEFAULT_VISUAL_TOKENS * (patch * merge) ** 2
+    budget = DEFAULT_VISUAL_TOKENS * (patch * merge) ** 2
+    size = getattr(image_processor, "size", None)
+    own_cap = getattr(image_processor, "max_pixels", None) or (getattr(size, "get", lambda k: None)("longest_edge"))
+    return min(budget, int(own_cap)) if own_cap else budget
 
 
 def dual_default_max_pixels(processor: Any) -> int | None:

@@ -137,14 +137,35 @@ def test_pushes_run_beside_training(hub, tiny_path, tmp_path, caplog):
     hub.state.release.set()
 
 
-def test_refused_token_is_not_retried_and_never_leaks(hub, tiny_path, tmp_path, caplog):
+def test_refused_token_is_retried_then_reported_without_leaking(hub, tiny_path, tmp_path, caplog):
     hub.state.token = "a-different-token"
-    callback = HubPushCallback("me/private", push_on="end", backoff=0.01)
+    callback = HubPushCallback("me/private", push_on="end", max_retries=2, backoff=0.01)
     with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
         _bi_trainer(tiny_path, tmp_path, callback, save_strategy="no").train()
     (record,) = callback.records
-    assert record.attempts == 1 and "HTTP 401" in record.error
+    assert record.attempts == 3 and "HTTP 401" in record.error
     assert "token was refused" in caplog.text and HUB_TOKEN not in caplog.text and HUB_TOKEN not in repr(callback)
+
+
+def test_no_network_is_retried_then_reported(tiny_path, tmp_path, caplog):
+    import socket as sockets
+
+    with sockets.socket() as probe:  # a local port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    callback = HubPushCallback("me/offline", push_on="end", endpoint=f"http://127.0.0.1:{port}", max_retries=1,
+                               backoff=0.01)
+    import huggingface_hub.constants as constants
+
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False
+    try:
+        trainer = _bi_trainer(tiny_path, tmp_path, callback, save_strategy="no")
+        trainer.train()
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+    (record,) = callback.records
+    assert record.attempts == 2 and record.commit_url is None and "Connect" in record.error
+    assert trainer.state.global_step == 4
 
 
 def test_no_pushed_file_contains_the_token_a_path_or_the_host(hub, tiny_path, tmp_path):
