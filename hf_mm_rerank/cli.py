@@ -57,6 +57,9 @@ class DataArguments:
         "help": "Relative image paths are resolved against this folder (default: the first data file's folder)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    cache_images: bool = field(default=False, metadata={
+        "help": "Decode and shrink every training image once to the model's pixel budget (cached by datasets), "
+                "so later epochs skip full-size decoding."})
 
 
 def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:

@@ -33,7 +33,7 @@ def _image_columns(dataset: Any, columns: list[str] | None) -> list[str]:
 
 def _has_images(dataset: Any, column: str) -> bool:
     sample = dataset[0][column] if len(dataset) else None
-    return isinstance(sample, Image.Image)
+    return isinstance(sample, Image.Image) or isinstance(sample, str) and looks_like_image_path(sample)
 
 
 def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num_proc: int | None = None) -> Any:
@@ -42,7 +42,8 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
     Args:
         dataset: a ``datasets.Dataset``; image columns are found from the features (``datasets.Image``).
         model: a :class:`BiEncoder` / :class:`CrossEncoder` (or its featurizer): gives the pixel budget.
-        columns: the image columns (default: every ``datasets.Image`` column).
+        columns: the image columns (default: ``datasets.Image`` columns, and query/positive/document/negative*
+            columns holding PIL images or image file paths).
         num_proc: processes for ``dataset.map``.
 
     Example:

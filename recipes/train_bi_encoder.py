@@ -33,6 +33,7 @@ from hf_mm_rerank.cli import (
     report_table,
 )
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
+from hf_mm_rerank.pipeline import cache_images
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
+    if data_args.cache_images:
+        train = cache_images(train, model)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
                                callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())

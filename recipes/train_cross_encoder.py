@@ -28,6 +28,7 @@ from hf_mm_rerank.cli import (
     report_table,
 )
 from hf_mm_rerank.losses import RERANKING_LOSSES
+from hf_mm_rerank.pipeline import cache_images
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
+    if data_args.cache_images:
+        train = cache_images(train, model)
     loss = build_loss(model_args)
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")

@@ -45,3 +45,16 @@ def test_lengths_count_text_and_visual_tokens_without_decoding(tiny_path, tmp_pa
     assert "length" in trainer.train_dataset.column_names
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_image_paths_are_cached_too(tiny_path, tmp_path):
+    from images import solid
+
+    for color in ("red", "blue"):
+        solid(color, (300, 200)).save(tmp_path / f"{color}.png")
+    data = Dataset.from_dict({"query": ["a red one", "a blue one"],
+                              "positive": [str(tmp_path / "red.png"), str(tmp_path / "blue.png")]})
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    cached = cache_images(data, model)
+    assert isinstance(cached.features["positive"], ImageFeature) and cached["query"] == data["query"]
+    assert all(w * h <= model.featurizer.max_pixels for w, h in (img.size for img in cached["positive"]))

@@ -71,6 +71,8 @@ def test_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path
             "--save_steps", "1", "--max_pixels", "4096", "--attn_implementation", "sdpa"]
     if settings.get("mini_batch_size"):
         argv += ["--mini_batch_size", "2"]
+    if config == "clip_vit_b32_lora.yaml":
+        argv += ["--cache_images", "true"]
     report = _recipe().main(argv)
     assert "eval_ndcg@10" in report["after"]
     final = tmp_path / "out"
