@@ -79,13 +79,8 @@ class BinaryCrossEntropyLoss(RerankingLoss):
         return F.binary_cross_entropy_with_logits(scores.float(), targets, pos_weight=weight)
 
 
-class ListwiseSoftmaxLoss(RerankingLoss):
-    """Softmax cross-entropy over each query's group (positive against its k negatives; graded targets
-    become a target distribution).
-
-    Args:
-        temperature: divides the scores before the softmax.
-    """
+class _TemperatureLoss(RerankingLoss):
+    """A group loss whose scores are divided by a temperature before a softmax."""
 
     needs_groups = True
 
@@ -94,6 +89,17 @@ class ListwiseSoftmaxLoss(RerankingLoss):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, received {temperature}.")
         self.temperature = temperature
+
+
+class ListwiseSoftmaxLoss(_TemperatureLoss):
+    """Softmax cross-entropy over each query's group (positive against its k negatives; graded targets
+    become a target distribution).
+
+    Args:
+        temperature: divides the scores before the softmax.
+    """
+
+    needs_groups = True
 
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
                   teacher: torch.Tensor | None) -> torch.Tensor:
@@ -160,17 +166,11 @@ class MarginMSELoss(RerankingLoss):
         return F.mse_loss(s[:, :1] - s[:, 1:], t[:, :1] - t[:, 1:])
 
 
-class DistillKLLoss(RerankingLoss):
+class DistillKLLoss(_TemperatureLoss):
     """Distillation: KL(teacher || student) between the softmax distributions over each group, scaled by T²."""
 
     needs_groups = True
     needs_teacher = True
-
-    def __init__(self, temperature: float = 1.0, mini_batch_size: int | None = None) -> None:
-        super().__init__(mini_batch_size)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, received {temperature}.")
-        self.temperature = temperature
 
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
                   teacher: torch.Tensor | None) -> torch.Tensor:
