@@ -126,18 +126,24 @@ class HubPushCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint):
-            self._submit(f"step {state.global_step}", stage(checkpoint))
+            self._guarded(f"step {state.global_step}", lambda: stage(checkpoint))
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         if self.push_on == "end":
-            staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
             target = self.trainer.accelerator.unwrap_model(self.trainer.model) if self.trainer else model
-            target.save_pretrained(staging)
-            self._submit(f"end of training (step {state.global_step})", stage_and_clean(staging))
+            self._guarded(f"end of training (step {state.global_step})", lambda: _saved_copy(target))
         self.wait(self.wait_at_end)
         self._report()
+
+    def _guarded(self, label: str, make_staging: Callable[[], str]) -> None:
+        """Stage and queue a push; a local failure here (disk full, ...) is reported, never raised."""
+        try:
+            self._submit(label, make_staging())
+        except Exception as error:
+            self.records.append(PushRecord(label, error=f"could not stage the files: {_describe(error)}"))
+            logger.error("HubPushCallback: could not stage %s for pushing (%s); training goes on.", label, error)
 
     # ----- background work ----------------------------------------------------------------------------
     def _submit(self, label: str, staging: str) -> None:
@@ -243,10 +249,14 @@ class HubPushCallback(TrainerCallback):
             logger.error("HubPushCallback: still pushing %s after waiting %g s.", pending, self.wait_at_end)
 
 
-def stage_and_clean(directory: str) -> str:
-    staging = stage(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    return staging
+def _saved_copy(model: Any) -> str:
+    """The model's ``save_pretrained`` output, staged like a checkpoint."""
+    saved = tempfile.mkdtemp(prefix="hf_mm_rerank_save_")
+    try:
+        model.save_pretrained(saved)
+        return stage(saved)
+    finally:
+        shutil.rmtree(saved, ignore_errors=True)
 
 
 def _describe(error: BaseException | None) -> str:

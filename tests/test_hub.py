@@ -222,3 +222,19 @@ def test_recipe_pushes_with_the_callback_and_trainer_push(hub, tiny_path, tmp_pa
     assert meta["license"] == "apache-2.0" and meta["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
     labels = [c["summary"] for c in hub.state.commits]
     assert "hf_mm_rerank: step 1" in labels and "hf_mm_rerank: step 2" in labels  # the callback's pushes
+
+
+def test_a_local_staging_failure_is_reported_not_raised(hub, tiny_path, tmp_path, monkeypatch, caplog):
+    import hf_mm_rerank.callbacks as callbacks
+
+    def full_disk(directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(callbacks, "stage", full_disk)
+    callback = HubPushCallback("me/full", backoff=0.01)
+    trainer = _bi_trainer(tiny_path, tmp_path, callback)
+    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "out" / "checkpoint-4")
+    assert [r.label for r in callback.records] == ["step 2", "step 4"]
+    assert all("No space left" in r.error for r in callback.records) and "could not stage step 2" in caplog.text
