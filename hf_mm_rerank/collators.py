@@ -10,6 +10,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from .inputs import InputError, MMInput, to_input
 from .processing import Featurizer
 
@@ -39,6 +41,26 @@ def check_columns(columns: Sequence[str], required: Sequence[str], what: str) ->
             f"{what}: missing column(s) {missing}; found {list(columns)}. Fix: rename your columns with "
             f"dataset.rename_column(old, new) so the dataset has {list(required)}."
         )
+
+
+def negative_cells(row: dict[str, Any], columns: list[str]) -> list[tuple[Any, str]]:
+    """A row's negatives as ``(cell, column)`` pairs: a ``negative`` cell holding a list, or one cell per column."""
+    if columns == ["negative"] and isinstance(row["negative"], (list, tuple)):
+        return [(cell, "negative") for cell in row["negative"]]
+    return [(row[c], c) for c in columns]
+
+
+def _where(row: dict[str, Any], i: int) -> Any:
+    return row.get(ROW_KEY, f"{i} of the batch")
+
+
+def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str) -> MMInput:
+    """One cell -> :class:`MMInput` within the featurizer's pixel budget; errors name the row and column."""
+    if cell is None:
+        raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
+                         "(dataset.filter(lambda r: r[column] is not None)).")
+    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column)
+    return featurizer.check(item, where, column)
 
 
 def featurizer_of(model_or_featurizer: Any) -> Featurizer:
@@ -84,20 +106,12 @@ class BiEncoderCollator:
         return batch
 
     def _column(self, rows: list[dict[str, Any]], column: str, side: str) -> list[dict[str, Any]]:
-        items = [self._input(row[column], row, i, column) for i, row in enumerate(rows)]
+        items = [read_cell(self.featurizer, row[column], _where(row, i), column) for i, row in enumerate(rows)]
         return self.featurizer.chunks(items, side, self.mini_batch_size)
 
     def _negatives(self, row: dict[str, Any], columns: list[str], i: int) -> list[MMInput]:
-        if columns == ["negative"] and isinstance(row["negative"], (list, tuple)):
-            return [self._input(cell, row, i, "negative") for cell in row["negative"]]
-        return [self._input(row[c], row, i, c) for c in columns]
-
-    def _input(self, cell: Any, row: dict[str, Any], i: int, column: str) -> MMInput:
-        where = row.get(ROW_KEY, f"{i} of the batch")
-        if cell is None:
-            raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
-                             "(dataset.filter(lambda r: r[column] is not None)).")
-        return to_input(cell, max_pixels=self.featurizer.max_pixels, row=where, column=column)
+        where = _where(row, i)
+        return [read_cell(self.featurizer, cell, where, column) for cell, column in negative_cells(row, columns)]
 
 
 _TEACHER = re.compile(r"^teacher_score_(\d+)$")
@@ -120,9 +134,9 @@ def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
     if not negatives:
         raise ValueError(f"grouped reranker dataset: no negative column in {list(columns)}. Fix: add negative_1 ... "
                          "negative_k (mine_hard_negatives() builds them), or use pointwise rows query/document/label.")
-    numbered = sorted(int(m.group(1)) for c in columns if (m := _TEACHER.match(c)))
     if "teacher_scores" in columns:
         return GROUPED, negatives, ["teacher_scores"]
+    numbered = sorted(int(m.group(1)) for c in columns if (m := _TEACHER.match(c)))
     return GROUPED, negatives, [f"teacher_score_{n}" for n in numbered]
 
 
@@ -144,19 +158,18 @@ class CrossEncoderCollator:
         self.mini_batch_size = mini_batch_size
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
         pairs, targets, teachers, sizes = [], [], [], set()
+        featurizer = self.featurizer
         for i, row in enumerate(rows):
-            where = row.get(ROW_KEY, f"{i} of the batch")
-            query = self._input(row["query"], where, "query")
+            where = _where(row, i)
+            query = read_cell(featurizer, row["query"], where, "query")
             if layout == POINTWISE:
-                docs = [self._input(row["document"], where, "document")]
+                docs = [read_cell(featurizer, row["document"], where, "document")]
                 targets.append(_label(row["label"], where))
             else:
-                docs = [self._input(row["positive"], where, "positive")]
-                docs += [self._input(cell, where, column) for cell, column in _cells(row, negatives)]
+                cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
+                docs = [read_cell(featurizer, cell, where, column) for cell, column in cells]
                 targets += [1.0] + [0.0] * (len(docs) - 1)
             sizes.add(len(docs))
             pairs += [(query, doc) for doc in docs]
@@ -170,19 +183,6 @@ class CrossEncoderCollator:
         if teacher:
             batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
         return batch
-
-    def _input(self, cell: Any, where: Any, column: str) -> MMInput:
-        if cell is None:
-            raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells.")
-        item = to_input(cell, max_pixels=self.featurizer.max_pixels, row=where, column=column)
-        return self.featurizer.check(item, where, column)
-
-
-def _cells(row: dict[str, Any], negatives: list[str]) -> list[tuple[Any, str]]:
-    if negatives == ["negative"] and isinstance(row["negative"], (list, tuple)):
-        return [(cell, "negative") for cell in row["negative"]]
-    return [(row[c], c) for c in negatives]
-
 
 def _label(value: Any, where: Any) -> float:
     try:

@@ -108,7 +108,7 @@ class RetrievalEvaluator:
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RetrievalEvaluator:
         """Build from (query, positive[, negatives]) rows: row i's query must retrieve row i's positive, with
         every row's positive and negatives as the corpus."""
-        from .collators import negative_columns
+        from .collators import negative_cells, negative_columns
 
         negatives = negative_columns(dataset.column_names)
         queries, corpus, relevant = {}, {}, {}
@@ -116,9 +116,7 @@ class RetrievalEvaluator:
             queries[i] = row["query"]
             corpus[f"pos-{i}"] = row["positive"]
             relevant[i] = {f"pos-{i}"}
-            for j, column in enumerate(negatives):
-                cells = row[column] if isinstance(row[column], list) else [row[column]]
-                corpus.update({f"neg-{i}-{j}-{n}": cell for n, cell in enumerate(cells)})
+            corpus.update({f"neg-{i}-{n}": cell for n, (cell, _) in enumerate(negative_cells(row, negatives))})
         return cls(queries, corpus, relevant, **kwargs)
 
     def __call__(self, model: Any) -> dict[str, float]:
@@ -182,15 +180,13 @@ class RerankingEvaluator:
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
         """Build from grouped rows (query, positive, negative / negative_1..k) or pointwise rows (query,
         document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
-        from .collators import negative_columns
+        from .collators import negative_cells, negative_columns
 
         if "document" in dataset.column_names:
             return cls(_pointwise_samples(dataset), **kwargs)
         negatives = negative_columns(dataset.column_names)
-        samples = []
-        for row in dataset:
-            cells = [c for column in negatives for c in (row[column] if isinstance(row[column], list) else [row[column]])]
-            samples.append({"query": row["query"], "positive": [row["positive"]], "negative": cells})
+        samples = [{"query": row["query"], "positive": [row["positive"]],
+                    "negative": [cell for cell, _ in negative_cells(row, negatives)]} for row in dataset]
         return cls(samples, **kwargs)
 
     def __call__(self, model: Any) -> dict[str, float]:

@@ -29,22 +29,16 @@ def hub_id(name: str | None) -> str | None:
 
 
 def _versions(quantized: bool) -> dict[str, str]:
-    names = ["hf_mm_rerank", "transformers", "peft", "torch", "accelerate", "datasets", "huggingface_hub"]
-    if quantized:
-        names.append("bitsandbytes")
-    out = {}
-    for name in names:
+    from . import __version__
+
+    out = {"hf_mm_rerank": __version__}
+    for name in ["transformers", "peft", "torch", "accelerate", "datasets", "huggingface_hub"] + (
+            ["bitsandbytes"] if quantized else []):
         try:
-            out[name] = version(name.replace("_", "-")) if name != "hf_mm_rerank" else _own_version()
+            out[name] = version(name)
         except PackageNotFoundError:
             continue
     return out
-
-
-def _own_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _hardware(world_size: int) -> str:
@@ -95,14 +89,10 @@ def _negatives(dataset: Any, kind: str) -> str:
         return "n/a"
     if "document" in columns:
         return "pointwise rows (query, document, label)"
-    from .collators import negative_columns
+    from .collators import negative_cells, negative_columns
 
     negatives = negative_columns(columns)
-    if negatives == ["negative"]:
-        first = dataset[0]["negative"]
-        count = len(first) if isinstance(first, list) else 1
-    else:
-        count = len(negatives)
+    count = len(negative_cells(dataset[0], negatives)) if negatives else 0
     prefix = "in-batch + " if kind == "bi_encoder" else ""
     return f"{prefix}{count} hard negative(s)" if count else "in-batch only"
 
