@@ -36,6 +36,18 @@ def _has_images(dataset: Any, column: str) -> bool:
     return isinstance(sample, Image.Image) or isinstance(sample, str) and looks_like_image_path(sample)
 
 
+def undecoded_images(dataset: Any) -> Any:
+    """``dataset`` with its ``datasets.Image`` columns cast to ``decode=False``: ``datasets`` would decode every
+    JPEG at full size on access, while the collator decodes it at reduced scale (PIL draft) when the model
+    needs far fewer pixels, and :func:`add_lengths` reads only the headers."""
+    from datasets import Image as ImageFeature
+
+    for name, feature in (getattr(dataset, "features", None) or {}).items():
+        if isinstance(feature, ImageFeature) and feature.decode:
+            dataset = dataset.cast_column(name, ImageFeature(decode=False))
+    return dataset
+
+
 def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num_proc: int | None = None) -> Any:
     """Return ``dataset`` with every image cell decoded, shrunk to the model's ``max_pixels`` and stored as PNG.
 
@@ -75,16 +87,12 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
 def add_lengths(dataset: Any, model: Any, column: str = "length", num_proc: int | None = None) -> Any:
     """Add ``column``: the estimated tokens of each row (text tokens + visual tokens after the pixel budget),
     read from image headers only (no pixel decoding)."""
-    from datasets import Image as ImageFeature
 
     featurizer = featurizer_of(model)
     tokenizer = featurizer.tokenizer
     processor = getattr(featurizer.processor, "image_processor", None)
     patch = (getattr(processor, "patch_size", None) or 0) * (getattr(processor, "merge_size", 1) or 1)
-    images = [n for n, f in dataset.features.items() if isinstance(f, ImageFeature)]
-    raw = dataset.cast_column(images[0], ImageFeature(decode=False)) if images else dataset
-    for name in images[1:]:
-        raw = raw.cast_column(name, ImageFeature(decode=False))
+    raw = undecoded_images(dataset)
     inputs = [n for n in raw.column_names if n.startswith(IMAGE_COLUMNS_HINT)]
 
     def measure(row: dict[str, Any]) -> dict[str, int]:

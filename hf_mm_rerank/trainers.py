@@ -30,6 +30,7 @@ from .collators import (
     reranker_layout,
 )
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
+from .pipeline import add_lengths, undecoded_images
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +63,15 @@ def auto_num_workers() -> int:
     return max(1, min(16, _cpus_per_rank() - 1))
 
 
-def _lazy_images(dataset: Any) -> Any:
-    """Hand image cells to the collator undecoded: ``datasets.Image`` would decode every JPEG at full size on
-    access, while the collator decodes it at reduced scale (PIL draft) when the model needs far fewer pixels."""
-    from datasets import Image as ImageFeature
-
-    features = getattr(dataset, "features", None) or {}
-    for name, feature in features.items():
-        if isinstance(feature, ImageFeature) and feature.decode:
-            dataset = dataset.cast_column(name, ImageFeature(decode=False))
-    return dataset
-
-
 def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
-    """Row index for error messages; with ``train_sampling_strategy="group_by_length"``, a length column estimated
-    from text tokens and image headers (Trainer's own estimate reads ``input_ids``, which raw rows lack)."""
+    """Image cells left undecoded for the collator (which decodes JPEGs at reduced scale), a row index for
+    error messages, and with ``train_sampling_strategy="group_by_length"`` a length column estimated from text
+    tokens and image headers (Trainer's own estimate reads ``input_ids``, which raw rows lack)."""
     if dataset is None:
         return None
     columns = _columns(dataset) or []
-    dataset = _lazy_images(dataset)
-    grouped = getattr(args, "train_sampling_strategy", None) == "group_by_length" or getattr(args, "group_by_length", False)
-    if grouped and columns and args.length_column_name not in columns:
-        from .pipeline import add_lengths
-
+    dataset = undecoded_images(dataset)
+    if args.train_sampling_strategy == "group_by_length" and columns and args.length_column_name not in columns:
         logger.info("hf_mm_rerank: grouping batches by length: estimating sequence lengths into column %r.",
                     args.length_column_name)
         dataset = add_lengths(dataset, model, column=args.length_column_name)
@@ -178,7 +165,14 @@ class RetrievalTrainerMixin:
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _after_init(self, model_card: dict[str, Any] | None) -> None:
+    def _setup(self, model: nn.Module, args: TrainingArguments, loss: nn.Module, evaluator: Any, data_collator: Any,
+               train_dataset: Any, eval_dataset: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+        """What both constructors do once their datasets and loss are checked: Trainer's own __init__ with our
+        collator and prepared datasets, then callbacks, counters and the loss on the device."""
+        self.loss, self.evaluator = loss, evaluator
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         train_dataset=_prepare_dataset(train_dataset, model, args),
+                         eval_dataset=_prepare_dataset(eval_dataset, model, args), **kwargs)
         self.model_card_kwargs = dict(model_card or {})
         self.input_counts: Counter = Counter()
         callbacks = self.callback_handler.callbacks
@@ -264,20 +258,15 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
-        self.loss = loss if loss is not None else ContrastiveLoss()
-        self.evaluator = evaluator
+        loss = loss if loss is not None else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = _columns(dataset) if dataset is not None else None
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
                 negative_columns(columns)
         if data_collator is None:
-            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(self.loss, "mini_batch_size", None))
-        train_dataset = _prepare_dataset(train_dataset, model, args)
-        eval_dataset = _with_row_index(_lazy_images(eval_dataset)) if eval_dataset is not None else None
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, **kwargs)
-        self._after_init(model_card)
+            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
+        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
 
 
 class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
@@ -313,15 +302,9 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
             loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()
         for name, (layout, _, teacher) in layouts.items():
             _check_loss_fits(loss, name, layout, teacher)
-        self.loss = loss
-        self.evaluator = evaluator
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
-        train_dataset = _prepare_dataset(train_dataset, model, args)
-        eval_dataset = _with_row_index(_lazy_images(eval_dataset)) if eval_dataset is not None else None
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, **kwargs)
-        self._after_init(model_card)
+        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
 
 
 def _check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
