@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,6 +128,20 @@ class AdapterModel(nn.Module):
     def heads(self) -> nn.Module | None:
         """Trained modules outside the backbone, saved to ``head.safetensors`` (none by default)."""
         return None
+
+    @torch.no_grad()
+    def _run_batched(self, items: Sequence[Any], batch_size: int,
+                     featurize: Callable[[Sequence[Any], int], Any]) -> torch.Tensor:
+        """Inference over raw ``items`` in batches (eval mode, no grad, mode restored); ``featurize(chunk,
+        offset)`` builds a batch's features with the training featurizer. Returns the outputs on CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self(featurize(items[start:start + batch_size], start)).cpu()
+                   for start in range(0, len(items), batch_size)]
+            return torch.cat(out) if out else torch.empty(0)
+        finally:
+            self.train(was_training)
 
     # ----- loading ------------------------------------------------------------------------------------
     @classmethod

@@ -138,20 +138,14 @@ class BiEncoder(AdapterModel):
             count = count.index_add(0, index, torch.ones_like(emb[:, :1]))
         return total / count.clamp(min=1)
 
-    @torch.no_grad()
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32) -> torch.Tensor:
         """Embed raw inputs (text, PIL images, paths, bytes, ``{"text", "image"}`` dicts) -> ``[N, D]`` on CPU.
 
         Uses the same featurizer as training, so images are resized and processed identically.
         """
-        was_training = self.training
-        self.eval()
-        try:
-            out = []
-            for start in range(0, len(inputs), batch_size):
-                items = [to_input(cell, max_pixels=self.featurizer.max_pixels, row=start + i, column=side)
-                         for i, cell in enumerate(inputs[start:start + batch_size])]
-                out.append(self(self.featurizer(items, side)).cpu())
-            return torch.cat(out) if out else torch.empty(0)
-        finally:
-            self.train(was_training)
+        def featurize(chunk: Sequence[Any], start: int) -> dict[str, Any]:
+            budget = self.featurizer.max_pixels
+            return self.featurizer([to_input(cell, max_pixels=budget, row=start + i, column=side)
+                                    for i, cell in enumerate(chunk)], side)
+
+        return self._run_batched(inputs, batch_size, featurize)

@@ -192,7 +192,7 @@ class CrossEncoder(AdapterModel):
                 model_kwargs.setdefault("num_labels", 1)
         if lora_config is not None and head == "classification" and not getattr(lora_config, "modules_to_save", None):
             lora_config = copy.deepcopy(lora_config)
-            lora_config.modules_to_save = _classifier_modules(AutoModelForSequenceClassification, config)
+            lora_config.modules_to_save = _classifier_modules(config)
         backbone, processor, spec = cls._load_parts(
             name_or_path, lora_config=lora_config, quantization_config=quantization_config,
             gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
@@ -236,7 +236,6 @@ class CrossEncoder(AdapterModel):
         hidden = self.backbone(**features, use_cache=False).last_hidden_state
         return self.head(last_token_pool(hidden, features["attention_mask"]))
 
-    @torch.no_grad()
     def score(self, pairs: Sequence[tuple[Any, Any]], *, batch_size: int = 16,
               activation: str | None = None) -> torch.Tensor:
         """Relevance scores ``[N]`` (on CPU) for raw (query, document) pairs; ``activation="sigmoid"`` maps
@@ -244,17 +243,9 @@ class CrossEncoder(AdapterModel):
         exactly as in training."""
         if activation not in (None, "sigmoid"):
             raise ValueError(f"activation={activation!r}: use None (raw logits) or 'sigmoid'.")
-        was_training = self.training
-        self.eval()
-        try:
-            out = []
-            for start in range(0, len(pairs), batch_size):
-                items = [self._pair(pair, start + i) for i, pair in enumerate(pairs[start:start + batch_size])]
-                out.append(self(self.featurizer(items)).cpu())
-            scores = torch.cat(out) if out else torch.empty(0)
-            return scores.sigmoid() if activation == "sigmoid" else scores
-        finally:
-            self.train(was_training)
+        scores = self._run_batched(pairs, batch_size, lambda chunk, start: self.featurizer(
+            [self._pair(pair, start + i) for i, pair in enumerate(chunk)]))
+        return scores.sigmoid() if activation == "sigmoid" else scores
 
     def rank(self, query: Any, documents: Sequence[Any], *, top_k: int | None = None, batch_size: int = 16,
              return_documents: bool = False) -> list[dict[str, Any]]:
@@ -272,11 +263,11 @@ class CrossEncoder(AdapterModel):
                 check(to_input(pair[1], max_pixels=budget, row=row, column="document"), row, "document"))
 
 
-def _classifier_modules(auto_class: Any, config: Any) -> list[str]:
+def _classifier_modules(config: Any) -> list[str]:
     """Top-level modules of a sequence-classification model outside its base model (the new score head)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = auto_class.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(config)
     return [name for name, module in model.named_children()
             if name != model.base_model_prefix and any(True for _ in module.parameters())]
