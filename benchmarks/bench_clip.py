@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(CACHE / "out"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    opts.device = "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and _has_cuda() else "cpu"
+    opts.device = "cuda" if _has_cuda() else "cpu"
     opts.cli_args = [a for a in argv if a != "--worker"]
     if opts.worker:
         worker_main(opts)

@@ -170,7 +170,7 @@ def build_quantization(m: LoraArguments, args: Any) -> Any:
 
 def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str, list[float]]:
     """``{metric: [before, after]}`` for the evaluator's metrics."""
-    keys = [k for k in after if k.startswith("eval_") and ("@" in k or k.endswith("_map") or k == "eval_map")]
+    keys = [k for k in after if k.startswith("eval_") and ("@" in k or k.endswith("_map"))]
     return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
 
 

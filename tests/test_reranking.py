@@ -59,7 +59,7 @@ def test_collator_runs_in_spawned_dataloader_workers(reranker_path):
     collator = CrossEncoderCollator(rr)
     loader = DataLoader(rows, batch_size=4, collate_fn=collator, num_workers=2, multiprocessing_context="spawn")
     batches = list(loader)
-    assert [b["targets"].tolist() for b in batches][0] == [1, 0, 0] * 4
+    assert batches[0]["targets"].tolist() == [1, 0, 0] * 4
     torch.testing.assert_close(batches[0]["pairs"][0]["pixel_values"], collator(rows[:4])["pairs"][0]["pixel_values"])
 
 

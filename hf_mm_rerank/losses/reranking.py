@@ -99,8 +99,6 @@ class ListwiseSoftmaxLoss(_TemperatureLoss):
         temperature: divides the scores before the softmax.
     """
 
-    needs_groups = True
-
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
                   teacher: torch.Tensor | None) -> torch.Tensor:
         logits = scores.float().view(-1, group_size) / self.temperature
@@ -169,7 +167,6 @@ class MarginMSELoss(RerankingLoss):
 class DistillKLLoss(_TemperatureLoss):
     """Distillation: KL(teacher || student) between the softmax distributions over each group, scaled by T²."""
 
-    needs_groups = True
     needs_teacher = True
 
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
