@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -9,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
+
+from .distributed import check_launch
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,11 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
         with open(argv[i + 1]) as handle:
             config = yaml.safe_load(handle) or {}
         argv = _yaml_to_flags(config) + argv[:i] + argv[i + 2:]  # later flags win in argparse
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    for value in parsed:
+        if isinstance(value, TrainingArguments):
+            check_launch(value)  # fail before any data or model is loaded
+    return parsed
 
 
 def _yaml_to_flags(config: dict[str, Any]) -> list[str]:
@@ -174,11 +181,14 @@ def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str,
     return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
 
 
-def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = None, seed: int = 42) -> Any:
+def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = None, seed: int = 42,
+                  args: TrainingArguments | None = None) -> Any:
     """Give (query, positive) rows ``negative_1..k`` for reranker training; other layouts pass through.
 
-    With ``mining_model`` (a BiEncoder folder/repo) the negatives are mined hard negatives; otherwise they are
-    other rows' positives drawn at random (Arrow-level: no image is decoded).
+    With ``mining_model`` (a BiEncoder folder/repo) the negatives are mined hard negatives, the model running on
+    ``args.device`` (each rank's own: in a multi-process run the ranks share the encoding); otherwise they are
+    other rows' positives drawn at random (Arrow-level: no image is decoded; the main process writes the
+    ``datasets`` cache first).
     """
     from .collators import negative_columns
 
@@ -191,8 +201,16 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
         from .modeling import BiEncoder
 
         encoder = BiEncoder.from_pretrained(mining_model, is_trainable=False)
+        if args is not None:
+            encoder.to(args.device)
         return mine_hard_negatives(encoder, dataset.select_columns(["query", "positive"]), num_negatives=num_negatives)
-    return random_negatives(dataset, num_negatives, seed)
+    with main_process_first(args, "random negatives"):
+        return random_negatives(dataset, num_negatives, seed)
+
+
+def main_process_first(args: TrainingArguments | None, desc: str) -> Any:
+    """``args.main_process_first``: the main process writes files or caches, then the others read them."""
+    return args.main_process_first(desc=desc) if args is not None else contextlib.nullcontext()
 
 
 def random_negatives(dataset: Any, num_negatives: int, seed: int = 42) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def build_demo_base(path: str | Path, image_size: int = 64, seed: int = 0) -> st
                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = VisionTextDualEncoderProcessor(image_processor=image_processor,
                                                tokenizer=AutoTokenizer.from_pretrained(text_path))
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    # Written aside, then renamed: a killed run or a concurrent reader never sees a half-written folder.
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
     return str(path)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .distributed import shard_kwargs
+
 logger = logging.getLogger(__name__)
 
 RETRIEVAL_METRIC_PATH = str(Path(__file__).parent / "metrics" / "retrieval_metrics")
@@ -76,6 +78,9 @@ class RetrievalEvaluator:
         k_values: cut-offs for ndcg/mrr/recall (default 1, 5, 10).
         batch_size: inputs per forward pass while encoding.
         map_at: cut-off of MAP (default 100).
+        shard_across_ranks: in a multi-process run, every rank encodes a share of the corpus and queries and
+            gets all embeddings, so the metrics equal one process's. Every rank must then call the evaluator (as
+            Trainer does); pass False to evaluate on one rank alone.
 
     Example:
         >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
@@ -84,7 +89,7 @@ class RetrievalEvaluator:
 
     def __init__(self, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
-                 batch_size: int = 32, map_at: int = 100) -> None:
+                 batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True) -> None:
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -103,6 +108,7 @@ class RetrievalEvaluator:
         self.k_values = tuple(k_values)
         self.batch_size = batch_size
         self.map_at = map_at
+        self.shard_across_ranks = shard_across_ranks
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RetrievalEvaluator:
@@ -120,8 +126,9 @@ class RetrievalEvaluator:
         return cls(queries, corpus, relevant, **kwargs)
 
     def __call__(self, model: Any) -> dict[str, float]:
-        documents = model.encode(self.corpus, side="document", batch_size=self.batch_size)
-        queries = model.encode(self.queries, side="query", batch_size=self.batch_size)
+        shard = shard_kwargs(self.shard_across_ranks)
+        documents = model.encode(self.corpus, side="document", batch_size=self.batch_size, **shard)
+        queries = model.encode(self.queries, side="query", batch_size=self.batch_size, **shard)
         scores = queries.float() @ documents.float().T
         depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
         top = torch.topk(scores, depth, dim=1).indices.tolist()
@@ -141,6 +148,7 @@ class RerankingEvaluator:
         at_k: cut-off of ndcg and mrr (default 10).
         batch_size: pairs per forward pass.
         seed: seed of the shuffle.
+        shard_across_ranks: as for :class:`RetrievalEvaluator` (every rank scores a share of the pairs).
 
     Example:
         >>> evaluator = RerankingEvaluator([{"query": "a red car", "positive": ["car.jpg"], "negative": ["boat.jpg"]}])
@@ -148,7 +156,7 @@ class RerankingEvaluator:
     """
 
     def __init__(self, samples: Sequence[Mapping[str, Any]], *, at_k: int = 10, batch_size: int = 16,
-                 seed: int = 0) -> None:
+                 seed: int = 0, shard_across_ranks: bool = True) -> None:
         import random
 
         rng = random.Random(seed)
@@ -175,6 +183,7 @@ class RerankingEvaluator:
                              "query to count). Fix: pass samples with positives.")
         self.at_k = at_k
         self.batch_size = batch_size
+        self.shard_across_ranks = shard_across_ranks
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
@@ -191,7 +200,7 @@ class RerankingEvaluator:
 
     def __call__(self, model: Any) -> dict[str, float]:
         pairs = [(q, doc) for q, docs in zip(self.queries, self.candidates) for doc in docs]
-        scores = model.score(pairs, batch_size=self.batch_size).tolist()
+        scores = model.score(pairs, batch_size=self.batch_size, **shard_kwargs(self.shard_across_ranks)).tolist()
         rankings, start = [], 0
         for docs in self.candidates:
             group = scores[start:start + len(docs)]

@@ -5,6 +5,7 @@ Works when documents are images (or text + image), unlike sentence-transformers'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .distributed import shard_kwargs
 from .inputs import to_input
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,14 @@ def mine_hard_negatives(
     sampling: str = "top",
     batch_size: int = 32,
     seed: int = 0,
+    shard_across_ranks: bool = True,
 ) -> Any:
     """For each (query, positive) row, pick ``num_negatives`` documents the bi-encoder ranks high but that are
     not the positive: grouped rows ``query, positive, negative_1 ... negative_k`` for a reranker.
 
     Args:
-        bi_encoder: a :class:`BiEncoder` (any object with ``encode(inputs, side=..., batch_size=...)``).
+        bi_encoder: a :class:`BiEncoder` (any object with ``encode(inputs, side=..., batch_size=...)``;
+            ``shard_across_ranks=True`` is added in multi-process runs).
         dataset: a ``datasets.Dataset`` with ``query`` and ``positive`` columns (text or images).
         corpus: candidate documents (default: the dataset's distinct positives).
         num_negatives: negatives per row; rows with fewer eligible candidates are skipped and counted.
@@ -60,6 +64,9 @@ def mine_hard_negatives(
         sampling: ``"top"`` (the highest-ranked eligible) or ``"random"`` (uniform among the eligible).
         batch_size: encoding batch size.
         seed: seed of ``"random"`` sampling.
+        shard_across_ranks: in a multi-process run, every rank encodes a share and gets all embeddings, so every
+            rank returns the negatives one process would mine (every rank must call it). The model runs where it
+            is: put it on the rank's device first.
 
     Returns:
         A ``datasets.Dataset`` (query, positive, negative_1..k); images stay images.
@@ -74,9 +81,10 @@ def mine_hard_negatives(
     corpus = list(corpus)
     corpus_fp = [fingerprint(cell) for cell in corpus]
     positive_fp = [fingerprint(cell) for cell in positives]
-    docs = bi_encoder.encode(corpus, side="document", batch_size=batch_size).float()
-    pos = _positive_embeddings(bi_encoder, positives, positive_fp, corpus_fp, docs, batch_size)
-    query_emb = bi_encoder.encode(queries, side="query", batch_size=batch_size).float()
+    encode = functools.partial(bi_encoder.encode, batch_size=batch_size, **shard_kwargs(shard_across_ranks))
+    docs = encode(corpus, side="document").float()
+    pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
+    query_emb = encode(queries, side="query").float()
     scores = query_emb @ docs.T
     positive_scores = (query_emb * pos).sum(-1)
     duplicates = (_normalized(pos) @ _normalized(docs).T) if duplicate_threshold is not None else None
@@ -128,8 +136,8 @@ def _distinct(cells: list[Any]) -> list[Any]:
     return out
 
 
-def _positive_embeddings(bi_encoder: Any, positives: list[Any], positive_fp: list[str], corpus_fp: list[str],
-                         docs: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _positive_embeddings(encode: Any, positives: list[Any], positive_fp: list[str], corpus_fp: list[str],
+                         docs: torch.Tensor) -> torch.Tensor:
     """Reuse the corpus embedding of a positive that is in the corpus; encode the others."""
     where = {fp: j for j, fp in enumerate(corpus_fp)}
     missing = [i for i, fp in enumerate(positive_fp) if fp not in where]
@@ -138,8 +146,7 @@ def _positive_embeddings(bi_encoder: Any, positives: list[Any], positive_fp: lis
     if found:
         out[found] = docs[[where[positive_fp[i]] for i in found]]
     if missing:
-        out[missing] = bi_encoder.encode([positives[i] for i in missing], side="document",
-                                         batch_size=batch_size).float()
+        out[missing] = encode([positives[i] for i in missing], side="document").float()
     return out
 
 

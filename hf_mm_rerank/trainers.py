@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
@@ -29,10 +30,13 @@ from .collators import (
     negative_columns,
     reranker_layout,
 )
+from .distributed import average_gradients, check_launch
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 
 logger = logging.getLogger(__name__)
+
+LOSS_WEIGHTS = "loss_state.safetensors"
 
 
 def _columns(dataset: Any) -> list[str] | None:
@@ -87,6 +91,7 @@ class RetrievalTrainerMixin:
     @staticmethod
     def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
         args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
+        check_launch(args)
         if args.remove_unused_columns:
             # The default would drop our query/positive/negative columns (the model's forward does not name them).
             logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
@@ -140,6 +145,10 @@ class RetrievalTrainerMixin:
         extra = [p for p in self.loss.parameters() if p.requires_grad]
         if extra and not any(p is q for group in optimizer.param_groups for p in group["params"] for q in extra):
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+            # The loss lives outside the (DDP-wrapped) model, so neither DDP nor Trainer's model.zero_grad() reach
+            # its parameters: average their gradients over ranks before each step and clear them after it.
+            optimizer.register_step_pre_hook(lambda *_: average_gradients(extra))
+            optimizer.register_step_post_hook(lambda *_: [setattr(p, "grad", None) for p in extra])
         return optimizer
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
@@ -184,12 +193,18 @@ class RetrievalTrainerMixin:
         self.loss.to(self.args.device)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The full hf_mm_rerank layout (adapter or weights, head, processor, config) plus the model card."""
+        """The full hf_mm_rerank layout (adapter or weights, head, processor, config), the loss's learnable
+        parameters (if any) and the model card. ``state_dict`` is what Trainer gathered under FSDP / DeepSpeed
+        ZeRO-3 (the live parameters are shards there): when given, it is what gets written."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        loss_state = self.loss.state_dict()
+        if loss_state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()},
+                      os.path.join(output_dir, LOSS_WEIGHTS))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         self._write_card(output_dir)
 
@@ -224,13 +239,39 @@ class RetrievalTrainerMixin:
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_best_model(self) -> None:
-        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
-                    self.state.best_metric)
-        self.accelerator.unwrap_model(self.model).load_trained_weights(self.state.best_model_checkpoint)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded parameters: Trainer's own loaders
+            super()._load_best_model()
+        else:
+            logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                        self.state.best_metric)
+            self.accelerator.unwrap_model(self.model).load_trained_weights(self.state.best_model_checkpoint)
+        self._load_loss_state(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        target = model if model is not None else self.model
-        self.accelerator.unwrap_model(target).load_trained_weights(resume_from_checkpoint)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded parameters: Trainer's own loaders
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            target = model if model is not None else self.model
+            self.accelerator.unwrap_model(target).load_trained_weights(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Every engine's resume (DDP, FSDP, DeepSpeed) comes here: learnable loss parameters are restored with the
+        # optimizer state that goes with them.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_loss_state(checkpoint)
+
+    def _load_loss_state(self, directory: str) -> None:
+        """Restore learnable loss parameters (e.g. the temperature) saved beside the model."""
+        expected = self.loss.state_dict()
+        if not expected:
+            return
+        path = os.path.join(directory, LOSS_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} has no {LOSS_WEIGHTS}, but the loss has learnable parameters "
+                                    f"({sorted(expected)}); refusing to restart them from their initial values. "
+                                    "Fix: resume from a checkpoint written with the same loss.")
+        self.loss.load_state_dict(load_file(path, device=str(self.args.device)), strict=True)
 
 
 class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):

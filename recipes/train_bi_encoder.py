@@ -29,6 +29,7 @@ from hf_mm_rerank.cli import (
     build_lora,
     build_quantization,
     load_data,
+    main_process_first,
     parse_with_config,
     report_table,
 )
@@ -56,7 +57,8 @@ class ModelArguments(LoraArguments):
 def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
     path = m.model_name_or_path
     if path == DEMO_MODEL:
-        path = build_demo_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
+        with main_process_first(args, "building the demo base model"):
+            path = build_demo_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     return BiEncoder.from_pretrained(
         path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
@@ -77,13 +79,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
     # 2. Data: (query, positive[, negatives]) rows; a held-out split feeds the retrieval evaluator.
-    train, held_out = load_data(data_args, seed=args.seed)
+    with main_process_first(args, "loading the data"):
+        train, held_out = load_data(data_args, seed=args.seed)
     evaluator = RetrievalEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
     if data_args.cache_images:
-        train = cache_images(train, model)
+        with main_process_first(args, "cache_images"):
+            train = cache_images(train, model)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
                                callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())

@@ -24,6 +24,7 @@ from hf_mm_rerank.cli import (
     build_lora,
     build_quantization,
     load_data,
+    main_process_first,
     parse_with_config,
     report_table,
 )
@@ -82,15 +83,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
-    train, held_out = load_data(data_args, seed=args.seed)
-    train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed)
-    held_out = add_negatives(held_out, model_args.num_negatives, model_args.mining_model, seed=args.seed)
+    with main_process_first(args, "loading the data"):
+        train, held_out = load_data(data_args, seed=args.seed)
+    train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
+    held_out = add_negatives(held_out, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
     evaluator = RerankingEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
     if data_args.cache_images:
-        train = cache_images(train, model)
+        with main_process_first(args, "cache_images"):
+            train = cache_images(train, model)
     loss = build_loss(model_args)
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")

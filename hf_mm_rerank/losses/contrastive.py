@@ -10,51 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import gather_with_grad, world
 from .grad_cache import grad_cached
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for the local slice (each rank's loss uses it)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
-        stacked = torch.stack(grads).contiguous()
-        dist.all_reduce(stacked)
-        return stacked[dist.get_rank()]
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather ``x`` across ranks keeping the local slice's gradient; returns (gathered, local offset).
-
-    Ranks may hold different row counts (a last, smaller batch): rows are padded, gathered and unpadded.
-    """
-    rank, world = _world()
-    if world == 1:
-        return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(s) for s in sizes]
-    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    parts = _AllGather.apply(padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
 class ContrastiveLoss(nn.Module):
@@ -98,10 +60,10 @@ class ContrastiveLoss(nn.Module):
         return float(1.0 / self.scale.detach())
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
-        query = model(batch["query"])
-        positive = model(batch["positive"])
-        negative = model(batch["negative"]) if batch.get("negative") else None
-        return (objective or self.objective)(query, positive, negative)
+        # One model call for every side: under DDP a step must run one forward per backward.
+        sides = [batch[c] for c in ("query", "positive", "negative") if batch.get(c)]
+        query, positive, *negative = model(*sides)
+        return (objective or self.objective)(query, positive, negative[0] if negative else None)
 
     def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
         """The loss from embeddings: query ``[B, D]``, positive ``[B, D]``, negative ``[B*k, D]`` or None."""
@@ -116,7 +78,9 @@ class ContrastiveLoss(nn.Module):
             all_queries, offset = gather_with_grad(query) if gather else (query, 0)
             back = scale * positive.float() @ all_queries.float().T
             loss = (loss + F.cross_entropy(back, torch.arange(positive.shape[0], device=query.device) + offset)) / 2
-        return loss
+        # This rank's share of the global batch (1 when ranks hold equal rows): DDP's gradient average is then the
+        # gradient of the mean over every query, also when the last batch leaves ranks with unequal rows.
+        return loss * (documents.shape[0] * world()[1] / all_documents.shape[0]) if gather else loss
 
 
 class CachedContrastiveLoss(ContrastiveLoss):

@@ -1,6 +1,6 @@
 """GradCache: the memory of one mini-batch for losses that couple a whole batch (contrastive, listwise).
 
-Pass 1 runs every mini-batch without a graph and returns the outputs as leaves that require grad. When the
+Pass 1 runs every mini-batch, keeps no graph, and returns the outputs as leaves that require grad. When the
 Trainer calls ``backward``, a hook re-runs each mini-batch with a graph (same RNG state, same autocast) and
 back-propagates the cached output gradients. Mini-batches stay on the CPU until their turn.
 """
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..distributed import no_sync, unwrap
 
 
 class _RandomState:
@@ -35,42 +38,60 @@ class _RandomState:
 def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{column: model outputs of all its mini-batches}``; gradients reach the model through a backward hook.
 
+    Under DDP (``model`` is the wrapped model), the first pass calls the inner module, so no reducer or buffer
+    broadcast is involved, and the second pass runs every mini-batch but the last inside ``no_sync()``: one
+    gradient all-reduce per step, not one per mini-batch. Mini-batches whose output needs no gradient (inputs
+    through a frozen tower) are not run again.
+
     Args:
-        model: called on one featurized mini-batch at a time.
+        model: called on one featurized mini-batch at a time (may be DDP-wrapped).
         batch: ``{column: [mini-batch, ...]}`` as the collators build it.
         columns: the columns to run.
     """
-    device = _device_of(model)
-    states: dict[str, list[_RandomState]] = {c: [] for c in columns}
-    leaves = {}
+    inner = unwrap(model)
+    device = _device_of(inner)
     training = torch.is_grad_enabled()
-    for column in columns:
-        parts = []
-        with torch.no_grad():
-            for chunk in batch[column]:
-                states[column].append(_RandomState(device))
-                parts.append(model(chunk))
+    plan: list[_Chunk] = []
+    leaves = {}
+    for index, column in enumerate(columns):
+        parts, start = [], 0
+        for chunk in batch[column]:
+            state = _RandomState(device)
+            # With grad on, the chunk's graph is freed at once; it tells whether the chunk trains anything.
+            output = inner(chunk)
+            if output.requires_grad:
+                plan.append(_Chunk(index, chunk, state, start, start + output.shape[0]))
+            parts.append(output.detach())
+            start += output.shape[0]
+            del output  # free this chunk's graph before the next chunk runs
         leaves[column] = torch.cat(parts).requires_grad_(training)
     if training:
         autocast = _autocast_state(device)
         torch.autograd.graph.register_multi_grad_hook(
-            [leaves[c] for c in columns], lambda grads: _second_pass(model, batch, columns, states, grads, autocast))
+            [leaves[c] for c in columns], lambda grads: _second_pass(model, plan, grads, autocast))
     return leaves
 
 
-def _second_pass(model: nn.Module, batch: dict[str, Any], columns: Sequence[str],
-                 states: dict[str, list[_RandomState]], grads: Sequence[torch.Tensor | None],
+@dataclass
+class _Chunk:
+    """A mini-batch to run again with a graph: its column, features, RNG state and rows in the column."""
+
+    column: int
+    features: Any
+    state: _RandomState
+    start: int
+    stop: int
+
+
+def _second_pass(model: nn.Module, plan: list[_Chunk], grads: Sequence[torch.Tensor | None],
                  autocast: Callable[[], Any]) -> None:
-    for column, grad in zip(columns, grads):
-        if grad is None:
-            continue
-        start = 0
-        for chunk, state in zip(batch[column], states[column]):
-            with state.replay(), torch.enable_grad(), autocast():
-                output = model(chunk)
-            if output.requires_grad:  # e.g. images through a frozen vision tower have nothing to train
-                torch.autograd.backward(output, grad[start:start + output.shape[0]])
-            start += output.shape[0]
+    todo = [chunk for chunk in plan if grads[chunk.column] is not None]
+    for i, chunk in enumerate(todo):
+        # Only the last backward may synchronise gradients across ranks (it sees those accumulated before).
+        with nullcontext() if i == len(todo) - 1 else no_sync(model):
+            with chunk.state.replay(), torch.enable_grad(), autocast():
+                output = model(chunk.features)
+            torch.autograd.backward(output, grads[chunk.column][chunk.start:chunk.stop])
 
 
 def _device_of(model: nn.Module) -> torch.device:

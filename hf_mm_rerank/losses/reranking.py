@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import batch_share
 from .grad_cache import grad_cached
 
 
@@ -48,7 +49,10 @@ class RerankingLoss(nn.Module):
         if self.needs_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} distils teacher scores, but the rows have none. Fix: add "
                              "teacher_scores (a list, positive first) or teacher_score_0..k columns.")
-        return self.objective(scores, targets, group_size, teacher.to(scores.device) if teacher is not None else None)
+        loss = self.objective(scores, targets, group_size, teacher.to(scores.device) if teacher is not None else None)
+        # Weighted by this rank's share of the global batch, so ranks with a smaller last batch weigh less in DDP's
+        # gradient average (a no-op in one process and when ranks hold equal rows).
+        return loss * batch_share(scores.shape[0], scores.device)
 
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
                   teacher: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoProcessor
 
 from .. import __version__
+from ..distributed import sharded_inference
 from .backbone import apply_lora, detect_family, dtype_of, is_quantized, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ class AdapterModel(nn.Module):
         return model.get_base_model() if self.is_peft else model
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's blocks, which FSDP's transformer auto-wrap policy shards as units (accelerate reads it)."""
+        return list(getattr(self.base_model, "_no_split_modules", None) or [])
+
+    @property
     def is_peft(self) -> bool:
         return hasattr(self.backbone, "peft_config")
 
@@ -130,16 +136,19 @@ class AdapterModel(nn.Module):
         return None
 
     @torch.no_grad()
-    def _run_batched(self, items: Sequence[Any], batch_size: int,
-                     featurize: Callable[[Sequence[Any], int], Any]) -> torch.Tensor:
+    def _run_batched(self, items: Sequence[Any], batch_size: int, featurize: Callable[[Sequence[Any], int], Any],
+                     shard_across_ranks: bool = False) -> torch.Tensor:
         """Inference over raw ``items`` in batches (eval mode, no grad, mode restored); ``featurize(chunk,
-        offset)`` builds a batch's features with the training featurizer. Returns the outputs on CPU."""
+        offset)`` builds a batch's features with the training featurizer. Returns the outputs on CPU.
+
+        With ``shard_across_ranks`` in a multi-process run, each rank runs a share of the batches and every rank
+        gets all outputs (see :func:`hf_mm_rerank.distributed.sharded_inference`); every rank must call it.
+        """
         was_training = self.training
         self.eval()
         try:
-            out = [self(featurize(items[start:start + batch_size], start)).cpu()
-                   for start in range(0, len(items), batch_size)]
-            return torch.cat(out) if out else torch.empty(0)
+            return sharded_inference(len(items), batch_size, lambda a, b: self(featurize(items[a:b], a)),
+                                     self.device, shard=shard_across_ranks)
         finally:
             self.train(was_training)
 
@@ -194,13 +203,26 @@ class AdapterModel(nn.Module):
         heads.load_state_dict(load_file(path), strict=True)
 
     # ----- saving -------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str, *, save_processor: bool = True) -> None:
-        """Write adapter (or full weights), head, processor and ``hf_mm_rerank_config.json``."""
+    def save_pretrained(self, directory: str, *, save_processor: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write adapter (or full weights), head, processor and ``hf_mm_rerank_config.json``.
+
+        Args:
+            state_dict: this model's full state dict to write instead of the live parameters: Trainer passes the
+                gathered weights under FSDP / DeepSpeed ZeRO-3, where each rank holds only shards.
+        """
         os.makedirs(directory, exist_ok=True)
-        self.backbone.save_pretrained(directory)
         heads = self.heads()
+        backbone_state = head_state = None
+        if state_dict is not None:
+            backbone_state = _prefixed(state_dict, "backbone.")
+            if heads is not None:
+                name = next(n for n, module in self.named_modules() if module is heads)
+                head_state = _prefixed(state_dict, f"{name}.") or None
+        self.backbone.save_pretrained(directory, state_dict=backbone_state)
         if heads is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
+            head_state = head_state if head_state is not None else heads.state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in head_state.items()},
                       os.path.join(directory, HEAD_WEIGHTS))
         if save_processor and self.processor is not None:
             self.processor.save_pretrained(directory)
@@ -246,6 +268,11 @@ class AdapterModel(nn.Module):
 
     def activation_checkpointing_disable(self) -> None:
         self.base_model.activation_checkpointing_disable()
+
+
+def _prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gradient_checkpointing: bool,

@@ -108,10 +108,19 @@ class BiEncoder(AdapterModel):
         return cls(backbone, processor, spec)
 
     # ----- embedding ----------------------------------------------------------------------------------
-    def forward(self, features: dict[str, Any] | list[dict[str, Any]]) -> torch.Tensor:
-        """Embed featurized inputs (one chunk or a list of chunks) -> ``[N, D]`` float32."""
+    def forward(self, *sides: dict[str, Any] | list[dict[str, Any]]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Embed featurized inputs (one chunk or a list of chunks) -> ``[N, D]`` float32.
+
+        Several arguments (e.g. queries, positives, negatives) give one tensor each, from one call: under DDP a
+        training step must run one forward per backward.
+        """
+        if len(sides) != 1:
+            return tuple(self._embed(side) for side in sides)
+        return self._embed(sides[0])
+
+    def _embed(self, features: dict[str, Any] | list[dict[str, Any]]) -> torch.Tensor:
         if isinstance(features, list):
-            return torch.cat([self.forward(chunk) for chunk in features])
+            return torch.cat([self._embed(chunk) for chunk in features])
         features = to_device(features, self.device, self.compute_dtype)
         embeddings = self._embed_dual(features) if self.spec.family == DUAL else self._embed_chat(features)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
@@ -138,14 +147,17 @@ class BiEncoder(AdapterModel):
             count = count.index_add(0, index, torch.ones_like(emb[:, :1]))
         return total / count.clamp(min=1)
 
-    def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32) -> torch.Tensor:
+    def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
+               shard_across_ranks: bool = False) -> torch.Tensor:
         """Embed raw inputs (text, PIL images, paths, bytes, ``{"text", "image"}`` dicts) -> ``[N, D]`` on CPU.
 
-        Uses the same featurizer as training, so images are resized and processed identically.
+        Uses the same featurizer as training, so images are resized and processed identically. With
+        ``shard_across_ranks`` in a multi-process run, every rank embeds a share and gets all embeddings (every
+        rank must call it).
         """
         def featurize(chunk: Sequence[Any], start: int) -> dict[str, Any]:
             budget = self.featurizer.max_pixels
             return self.featurizer([to_input(cell, max_pixels=budget, row=start + i, column=side)
                                     for i, cell in enumerate(chunk)], side)
 
-        return self._run_batched(inputs, batch_size, featurize)
+        return self._run_batched(inputs, batch_size, featurize, shard_across_ranks)

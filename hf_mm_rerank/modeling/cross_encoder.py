@@ -236,15 +236,16 @@ class CrossEncoder(AdapterModel):
         hidden = self.backbone(**features, use_cache=False).last_hidden_state
         return self.head(last_token_pool(hidden, features["attention_mask"]))
 
-    def score(self, pairs: Sequence[tuple[Any, Any]], *, batch_size: int = 16,
-              activation: str | None = None) -> torch.Tensor:
+    def score(self, pairs: Sequence[tuple[Any, Any]], *, batch_size: int = 16, activation: str | None = None,
+              shard_across_ranks: bool = False) -> torch.Tensor:
         """Relevance scores ``[N]`` (on CPU) for raw (query, document) pairs; ``activation="sigmoid"`` maps
         them to [0, 1]. Inputs are text, PIL images, paths, bytes or ``{"text", "image"}`` dicts, processed
-        exactly as in training."""
+        exactly as in training. With ``shard_across_ranks`` in a multi-process run, every rank scores a share
+        and gets all scores (every rank must call it)."""
         if activation not in (None, "sigmoid"):
             raise ValueError(f"activation={activation!r}: use None (raw logits) or 'sigmoid'.")
         scores = self._run_batched(pairs, batch_size, lambda chunk, start: self.featurizer(
-            [self._pair(pair, start + i) for i, pair in enumerate(chunk)]))
+            [self._pair(pair, start + i) for i, pair in enumerate(chunk)]), shard_across_ranks)
         return scores.sigmoid() if activation == "sigmoid" else scores
 
     def rank(self, query: Any, documents: Sequence[Any], *, top_k: int | None = None, batch_size: int = 16,

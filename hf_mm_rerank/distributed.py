@@ -1,0 +1,176 @@
+"""Multi-process plumbing shared by the losses, GradCache, evaluators and mining.
+
+- :func:`gather_with_grad`: cross-rank negatives (the local slice keeps its gradient);
+- :func:`sharded_inference`: every rank encodes/scores a share of the items, all ranks get every output, in
+  the single-process order and from the same batches (so metrics and mined negatives equal one process);
+- :func:`no_sync`: DDP's ``no_sync`` for GradCache chunks, so a step all-reduces its gradients once;
+- :func:`check_launch`: refuse launches whose processes would train as independent copies.
+
+Everything is a no-op in a single process (no process group, or a group of one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local slice (each rank's loss uses it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads).contiguous()
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def _row_counts(x: torch.Tensor) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    return [int(s) for s in sizes]
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather ``x`` across ranks keeping the local slice's gradient; returns (gathered, local offset).
+
+    Ranks may hold different row counts (a last, smaller batch): rows are padded, gathered and unpadded.
+    """
+    rank, size = world()
+    if size == 1:
+        return x, 0
+    sizes = _row_counts(x)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    parts = _AllGather.apply(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def batch_share(count: int, device: torch.device) -> float:
+    """``world * count / total count`` over ranks. A rank's mean loss times this makes DDP's gradient average
+    the gradient of the mean over the global batch, also when ranks hold different row counts (1.0 when equal)."""
+    _, size = world()
+    if size == 1:
+        return 1.0
+    total = torch.tensor([float(count)], device=device)
+    dist.all_reduce(total)
+    return size * count / float(total)
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` (any row counts), concatenated in rank order; no gradient."""
+    _, size = world()
+    if size == 1:
+        return x
+    sizes = _row_counts(x)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def sharded_inference(total: int, batch_size: int, run_batch: Callable[[int, int], torch.Tensor],
+                      device: torch.device, shard: bool = True) -> torch.Tensor:
+    """Outputs of ``run_batch(start, stop)`` over ``range(0, total, batch_size)``, concatenated on the CPU.
+
+    With a process group of several ranks (and ``shard``), rank r runs batches r, r + W, r + 2W, ... and the
+    outputs are gathered (through ``device``, which the backend must support: CUDA for NCCL) and put back in
+    order: every rank returns what one process would, computed from the very same batches. Every rank must
+    call it (as Trainer does with evaluators); a single process runs every batch itself.
+    """
+    rank, size = world() if shard else (0, 1)
+    starts = list(range(0, total, batch_size))
+    mine = starts[rank::size]
+    outputs = [run_batch(start, min(start + batch_size, total)).cpu() for start in mine]
+    local = torch.cat(outputs) if outputs else None
+    if size == 1:
+        return local if local is not None else torch.empty(0)
+    # Ranks without a batch still take part in the gather: they need the output's trailing shape and dtype.
+    meta: list[Any] = [None] * size
+    dist.all_gather_object(meta, (tuple(local.shape[1:]), local.dtype) if local is not None else None)
+    tail, dtype = next(m for m in meta if m is not None)
+    if local is None:
+        local = torch.empty((0, *tail), dtype=dtype)
+    gathered = gather_rows(local.to(device)).cpu()
+    order = [i for r in range(size) for start in starts[r::size] for i in range(start, min(start + batch_size, total))]
+    result = torch.empty_like(gathered)
+    result[torch.tensor(order, dtype=torch.long)] = gathered
+    return result
+
+
+def shard_kwargs(shard: bool) -> dict[str, bool]:
+    """``{"shard_across_ranks": True}`` when sharding applies (asked for, several ranks), else ``{}``: callers
+    pass it to ``encode`` / ``score``, so single-process duck-typed models need not know the argument."""
+    return {"shard_across_ranks": True} if shard and world()[1] > 1 else {}
+
+
+def no_sync(model: nn.Module) -> Any:
+    """``model.no_sync()`` for a DDP-wrapped model (gradients accumulate locally), else a null context."""
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (calls on it skip DDP's reducer and buffer broadcasts)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Average the ``.grad`` of ``parameters`` over ranks in one all-reduce: for parameters outside the
+    DDP-wrapped model (a learnable loss temperature), called before each optimizer step."""
+    _, size = world()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def check_launch(args: Any) -> None:
+    """Refuse what would silently train independent copies of the model.
+
+    - Launched as several processes (``WORLD_SIZE`` > 1) while ``TrainingArguments`` runs each one on its own
+      (e.g. ``accelerate launch --multi_gpu`` on CPUs without ``--use_cpu true --ddp_backend gloo``): each
+      process would train alone and overwrite the others' output folder.
+    - One process driving several GPUs with ``nn.DataParallel`` (a plain ``python recipe.py`` on a multi-GPU
+      machine): it replicates the model every step and its replicas cannot run our multi-call training steps.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"this process was launched as one of {launched} (WORLD_SIZE={launched}), but TrainingArguments "
+            f"runs it as a world of {args.world_size}: the processes would train independent copies and overwrite "
+            "each other's output_dir. Fix: on GPUs, `accelerate launch --multi_gpu --num_processes N recipe.py ...`; "
+            "on CPUs add `--use_cpu true --ddp_backend gloo` (TrainingArguments(use_cpu=True, ddp_backend='gloo')): "
+            "`accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+            "--dynamo_backend no recipe.py ... --use_cpu true --ddp_backend gloo`.")
+    if args.n_gpu > 1:
+        raise RuntimeError(
+            f"one process sees {args.n_gpu} GPUs, so Trainer would wrap the model in nn.DataParallel, which "
+            "hf_mm_rerank does not support (its steps call the model several times per batch). Fix: one process "
+            f"per GPU, `accelerate launch --multi_gpu --num_processes {args.n_gpu} recipe.py ...` (or torchrun "
+            "--nproc_per_node), or use one GPU: CUDA_VISIBLE_DEVICES=0 python recipe.py ...")

@@ -1,0 +1,161 @@
+"""Training scenarios run once with 2 processes (ddp_worker.py under torchrun, gloo) and once in one process
+(test_ddp.py), with the same global batch: 2 ranks x B/2 rows against 1 process x B rows.
+
+Each scenario returns what the test compares: the trainable weights after training, the temperature, the
+number of gradient all-reduces DDP ran, evaluator metrics and mined negatives.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from datasets import Dataset
+from images import COLORS, color_rows, solid
+from peft import LoraConfig
+from transformers import TrainerCallback, TrainingArguments, set_seed
+
+from hf_mm_rerank import (
+    BiEncoder,
+    BiEncoderTrainer,
+    CachedContrastiveLoss,
+    ContrastiveLoss,
+    CrossEncoder,
+    CrossEncoderTrainer,
+    MatryoshkaLoss,
+    RerankingEvaluator,
+    RetrievalEvaluator,
+    mine_hard_negatives,
+)
+from hf_mm_rerank.losses import ListwiseSoftmaxLoss
+
+GLOBAL_BATCH = 8
+PLAIN_PROMPT = dict(system_prompt="", instruction="", query_prefix="", document_prefix="")
+
+
+class CountAllReduces(TrainerCallback):
+    """Counts DDP's gradient synchronisations: calls of its comm hook for the first bucket (one per
+    synchronised backward, whatever the bucket count)."""
+
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref = trainer_ref
+        self.count = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer_ref[0].model_wrapped
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(process_group, bucket):
+                self.count += bucket.index() == 0
+                return allreduce_hook(process_group, bucket)
+
+            wrapped.register_comm_hook(None, hook)
+
+
+def training_args(out: str, **overrides: Any) -> TrainingArguments:
+    size = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
+    settings = dict(output_dir=out, per_device_train_batch_size=GLOBAL_BATCH // size, max_steps=3,
+                    learning_rate=0.05, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                    logging_steps=1, train_sampling_strategy="sequential", dataloader_num_workers=0,
+                    # SGD: Adam turns float noise on zero gradients (key biases, a softmax head's bias) into +-lr steps
+                    optim="sgd")
+    if size > 1:
+        settings["ddp_backend"] = "gloo"
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _clip(paths: dict[str, str], lora: bool = True) -> BiEncoder:
+    config = LoraConfig(r=8, lora_alpha=16, modules_to_save=["visual_projection", "text_projection"]) if lora else None
+    return BiEncoder.from_pretrained(paths["clip"], lora_config=config)
+
+
+def _bi_encoder_run(paths, out, loss, rows, model=None, **overrides) -> dict[str, Any]:
+    model = model if model is not None else _clip(paths)
+    initial = trainable(model)
+    ref: list = []
+    counter = CountAllReduces(ref)
+    trainer = BiEncoderTrainer(model=model, args=training_args(out, **overrides), train_dataset=Dataset.from_list(rows),
+                               loss=loss, callbacks=[counter])
+    ref.append(trainer)
+    trainer.train()
+    return {"initial": initial, "weights": trainable(model), "all_reduces": counter.count,
+            "steps": trainer.state.global_step, "temperature": getattr(loss, "temperature", None)}
+
+
+def contrastive_lora(paths, out):
+    """LoRA with modules_to_save heads, symmetric InfoNCE with cross-rank negatives, learnable temperature."""
+    loss = ContrastiveLoss(symmetric=True, learnable_temperature=True, temperature=0.1)
+    result = _bi_encoder_run(paths, out, loss, color_rows(repeat=3))
+    result["log_scale"] = loss.log_scale.detach().clone()
+    return result
+
+
+def cached_full(paths, out):
+    """Full fine-tune with GradCache: 2 rows per forward, i.e. several chunks per step; Matryoshka on top."""
+    loss = MatryoshkaLoss(CachedContrastiveLoss(mini_batch_size=2), dims=[64, 16])
+    return _bi_encoder_run(paths, out, loss, color_rows(repeat=3), model=_clip(paths, lora=False))
+
+
+def accumulation(paths, out):
+    """gradient_accumulation_steps=2: 3 optimizer steps of 2 micro-batches each."""
+    return _bi_encoder_run(paths, out, ContrastiveLoss(), color_rows(repeat=6), gradient_accumulation_steps=2)
+
+
+def uneven_last_batch(paths, out):
+    """14 rows, GradCache chunks of 3, no even_batches padding: the last step has 4 + 2 rows on 2 ranks."""
+    return _bi_encoder_run(paths, out, CachedContrastiveLoss(mini_batch_size=3), color_rows(repeat=2)[:14],
+                           max_steps=2, accelerator_config={"even_batches": False})
+
+
+def listwise_reranker(paths, out):
+    """Qwen2-VL cross-encoder, linear head + LoRA, listwise softmax over groups of 3 with GradCache."""
+    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="linear", lora_config=LoraConfig(r=8),
+                                         **PLAIN_PROMPT)
+    names = list(COLORS)
+    rows = [{"query": f"a {c} square", "positive": solid(c), "negative_1": solid(names[(i + 1) % 8]),
+             "negative_2": f"a {names[(i + 2) % 8]} thing"} for i, c in enumerate(names)] * 3
+    initial = trainable(model)
+    ref: list = []
+    counter = CountAllReduces(ref)
+    trainer = CrossEncoderTrainer(model=model, args=training_args(out),
+                                  train_dataset=Dataset.from_list(rows), loss=ListwiseSoftmaxLoss(mini_batch_size=4),
+                                  callbacks=[counter])
+    ref.append(trainer)
+    trainer.train()
+    return {"initial": initial, "weights": trainable(model), "all_reduces": counter.count,
+            "steps": trainer.state.global_step}
+
+
+def sharded_inference(paths, out):
+    """Evaluators and mining on an untrained model, with small uneven batches so ranks get different shares."""
+    encoder = BiEncoder.from_pretrained(paths["clip"])
+    queries = {c: f"a {c} square" for c in COLORS}
+    corpus = {c: solid(c) for c in COLORS} | {f"text-{c}": f"{c} paint" for c in COLORS}
+    relevant = {c: {c, f"text-{c}"} for c in COLORS}
+    retrieval = RetrievalEvaluator(queries, corpus, relevant, batch_size=3)(encoder)
+    embeddings = encoder.encode(list(corpus.values()), side="document", batch_size=3, shard_across_ranks=True)
+    reranker = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="yes_no", **PLAIN_PROMPT)
+    names = list(COLORS)
+    samples = [{"query": f"a {c} square", "positive": [solid(c)], "negative": [solid(names[(i + 1) % 8]), "x"]}
+               for i, c in enumerate(names)]
+    reranking = RerankingEvaluator(samples, batch_size=5)(reranker)
+    pairs = Dataset.from_list([{"query": f"a {c} square", "positive": solid(c)} for c in names])
+    mined = mine_hard_negatives(encoder, pairs, num_negatives=2, batch_size=3)
+    negatives = [[row[f"negative_{j}"].tobytes() for j in (1, 2)] for row in mined]
+    return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives}
+
+
+SCENARIOS = {f.__name__: f for f in (contrastive_lora, cached_full, accumulation, uneven_last_batch,
+                                     listwise_reranker, sharded_inference)}
+
+
+def run(name: str, paths: dict[str, str], out_root: str) -> dict[str, Any]:
+    set_seed(0)  # LoRA and head initialisation draw from the global RNG
+    return SCENARIOS[name](paths, os.path.join(out_root, name))
