@@ -77,6 +77,17 @@ def batch_share(count: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over ranks (no gradient); ``x`` itself in one process."""
+    _, size = world()
+    if size == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / size
+
+
+@torch.no_grad()
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of ``x`` (any row counts), concatenated in rank order; no gradient."""
     _, size = world()

@@ -28,7 +28,7 @@ from hf_mm_rerank import (
     RetrievalEvaluator,
     mine_hard_negatives,
 )
-from hf_mm_rerank.losses import ListwiseSoftmaxLoss
+from hf_mm_rerank.losses import BinaryCrossEntropyLoss, DistillKLLoss, LambdaLoss, ListwiseSoftmaxLoss
 
 GLOBAL_BATCH = 8
 PLAIN_PROMPT = dict(system_prompt="", instruction="", query_prefix="", document_prefix="")
@@ -60,7 +60,7 @@ def training_args(out: str, **overrides: Any) -> TrainingArguments:
                     learning_rate=0.05, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
                     logging_steps=1, train_sampling_strategy="sequential", dataloader_num_workers=0,
                     # SGD: Adam turns float noise on zero gradients (key biases, a softmax head's bias) into +-lr steps
-                    optim="sgd")
+                    optim="sgd", ddp_timeout=120)  # a collective mismatch fails in 2 minutes, not 30
     if size > 1:
         settings["ddp_backend"] = "gloo"
     settings.update(overrides)
@@ -114,23 +114,60 @@ def uneven_last_batch(paths, out):
                            max_steps=2, accelerator_config={"even_batches": False})
 
 
-def listwise_reranker(paths, out):
-    """Qwen2-VL cross-encoder, linear head + LoRA, listwise softmax over groups of 3 with GradCache."""
-    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="linear", lora_config=LoraConfig(r=8),
-                                         **PLAIN_PROMPT)
+def chat_vlm_embedder(paths, out):
+    """Qwen2-VL embedder (last-token pooling) with LoRA: text queries and image documents in one forward."""
+    model = BiEncoder.from_pretrained(paths["qwen2_vl"], lora_config=LoraConfig(r=8))
+    return _bi_encoder_run(paths, out, ContrastiveLoss(), color_rows(repeat=3), model=model)
+
+
+def _grouped_rows(teacher: bool = False) -> list[dict]:
     names = list(COLORS)
     rows = [{"query": f"a {c} square", "positive": solid(c), "negative_1": solid(names[(i + 1) % 8]),
-             "negative_2": f"a {names[(i + 2) % 8]} thing"} for i, c in enumerate(names)] * 3
+             "negative_2": f"a {names[(i + 2) % 8]} thing"} for i, c in enumerate(names)]
+    if teacher:
+        rows = [{**row, "teacher_scores": [2.0, 0.5 * (i % 3), -1.0]} for i, row in enumerate(rows)]
+    return rows * 3
+
+
+def _reranker_run(model, out, loss, rows) -> dict[str, Any]:
     initial = trainable(model)
     ref: list = []
     counter = CountAllReduces(ref)
-    trainer = CrossEncoderTrainer(model=model, args=training_args(out),
-                                  train_dataset=Dataset.from_list(rows), loss=ListwiseSoftmaxLoss(mini_batch_size=4),
-                                  callbacks=[counter])
+    trainer = CrossEncoderTrainer(model=model, args=training_args(out), train_dataset=Dataset.from_list(rows),
+                                  loss=loss, callbacks=[counter])
     ref.append(trainer)
     trainer.train()
     return {"initial": initial, "weights": trainable(model), "all_reduces": counter.count,
             "steps": trainer.state.global_step}
+
+
+def listwise_reranker(paths, out):
+    """Qwen2-VL cross-encoder, linear head + LoRA, listwise softmax over groups of 3 with GradCache."""
+    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="linear", lora_config=LoraConfig(r=8),
+                                         **PLAIN_PROMPT)
+    return _reranker_run(model, out, ListwiseSoftmaxLoss(mini_batch_size=4), _grouped_rows())
+
+
+def yes_no_lambda(paths, out):
+    """yes_no head (LM-head rows, no new parameters) with LoRA, LambdaLoss, one forward per step."""
+    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="yes_no", lora_config=LoraConfig(r=8),
+                                         **PLAIN_PROMPT)
+    return _reranker_run(model, out, LambdaLoss(), _grouped_rows())
+
+
+def mlp_distill(paths, out):
+    """mlp head, full fine-tune, KL distillation of teacher scores."""
+    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="mlp", **PLAIN_PROMPT)
+    return _reranker_run(model, out, DistillKLLoss(), _grouped_rows(teacher=True))
+
+
+def classification_bce(paths, out):
+    """BERT text cross-encoder, new classification head trained as a LoRA modules_to_save, pointwise BCE."""
+    model = CrossEncoder.from_pretrained(paths["bert_base"], head="classification", lora_config=LoraConfig(r=8),
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rows = [{"query": f"which square is {c}", "document": f"the square is {d}", "label": float(c == d)}
+            for c in COLORS for d in ("red", c)] * 3
+    return _reranker_run(model, out, BinaryCrossEntropyLoss(), rows[:48])
 
 
 def sharded_inference(paths, out):
@@ -152,8 +189,9 @@ def sharded_inference(paths, out):
     return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives}
 
 
-SCENARIOS = {f.__name__: f for f in (contrastive_lora, cached_full, accumulation, uneven_last_batch,
-                                     listwise_reranker, sharded_inference)}
+SCENARIOS = {f.__name__: f for f in (contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder,
+                                     listwise_reranker, yes_no_lambda, mlp_distill, classification_bce,
+                                     sharded_inference)}
 
 
 def run(name: str, paths: dict[str, str], out_root: str) -> dict[str, Any]:

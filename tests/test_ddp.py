@@ -15,12 +15,15 @@ import ddp_scenarios
 import pytest
 import torch
 
-TRAINING = ["contrastive_lora", "cached_full", "accumulation", "uneven_last_batch", "listwise_reranker"]
+TRAINING = [name for name in ddp_scenarios.SCENARIOS if name != "sharded_inference"]
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_path):
-    return {"clip": tiny_path("clip"), "qwen2_vl": tiny_path("qwen2_vl")}
+def paths(tiny_path, tmp_path_factory):
+    from test_cross_encoder import _bert_classifier
+
+    return {"clip": tiny_path("clip"), "qwen2_vl": tiny_path("qwen2_vl"),
+            "bert_base": _bert_classifier(tmp_path_factory.mktemp("bert"), bare=True)}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def two_ranks(paths, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29547", worker, json.dumps(paths), str(out), ",".join(ddp_scenarios.SCENARIOS)],
-                         env=env, capture_output=True, text=True, timeout=900)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
             for name in ddp_scenarios.SCENARIOS}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import batch_share
+from ..distributed import batch_share, mean_over_ranks
 from .grad_cache import grad_cached
 
 
@@ -27,6 +27,7 @@ class RerankingLoss(nn.Module):
 
     needs_groups = False
     needs_teacher = False
+    normalizes_across_ranks = False  # True: objective() already divides by a global normaliser
 
     def __init__(self, mini_batch_size: int | None = None) -> None:
         super().__init__()
@@ -50,6 +51,8 @@ class RerankingLoss(nn.Module):
             raise ValueError(f"{type(self).__name__} distils teacher scores, but the rows have none. Fix: add "
                              "teacher_scores (a list, positive first) or teacher_score_0..k columns.")
         loss = self.objective(scores, targets, group_size, teacher.to(scores.device) if teacher is not None else None)
+        if self.normalizes_across_ranks:
+            return loss
         # Weighted by this rank's share of the global batch, so ranks with a smaller last batch weigh less in DDP's
         # gradient average (a no-op in one process and when ranks hold equal rows).
         return loss * batch_share(scores.shape[0], scores.device)
@@ -125,6 +128,7 @@ class LambdaLoss(RerankingLoss):
     """
 
     needs_groups = True
+    normalizes_across_ranks = True
 
     def __init__(self, weighting: str | None = "ndcg", sigma: float = 1.0, mini_batch_size: int | None = None) -> None:
         super().__init__(mini_batch_size)
@@ -140,7 +144,9 @@ class LambdaLoss(RerankingLoss):
         better = (t.unsqueeze(2) > t.unsqueeze(1)).float()  # [G, i, j]: i more relevant than j
         pair_loss = F.softplus(-self.sigma * (s.unsqueeze(2) - s.unsqueeze(1)))
         weight = better * self._swap_delta(s.detach(), t) if self.weighting == "ndcg" else better
-        return (weight * pair_loss).sum() / weight.sum().clamp(min=1e-12)
+        # Normalised by the pair weights of the global batch (their mean over ranks): DDP's gradient average is then
+        # that of one process holding every group.
+        return (weight * pair_loss).sum() / mean_over_ranks(weight.sum()).clamp(min=1e-12)
 
     @staticmethod
     def _swap_delta(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
