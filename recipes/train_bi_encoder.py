@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hf_mm_rerank import (
     BiEncoder,
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, publish, args = parse_with_config(
         (ModelArguments, DataArguments, PublishArguments, TrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+    set_seed(args.seed)  # before the model: LoRA and new heads are initialised from the global RNG
 
     # 2. Data: (query, positive[, negatives]) rows; a held-out split feeds the retrieval evaluator.
     with main_process_first(args, "loading the data"):

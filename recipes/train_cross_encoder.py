@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
 from hf_mm_rerank.cli import (
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, publish, args = parse_with_config(
         (RerankerArguments, DataArguments, PublishArguments, TrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+    set_seed(args.seed)  # before the model: LoRA and new heads are initialised from the global RNG
 
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
     with main_process_first(args, "loading the data"):

@@ -120,6 +120,17 @@ def chat_vlm_embedder(paths, out):
     return _bi_encoder_run(paths, out, ContrastiveLoss(), color_rows(repeat=3), model=model)
 
 
+def qlora_gradient_checkpointing(paths, out):
+    """Qwen2-VL embedder on a 4-bit base (QLoRA, bitsandbytes on CPU) with gradient checkpointing and GradCache."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = BiEncoder.from_pretrained(paths["qwen2_vl"], lora_config=LoraConfig(r=8), quantization_config=quantization,
+                                      gradient_checkpointing=True)
+    return _bi_encoder_run(paths, out, CachedContrastiveLoss(mini_batch_size=4), color_rows(repeat=3), model=model,
+                           gradient_checkpointing=True)
+
+
 def _grouped_rows(teacher: bool = False) -> list[dict]:
     names = list(COLORS)
     rows = [{"query": f"a {c} square", "positive": solid(c), "negative_1": solid(names[(i + 1) % 8]),
@@ -189,9 +200,9 @@ def sharded_inference(paths, out):
     return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives}
 
 
-SCENARIOS = {f.__name__: f for f in (contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder,
-                                     listwise_reranker, yes_no_lambda, mlp_distill, classification_bce,
-                                     sharded_inference)}
+SCENARIOS = {f.__name__: f for f in (
+    contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder, qlora_gradient_checkpointing,
+    listwise_reranker, yes_no_lambda, mlp_distill, classification_bce, sharded_inference)}
 
 
 def run(name: str, paths: dict[str, str], out_root: str) -> dict[str, Any]:

@@ -133,3 +133,42 @@ def test_save_writes_the_state_dict_trainer_passes(tiny_path, tmp_path):
     assert head and all(torch.all(v == 0.5) for v in head.values())
     reloaded = CrossEncoder.from_pretrained(str(tmp_path / "saved"))
     assert torch.all(reloaded.head.net[0].weight == 0.5)
+
+
+def test_accelerate_configs_parse_and_name_their_launch_line():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {c.name for c in configs} == {"single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml", "deepspeed_zero2.yaml",
+                                         "deepspeed_zero3.yaml"}
+    for config in configs:
+        first = config.read_text().splitlines()[0]
+        assert first.startswith(f"# accelerate launch --config_file recipes/accelerate/{config.name} recipes/train_")
+        recipe, recipe_config = first.split()[5], first.split()[7]
+        assert (ROOT / recipe).is_file() and (ROOT / recipe_config).is_file()
+        parsed = load_config_from_file(str(config))
+        assert parsed.compute_environment.value == "LOCAL_MACHINE" and parsed.use_cpu is False
+    fsdp = load_config_from_file(str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    zero3 = load_config_from_file(str(ROOT / "recipes" / "accelerate" / "deepspeed_zero3.yaml")).deepspeed_config
+    assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"] is True
+
+
+def test_fsdp_auto_wrap_finds_the_backbone_blocks(tiny_path):
+    # accelerate's TRANSFORMER_BASED_WRAP reads _no_split_modules from the model it wraps (ours).
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(r=4))
+    assert "Qwen2VLDecoderLayer" in model._no_split_modules
+
+
+def test_recipe_seed_makes_lora_initialisation_reproducible(tiny_path, tmp_path):
+    from test_recipes import _recipe
+
+    recipe = _recipe()
+    data = _json_data(tmp_path / "data")
+    for name in ("a", "b"):
+        recipe.main(["--model_name_or_path", tiny_path("clip"), "--dataset_name", "json", "--data_files", data,
+                     "--output_dir", str(tmp_path / name), "--max_steps", "1", "--per_device_train_batch_size", "4",
+                     "--lora_r", "4", "--use_cpu", "true", "--report_to", "none", "--seed", "3",
+                     "--dataloader_num_workers", "0"])
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
