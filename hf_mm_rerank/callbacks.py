@@ -24,9 +24,11 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 PUSH_ON = ("save", "best", "end")
-# Training state, never pushed: optimizer/scheduler/scaler/RNG state, trainer state and arguments.
+# The learnable parameters of a training loss (e.g. its temperature), saved with each checkpoint for resuming.
+LOSS_WEIGHTS = "loss_state.safetensors"
+# Training state, never pushed: optimizer/scheduler/scaler/RNG state, loss state, trainer state and arguments.
 TRAINING_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
-                  "training_args.bin", "*.pt", "*.pth", "*.bin"]
+                  "training_args.bin", LOSS_WEIGHTS, "*.pt", "*.pth", "*.bin"]
 
 
 def loadable_files(directory: str) -> list[str]:

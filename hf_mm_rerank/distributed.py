@@ -45,10 +45,12 @@ class _AllGather(torch.autograd.Function):
         return stacked[dist.get_rank()]
 
 
-def _row_counts(x: torch.Tensor) -> list[int]:
+def _padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``x`` padded with zero rows to the largest row count of any rank, and every rank's row count."""
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    return [int(s) for s in sizes]
+    sizes = [int(s) for s in sizes]
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0])), sizes
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -59,8 +61,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank, size = world()
     if size == 1:
         return x, 0
-    sizes = _row_counts(x)
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    padded, sizes = _padded(x)
     parts = _AllGather.apply(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
@@ -93,8 +94,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return x
-    sizes = _row_counts(x)
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    padded, sizes = _padded(x)
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])

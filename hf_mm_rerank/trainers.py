@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .callbacks import HubPushCallback, ThroughputCallback, batch_counts
+from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts
 from .collators import (
     GROUPED,
     ROW_KEY,
@@ -35,8 +35,6 @@ from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss
 from .pipeline import add_lengths, undecoded_images
 
 logger = logging.getLogger(__name__)
-
-LOSS_WEIGHTS = "loss_state.safetensors"
 
 
 def _columns(dataset: Any) -> list[str] | None:

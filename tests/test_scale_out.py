@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_recipes import CONFIGS, ROOT, _json_data
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, ContrastiveLoss, CrossEncoder, CrossEncoderTrainer
+from hf_mm_rerank.callbacks import loadable_files
 
 # The README's two-CPU-process launch.
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -114,6 +115,7 @@ def test_learnable_temperature_is_checkpointed_and_resumed(tiny_path, tmp_path):
     checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
     saved = load_file(checkpoint / "loss_state.safetensors")
     assert 1 / saved["log_scale"].exp().item() == pytest.approx(first, abs=1e-6)
+    assert "loss_state.safetensors" not in loadable_files(str(checkpoint))  # training state: never pushed
     resumed = _temperature_run(tiny_path("clip"), tmp_path / "resumed", 4, resume=str(checkpoint))
     assert abs(straight - 0.1) > 1e-3 and abs(straight - first) > 1e-4  # it moved, also after step 2
     assert resumed == pytest.approx(straight, abs=1e-6)
