@@ -1,9 +1,11 @@
 """Trainer subclasses driven by a plain ``transformers.TrainingArguments``.
 
-They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups), ``compute_loss``,
-``prediction_step``, ``evaluate`` (runs the evaluator), ``_prepare_inputs`` (GradCache keeps mini-batches off
-the device), ``create_optimizer`` (learnable loss parameters), ``_save`` and the checkpoint reloads.
-Checkpointing, pushing, DDP and logging stay the Trainer's own.
+They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups, launch checks),
+``compute_loss``, ``prediction_step``, ``evaluate`` (runs the evaluator), ``_prepare_inputs`` (GradCache keeps
+mini-batches off the device), ``create_optimizer`` (learnable loss parameters, averaged across ranks), ``_save``
+(honours the state dict Trainer gathers under FSDP / DeepSpeed), the checkpoint reloads (Trainer's own under FSDP /
+DeepSpeed) and ``_load_optimizer_and_scheduler`` (restores the loss parameters). Checkpointing, pushing, DDP and
+logging stay the Trainer's own.
 """
 
 from __future__ import annotations
