@@ -1,11 +1,11 @@
 """Trainer subclasses driven by a plain ``transformers.TrainingArguments``.
 
 They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups, launch checks),
-``compute_loss``, ``prediction_step``, ``evaluate`` (runs the evaluator), ``_prepare_inputs`` (GradCache keeps
-mini-batches off the device), ``create_optimizer`` (learnable loss parameters, averaged across ranks), ``_save``
-(honours the state dict Trainer gathers under FSDP / DeepSpeed), the checkpoint reloads (Trainer's own under FSDP /
-DeepSpeed) and ``_load_optimizer_and_scheduler`` (restores the loss parameters). Checkpointing, pushing, DDP and
-logging stay the Trainer's own.
+``compute_loss``, ``prediction_step``, ``evaluate`` / ``evaluation_loop`` (run the evaluator),
+``_prepare_inputs`` (GradCache keeps mini-batches off the device), ``create_optimizer`` (learnable loss
+parameters, averaged across ranks), ``_save`` (honours the state dict Trainer gathers under FSDP / DeepSpeed),
+the checkpoint reloads (Trainer's own under FSDP / DeepSpeed) and ``_load_optimizer_and_scheduler`` (restores the
+loss parameters). Checkpointing, pushing, DDP and logging stay the Trainer's own.
 """
 
 from __future__ import annotations
@@ -153,26 +153,33 @@ class RetrievalTrainerMixin:
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Loss on ``eval_dataset`` (if any) plus the evaluator's metrics, prefixed ``eval_``.
+        """Loss on ``eval_dataset`` (if any) plus the evaluator's metrics, prefixed ``eval_``: one log and one
+        ``on_evaluate`` with all of them (so ``EarlyStoppingCallback`` and ``metric_for_best_model`` see each
+        evaluation once).
 
         Runs with only an evaluator too (Trainer itself refuses to evaluate without an eval_dataset).
         """
-        metrics: dict[str, float] = {}
-        has_dataset = eval_dataset is not None or self.eval_dataset is not None
-        if has_dataset:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+        if eval_dataset is not None or self.eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # evaluation_loop adds ours
         if self.evaluator is None:
-            if not has_dataset:
-                raise ValueError("evaluate() needs an eval_dataset or an evaluator (evaluator=RetrievalEvaluator(...)).")
-            return metrics
+            raise ValueError("evaluate() needs an eval_dataset or an evaluator (evaluator=RetrievalEvaluator(...)).")
+        metrics = self._evaluator_metrics(metric_key_prefix)
+        self.log(dict(metrics))  # log() adds the epoch to the dict it is given
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.evaluator is not None and description == "Evaluation":
+            output.metrics.update(self._evaluator_metrics(metric_key_prefix))
+        return output
+
+    def _evaluator_metrics(self, prefix: str) -> dict[str, float]:
         results = self.evaluator(self.accelerator.unwrap_model(self.model))
         if self.state.global_step == 0:  # train() resets the log history: keep the baseline for the model card
             self.metrics_before_training = {k: float(v) for k, v in results.items()}
-        results = {f"{metric_key_prefix}_{k}": float(v) for k, v in results.items()}
-        metrics.update(results)
-        self.log(results)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return {f"{prefix}_{k}": float(v) for k, v in results.items()}
 
     def _setup(self, model: nn.Module, args: TrainingArguments, loss: nn.Module, evaluator: Any, data_collator: Any,
                train_dataset: Any, eval_dataset: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from datasets import Dataset
 from helpers import args, losses
 from images import color_rows
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CachedContrastiveLoss, ContrastiveLoss
 
@@ -27,11 +28,41 @@ def test_plain_args_fixups_and_evaluator_only_evaluate(clip_lora, tmp_path, colo
     assert metrics == pytest.approx({f"eval_{k}": v for k, v in color_evaluator(clip_lora).items()})
 
 
+class RecordEvaluations(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.seen.append((state.global_step, dict(metrics)))
+
+
 def test_eval_dataset_loss_and_metrics_together(clip_lora, tmp_path, color_dataset, color_evaluator):
+    record = RecordEvaluations()
     trainer = BiEncoderTrainer(model=clip_lora, args=args(tmp_path), train_dataset=color_dataset,
-                               eval_dataset=color_dataset, evaluator=color_evaluator)
+                               eval_dataset=color_dataset, evaluator=color_evaluator, callbacks=[record])
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and "eval_ndcg@10" in metrics
+    # One evaluation, one on_evaluate carrying both the loss and the evaluator's metrics, one log row.
+    assert len(record.seen) == 1 and {"eval_loss", "eval_ndcg@10"} <= set(record.seen[0][1])
+    assert sum("eval_ndcg@10" in row for row in trainer.state.log_history) == 1
+
+
+@pytest.mark.parametrize("with_dataset", [True, False])
+def test_early_stopping_counts_each_evaluation_once(clip_lora, tmp_path, color_dataset, color_evaluator,
+                                                    with_dataset):
+    from transformers import EarlyStoppingCallback
+
+    record = RecordEvaluations()
+    stopper = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=10.0)  # never improves
+    training_args = args(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                         save_steps=1, metric_for_best_model="ndcg@10", load_best_model_at_end=True)
+    trainer = BiEncoderTrainer(model=clip_lora, args=training_args, train_dataset=color_dataset,
+                               eval_dataset=color_dataset if with_dataset else None, evaluator=color_evaluator,
+                               callbacks=[record, stopper])
+    trainer.train()
+    # Step 1 sets the best metric, steps 2 and 3 use up the patience of 2: training stops after 3 evaluations.
+    assert [step for step, _ in record.seen] == [1, 2, 3]
+    assert trainer.state.global_step == 3
 
 
 def test_evaluate_without_dataset_or_evaluator_explains(clip_lora, tmp_path, color_dataset):
