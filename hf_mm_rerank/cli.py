@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """``HfArgumentParser`` over ``dataclass_types``; ``--config x.yaml`` supplies defaults that flags override."""
+    """``HfArgumentParser`` over ``dataclass_types``; ``--config x.yaml`` supplies defaults that flags override.
+
+    YAML values keep their types (dicts such as ``lr_scheduler_kwargs: {min_lr: 1e-6}``, lists, bools, numbers);
+    a key that no dataclass field names is an error.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
     if "--config" in argv:
@@ -26,8 +31,15 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
         if i + 1 >= len(argv):
             raise ValueError("--config needs a YAML file path.")
         with open(argv[i + 1]) as handle:
-            config = yaml.safe_load(handle) or {}
-        argv = _yaml_to_flags(config) + argv[:i] + argv[i + 2:]  # later flags win in argparse
+            config = yaml.load(handle, Loader=_YamlLoader) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{argv[i + 1]}: unknown keys {unknown}; every key must be a flag of this recipe "
+                             "(see --help).")
+        # As argparse defaults the values keep their YAML types (argparse converts only string defaults).
+        parser.set_defaults(**{k: v for k, v in config.items() if v is not None})
+        argv = argv[:i] + argv[i + 2:]
     parsed = parser.parse_args_into_dataclasses(args=argv)
     for value in parsed:
         if isinstance(value, TrainingArguments):
@@ -35,14 +47,15 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
     return parsed
 
 
-def _yaml_to_flags(config: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        flags += [f"--{key}", *(str(v) for v in values)]
-    return flags
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-6`` as a string; this loader reads it as the float a user means (as YAML 1.2 does)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."))
 
 
 @dataclass

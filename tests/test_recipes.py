@@ -126,6 +126,23 @@ def test_cli_flags_override_the_yaml(tmp_path):
     assert args.output_dir == "from_yaml" and args.learning_rate == 0.25 and data.data_files == ["a.json", "b.json"]
 
 
+def test_yaml_values_keep_their_types(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_mm_rerank.cli import DataArguments, parse_with_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1e-6}\n"
+                      "learning_rate: 2e-5\nbf16: false\ndata_files: [a.json]\nwarmup_steps: 0.1\n")
+    data, args = parse_with_config((DataArguments, TrainingArguments), ["--config", str(config)])
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-6} and isinstance(args.lr_scheduler_kwargs["min_lr"], float)
+    assert args.learning_rate == 2e-5 and args.bf16 is False and args.warmup_steps == 0.1
+    assert data.data_files == ["a.json"]
+    config.write_text("output_dir: out\nlerning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['lerning_rate'\]"):
+        parse_with_config((DataArguments, TrainingArguments), ["--config", str(config)])
+
+
 def test_demo_runs_offline_end_to_end(tmp_path):
     from hf_mm_rerank.demo import EMOJI_FONT
 
