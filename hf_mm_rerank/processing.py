@@ -240,7 +240,8 @@ def _probe_image() -> Any:
 class TextPairFeaturizer(Featurizer):
     """Text cross-encoders (BERT-style ``AutoModelForSequenceClassification``): ``[CLS] query [SEP] doc [SEP]``.
 
-    ``max_length`` bounds the whole pair; the document is truncated first.
+    ``max_length`` bounds the whole pair; the document is truncated first, so the query survives whole (a query
+    longer than three quarters of the limit is cut to that, leaving the document a quarter).
     """
 
     supports_images = False
@@ -248,5 +249,10 @@ class TextPairFeaturizer(Featurizer):
     def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
         limit = limit if limit and limit < 100_000 else 512
-        return dict(self.tokenizer([q.text or "" for q, _ in items], [d.text or "" for _, d in items],
-                                   padding=True, truncation="longest_first", max_length=limit, return_tensors="pt"))
+        queries = [self._head(q.text or "", 3 * limit // 4) for q, _ in items]
+        return dict(self.tokenizer(queries, [d.text or "" for _, d in items], padding=True, truncation="only_second",
+                                   max_length=limit, return_tensors="pt"))
+
+    def _head(self, text: str, tokens: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return text if len(ids) <= tokens else self.tokenizer.decode(ids[:tokens])

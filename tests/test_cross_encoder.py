@@ -8,7 +8,7 @@ from images import COLORS, solid
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, MMInput
 from hf_mm_rerank.modeling.cross_encoder import resolve_head
 
 NAMES = list(COLORS)
@@ -170,3 +170,15 @@ def test_template_that_drops_the_document_is_reported(tiny_path):
                                "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
     with pytest.raises(ValueError, match="image placeholders"):
         ChatPairFeaturizer(processor)
+
+
+def test_text_pairs_truncate_the_document_and_keep_the_query(tmp_path):
+    rr = CrossEncoder.from_pretrained(_bert_classifier(tmp_path), max_length=40)
+    query, document = "find the bright red square now", "the square is blue " * 20  # 30 and 380 tokens
+    ids = rr.featurizer([(MMInput(text=query), MMInput(text=document))])["input_ids"][0].tolist()
+    tok = rr.featurizer.tokenizer
+    query_ids = tok.encode(query, add_special_tokens=False)
+    assert len(ids) == 40 and ids[1:1 + len(query_ids)] == query_ids  # [CLS] query [SEP] document... [SEP]
+    long_query = "red " * 60
+    ids = rr.featurizer([(MMInput(text=long_query), MMInput(text="doc"))])["input_ids"][0].tolist()
+    assert len(ids) <= 40 and tok.encode("doc", add_special_tokens=False)[0] in ids  # the document still counts

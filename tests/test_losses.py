@@ -20,6 +20,16 @@ def test_contrastive_equals_hand_computed_cross_entropy():
     assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+def test_a_fixed_temperature_below_one_hundredth_is_used_as_given():
+    q, p = _unit(4, 8, seed=1), _unit(4, 8, seed=2)
+    fixed = ContrastiveLoss(temperature=0.005)
+    assert fixed.temperature == pytest.approx(0.005)
+    assert fixed.objective(q, p, None).item() == pytest.approx(F.cross_entropy(q @ p.T / 0.005, torch.arange(4)).item(),
+                                                                rel=1e-5)
+    learnt = ContrastiveLoss(temperature=0.005, learnable_temperature=True)
+    assert learnt.temperature == pytest.approx(0.01)  # the learnable one is capped, like CLIP's
+
+
 def test_symmetric_adds_the_document_to_query_direction():
     q, p = _unit(4, 8, seed=1), _unit(4, 8, seed=2)
     one = ContrastiveLoss(temperature=0.1).objective(q, p, None)

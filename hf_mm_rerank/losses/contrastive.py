@@ -26,8 +26,8 @@ class ContrastiveLoss(nn.Module):
     when ``gather_across_devices``); its own positive is the target.
 
     Args:
-        temperature: softmax temperature (default 0.05). With ``learnable_temperature`` it is the start
-            value of a trained log-scale, capped at 1/100 like CLIP.
+        temperature: softmax temperature (default 0.05), used as given. With ``learnable_temperature`` it is
+            the start value of a trained log-scale, whose temperature is kept >= 1/100 like CLIP's.
         symmetric: add the document->query direction (positives scored against all queries).
         gather_across_devices: gather embeddings from all ranks so negatives span the global batch.
 
@@ -53,7 +53,9 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=math.log(100.0)).exp()
+        if isinstance(self.log_scale, nn.Parameter):  # a learnt temperature is capped at 1/100, like CLIP's
+            return self.log_scale.clamp(max=math.log(100.0)).exp()
+        return self.log_scale.exp()  # a fixed one is used as given
 
     @property
     def temperature(self) -> float:
