@@ -116,10 +116,12 @@ class HubPushCallback(TrainerCallback):
         self.trainer = trainer
 
     # ----- Trainer events -----------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.push_on == "best" and not args.metric_for_best_model:
             raise ValueError("HubPushCallback(push_on='best') needs TrainingArguments(metric_for_best_model=...), "
                              "e.g. 'ndcg@10', and an evaluation strategy.")
+        if state.is_world_process_zero:
+            warn_if_local_base(model, self.repo_id)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.push_on == "end":
@@ -249,6 +251,15 @@ class HubPushCallback(TrainerCallback):
                          "; ".join(f"{r.label}: {r.error}" for r in failed))
         if pending:
             logger.error("HubPushCallback: still pushing %s after waiting %g s.", pending, self.wait_at_end)
+
+
+def warn_if_local_base(model: Any, repo_id: str | None) -> None:
+    """A pushed adapter whose base is a local folder loads nowhere else: say so, and how to load it anyway."""
+    spec = getattr(model, "spec", None)
+    if spec is not None and spec.adapter and os.path.isabs(spec.base_model):
+        logger.warning("hf_mm_rerank: %s will not load elsewhere as it is: its base model is the local folder %s, "
+                       "which is not pushed. Train from the base's Hub id, or load the repo with from_pretrained(..., "
+                       "base_model='<Hub id or folder of that base>').", repo_id or "the pushed repo", spec.base_model)
 
 
 def _saved_copy(model: Any) -> str:

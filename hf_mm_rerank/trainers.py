@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts
+from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts, warn_if_local_base
 from .collators import (
     GROUPED,
     ROW_KEY,
@@ -231,6 +231,7 @@ class RetrievalTrainerMixin:
         """Trainer.push_to_hub calls this: write our card (not Trainer's) into ``output_dir``."""
         if not self.is_world_process_zero():
             return
+        warn_if_local_base(self.accelerator.unwrap_model(self.model), getattr(self, "hub_model_id", None))
         datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
         self._write_card(self.args.output_dir, language=language, license=license, model_name=model_name,
                          datasets=datasets)

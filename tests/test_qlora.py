@@ -106,3 +106,22 @@ def test_qlora_reranker_trains_on_cpu_and_reloads(tiny_path, tmp_path, family, h
     rr.save_pretrained(str(tmp_path / "q"))
     again = CrossEncoder.from_pretrained(str(tmp_path / "q"), quantization_config=_4bit(), is_trainable=False)
     torch.testing.assert_close(again.score(probe), rr.score(probe), atol=1e-5, rtol=1e-5)
+
+
+def test_a_qlora_adapter_reloads_on_its_recorded_quantization(tiny_path, tmp_path, caplog):
+    import logging
+
+    from hf_mm_rerank.modeling.backbone import is_quantized
+
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"), quantization_config=_4bit(),
+                                      lora_config=LoraConfig(r=8, init_lora_weights=False))
+    probe = ["a red square", "a blue circle"]
+    expected = model.encode(probe)
+    model.save_pretrained(str(tmp_path / "qlora"))
+    with caplog.at_level(logging.INFO):
+        again = BiEncoder.from_pretrained(str(tmp_path / "qlora"))  # no quantization_config: the recorded one
+    assert is_quantized(again.base_model) and "quantization_config=False" in caplog.text
+    assert torch.allclose(again.encode(probe), expected, atol=1e-6)
+    full = BiEncoder.from_pretrained(str(tmp_path / "qlora"), quantization_config=False)
+    assert not is_quantized(full.base_model)
+    assert (full.encode(probe) - expected).abs().max() > 1e-3  # 4-bit and full-precision bases differ

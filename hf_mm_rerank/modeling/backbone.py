@@ -97,6 +97,11 @@ def _quantization_config(quantization_config: Any, config: PretrainedConfig, mod
     return quantization_config
 
 
+def hub_kwargs_of(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` kwargs that also apply to configs, processors and our own files on the Hub."""
+    return {k: model_kwargs[k] for k in ("revision", "token", "cache_dir") if k in model_kwargs}
+
+
 def load_backbone(name_or_path: str, *, quantization_config: Any = None, auto_class: Any = None,
                   **model_kwargs: Any) -> nn.Module:
     """Load the backbone with dtype/attention/quantization settings.
@@ -105,7 +110,8 @@ def load_backbone(name_or_path: str, *, quantization_config: Any = None, auto_cl
     pass ``AutoModelForImageTextToText`` (yes/no head) or ``AutoModelForSequenceClassification``.
     """
     auto_class = auto_class or AutoModel
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=model_kwargs.get("trust_remote_code", False),
+                                        **hub_kwargs_of(model_kwargs))
     if quantization_config is not None:
         model_kwargs["quantization_config"] = _quantization_config(quantization_config, config, model_kwargs,
                                                                    auto_class)

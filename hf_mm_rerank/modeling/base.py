@@ -24,7 +24,7 @@ from transformers import AutoProcessor
 
 from .. import __version__
 from ..distributed import sharded_inference
-from .backbone import apply_lora, detect_family, dtype_of, is_quantized, load_backbone
+from .backbone import apply_lora, detect_family, dtype_of, hub_kwargs_of, is_quantized, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class ModelSpec:
     version: str = __version__
 
     def save(self, directory: str) -> None:
+        data = {**asdict(self), "base_model": base_reference(self.base_model, directory)}
         with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
-            json.dump(asdict(self), handle, indent=2, sort_keys=True)
+            json.dump(data, handle, indent=2, sort_keys=True)
 
     @classmethod
     def find(cls, name_or_path: str, **hub_kwargs: Any) -> ModelSpec | None:
@@ -56,7 +57,32 @@ class ModelSpec:
             return None
         with open(path) as handle:
             data = json.load(handle)
+        if data.get("base_model", "").startswith(RELATIVE):  # a base saved inside the folder: found beside it
+            data["base_model"] = os.path.normpath(os.path.join(os.path.dirname(path), data["base_model"]))
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+RELATIVE = ("./", "../")
+
+
+def base_reference(base: str, directory: str) -> str:
+    """How a saved folder records its base model: a Hub id as it is; a local folder relative to the saved folder
+    when it lives inside it (``./_base_model``: the two move together), else as an absolute path."""
+    if not os.path.isdir(base):
+        return base
+    base_abs, directory_abs = os.path.abspath(base), os.path.abspath(directory)
+    if os.path.commonpath([base_abs, directory_abs]) == directory_abs:
+        return "./" + os.path.relpath(base_abs, directory_abs)
+    return base_abs
+
+
+def check_base(base: str, name_or_path: str) -> None:
+    """A local base that is gone gets an error naming it and the argument that overrides it."""
+    if os.path.isabs(base) and not os.path.isdir(base):
+        raise FileNotFoundError(
+            f"{name_or_path} was trained on the local base model {base}, which is not there (moved or deleted, or "
+            "the folder was copied to another machine). Fix: pass the base explicitly, from_pretrained("
+            f"{name_or_path!r}, base_model='<Hub id or local folder of that base>').")
 
 
 def resolve_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | None:
@@ -71,11 +97,6 @@ def resolve_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | N
         return hf_hub_download(name_or_path, filename, **hub_kwargs)
     except (EntryNotFoundError, RepositoryNotFoundError):
         return None
-
-
-def hub_kwargs_of(model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The ``from_pretrained`` kwargs that also apply to downloading our own files from a Hub repo."""
-    return {k: model_kwargs[k] for k in ("revision", "token", "cache_dir") if k in model_kwargs}
 
 
 def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -154,14 +175,27 @@ class AdapterModel(nn.Module):
 
     # ----- loading ------------------------------------------------------------------------------------
     @classmethod
+    def find_spec(cls, name_or_path: str, base_model: str | None, hub_kwargs: dict[str, Any]) -> ModelSpec | None:
+        """The saved spec of a folder/repo written by this class (None for a base checkpoint), with its base model
+        resolved (``base_model`` overrides it) and checked."""
+        spec = ModelSpec.find(name_or_path, **hub_kwargs)
+        if spec is None:
+            return None
+        if spec.kind != cls.kind:
+            raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
+        if base_model is not None:
+            spec.base_model = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+        if spec.adapter:
+            check_base(spec.base_model, name_or_path)
+        return spec
+
+    @classmethod
     def _load_parts(cls, name_or_path: str, *, lora_config: Any, quantization_config: Any,
                     gradient_checkpointing: bool, is_trainable: bool, model_kwargs: dict[str, Any],
-                    auto_class: Any = None) -> tuple[nn.Module, Any, ModelSpec | None]:
+                    auto_class: Any = None, spec: ModelSpec | None = None) -> tuple[nn.Module, Any, ModelSpec | None]:
         hub_kwargs = hub_kwargs_of(model_kwargs)
-        spec = ModelSpec.find(name_or_path, **hub_kwargs)
-        if spec is not None and spec.kind != cls.kind:
-            raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
         if spec is not None and spec.adapter:
+            quantization_config = _recorded_quantization(spec, quantization_config, name_or_path)
             base_kwargs = {k: v for k, v in model_kwargs.items() if k != "revision"}  # the revision is the adapter's
             backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
                                      **base_kwargs)
@@ -170,6 +204,7 @@ class AdapterModel(nn.Module):
                 logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",
                                name_or_path)
         else:
+            quantization_config = quantization_config or None  # False: full precision, as for a fresh base
             backbone = load_backbone(name_or_path, quantization_config=quantization_config, auto_class=auto_class,
                                      **model_kwargs)
             if lora_config is not None:
@@ -186,8 +221,10 @@ class AdapterModel(nn.Module):
     def _new_spec(kind: str, name_or_path: str, backbone: nn.Module, settings: dict[str, Any],
                   quantization_config: Any) -> ModelSpec:
         base = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
-        quant = quantization_config.to_dict() if quantization_config is not None else None
-        return ModelSpec(kind=kind, base_model=str(name_or_path), family=detect_family(base),
+        quant = quantization_config.to_dict() if quantization_config else None
+        local = os.path.isdir(name_or_path)  # kept absolute in memory; saved relative to the folder when inside it
+        return ModelSpec(kind=kind, base_model=os.path.abspath(name_or_path) if local else str(name_or_path),
+                         family=detect_family(base),
                          adapter=hasattr(backbone, "peft_config"), settings=settings, quantization=quant)
 
     def _load_head(self, name_or_path: str, **hub_kwargs: Any) -> None:
@@ -219,6 +256,9 @@ class AdapterModel(nn.Module):
             if heads is not None:
                 name = next(n for n, module in self.named_modules() if module is heads)
                 head_state = _prefixed(state_dict, f"{name}.") or None
+        if self.is_peft:  # adapter_config.json names the base as hf_mm_rerank_config.json does
+            for config in self.backbone.peft_config.values():
+                config.base_model_name_or_path = base_reference(self.spec.base_model, directory)
         self.backbone.save_pretrained(directory, state_dict=backbone_state)
         if heads is not None:
             head_state = head_state if head_state is not None else heads.state_dict()
@@ -268,6 +308,24 @@ class AdapterModel(nn.Module):
 
     def activation_checkpointing_disable(self) -> None:
         self.base_model.activation_checkpointing_disable()
+
+
+def _recorded_quantization(spec: ModelSpec, quantization_config: Any, name_or_path: str) -> Any:
+    """The quantization to load an adapter's base with: the caller's, else the one it was trained with (an
+    adapter trained on a 4-bit base gives other outputs on a full-precision one); ``False`` asks for full precision."""
+    if quantization_config is False:
+        if spec.quantization:
+            logger.info("%s was trained on a quantized base; loading it in full precision as asked "
+                        "(quantization_config=False).", name_or_path)
+        return None
+    if quantization_config is not None or not spec.quantization:
+        return quantization_config
+    from transformers import BitsAndBytesConfig
+
+    recorded = BitsAndBytesConfig.from_dict(dict(spec.quantization))
+    logger.info("%s was trained on a %s-bit base: loading it quantized the same way (pass quantization_config=False "
+                "for full precision).", name_or_path, 4 if recorded.load_in_4bit else 8)
+    return recorded
 
 
 def _prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..inputs import to_input
 from ..processing import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
-from .base import AdapterModel, ModelSpec, to_device
+from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
 
 POOLINGS = {DUAL: ("auto", "model"), CHAT: ("auto", "last", "mean")}
 
@@ -76,6 +76,7 @@ class BiEncoder(AdapterModel):
         max_length: int | None = None,
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
+        base_model: str | None = None,
         **model_kwargs: Any,
     ) -> BiEncoder:
         """Load a base checkpoint (optionally adding LoRA / QLoRA) or a folder/repo saved by this class.
@@ -84,7 +85,9 @@ class BiEncoder(AdapterModel):
             name_or_path: a transformers checkpoint (CLIP, SigLIP, VisionTextDualEncoder, a chat VLM) or a
                 folder / Hub repo written by :meth:`save_pretrained`.
             lora_config: a ``peft.LoraConfig``; ``target_modules=None`` adapts the language model's linears.
-            quantization_config: a ``transformers.BitsAndBytesConfig`` (4- or 8-bit, needs lora_config).
+            quantization_config: a ``transformers.BitsAndBytesConfig`` (4- or 8-bit, needs lora_config). A saved
+                adapter reloads on its base quantized as it was trained, unless this is given; ``False`` loads
+                the base in full precision.
             pooling: ``"auto"``, ``"last"`` or ``"mean"`` (chat VLMs); dual encoders use their own heads.
             normalize: L2-normalise embeddings (default True).
             query_prompt, document_prompt: instruction per side (system turn for VLMs, prefix otherwise).
@@ -92,11 +95,16 @@ class BiEncoder(AdapterModel):
             max_length: token limit for the text part of an input.
             gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
             is_trainable: load a saved adapter trainable (default) or frozen for inference.
-            **model_kwargs: passed to ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ...).
+            base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id, or a local folder
+                when the recorded local base is not on this machine).
+            **model_kwargs: passed to ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ...);
+                ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
         """
+        spec = cls.find_spec(name_or_path, base_model, hub_kwargs_of(model_kwargs))
         backbone, processor, spec = cls._load_parts(
             name_or_path, lora_config=lora_config, quantization_config=quantization_config,
-            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs)
+            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
+            spec=spec)
         given = {"pooling": pooling, "normalize": normalize, "max_pixels": max_pixels, "max_length": max_length}
         prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
         if spec is None:

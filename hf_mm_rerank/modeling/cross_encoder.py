@@ -160,6 +160,7 @@ class CrossEncoder(AdapterModel):
         max_length: int | None = None,
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
+        base_model: str | None = None,
         **model_kwargs: Any,
     ) -> CrossEncoder:
         """Load a reranker or a base checkpoint (optionally adding LoRA / QLoRA and a head).
@@ -169,7 +170,8 @@ class CrossEncoder(AdapterModel):
             head: ``"auto"``, ``"yes_no"``, ``"linear"``, ``"mlp"`` or ``"classification"`` (see the class doc).
             lora_config: a ``peft.LoraConfig``; default targets are the language model's linears. A new
                 classification head is added to ``modules_to_save`` so it trains and is saved with the adapter.
-            quantization_config: a ``transformers.BitsAndBytesConfig`` (needs lora_config).
+            quantization_config: a ``transformers.BitsAndBytesConfig`` (needs lora_config). A saved adapter
+                reloads on its base quantized as it was trained, unless this is given; ``False``: full precision.
             instruction, system_prompt, query_prefix, document_prefix, assistant_prefix: how a pair is
                 framed in the chat template (defaults follow Qwen3-VL-Reranker).
             yes_token, no_token: the tokens of the yes_no head (default ``"yes"`` / ``"no"``).
@@ -177,13 +179,18 @@ class CrossEncoder(AdapterModel):
                 cross-encoders).
             gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
             is_trainable: load a saved adapter trainable (default) or frozen.
-            **model_kwargs: passed to the transformers ``from_pretrained`` (``dtype``, ``attn_implementation``...).
+            base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id or local folder).
+            **model_kwargs: passed to the transformers ``from_pretrained`` (``dtype``, ``attn_implementation``...);
+                ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
         """
         hub_kwargs = hub_kwargs_of(model_kwargs)
-        spec = ModelSpec.find(name_or_path, **hub_kwargs)
+        spec = cls.find_spec(name_or_path, base_model, hub_kwargs)
         saved = spec is not None
-        base = spec.base_model if spec is not None and spec.adapter else name_or_path
-        config = AutoConfig.from_pretrained(base, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+        on_base = spec is not None and spec.adapter
+        base = spec.base_model if on_base else name_or_path
+        config_kwargs = {k: v for k, v in hub_kwargs.items() if not (on_base and k == "revision")}  # the adapter's
+        config = AutoConfig.from_pretrained(base, trust_remote_code=model_kwargs.get("trust_remote_code", False),
+                                            **config_kwargs)
         head = resolve_head(head, config, spec)
         if head == "classification":  # a new head gets one logit; trained ones keep their label count
             if spec is not None and "num_labels" in spec.settings:
@@ -196,7 +203,7 @@ class CrossEncoder(AdapterModel):
         backbone, processor, spec = cls._load_parts(
             name_or_path, lora_config=lora_config, quantization_config=quantization_config,
             gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
-            auto_class=_auto_class(head, config))
+            auto_class=_auto_class(head, config), spec=spec)
         if spec is None:
             settings = {"head": head, "yes_token": "yes", "no_token": "no", "max_pixels": None, "max_length": None,
                         "prompt": dict(RERANK_PROMPT_DEFAULTS)}

@@ -1,0 +1,90 @@
+"""Saved models reload anywhere, as trained: moved folders, other working directories, missing bases, the Hub
+(private, on a branch, empty cache), and QLoRA adapters on their recorded quantization."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import HUB_TOKEN
+from datasets import Dataset
+from helpers import args
+from images import color_rows, solid
+from peft import LoraConfig
+
+from hf_mm_rerank import BiEncoder, BiEncoderTrainer, HubPushCallback
+
+PROBE = ["a red square", solid("blue")]
+
+
+def _lora(path, **kwargs):
+    return BiEncoder.from_pretrained(str(path), lora_config=LoraConfig(r=4, init_lora_weights=False), **kwargs)
+
+
+def _recorded_base(folder) -> tuple[str, str]:
+    ours = json.loads((folder / "hf_mm_rerank_config.json").read_text())["base_model"]
+    peft = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return ours, peft
+
+
+def test_a_base_inside_the_saved_folder_moves_with_it(tiny_path, tmp_path, monkeypatch):
+    out = tmp_path / "outputs" / "demo"
+    shutil.copytree(tiny_path("clip"), out / "_base_model")
+    monkeypatch.chdir(tmp_path)
+    model = _lora("outputs/demo/_base_model")  # a relative path, as the demo recipe gives it
+    expected = model.encode(PROBE)
+    model.save_pretrained("outputs/demo")
+    assert _recorded_base(out) == ("./_base_model", "./_base_model")
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.move(str(out), moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert torch.allclose(BiEncoder.from_pretrained("model").encode(PROBE), expected, atol=1e-6)
+    monkeypatch.chdir("/")
+    assert torch.allclose(BiEncoder.from_pretrained(str(moved)).encode(PROBE), expected, atol=1e-6)
+
+
+def test_a_base_elsewhere_is_absolute_and_a_missing_one_names_the_fix(tiny_path, tmp_path, monkeypatch):
+    shutil.copytree(tiny_path("clip"), tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = _lora("base")
+    expected = model.encode(PROBE)
+    model.save_pretrained(str(tmp_path / "model"))
+    assert _recorded_base(tmp_path / "model") == (str(tmp_path / "base"), str(tmp_path / "base"))
+    shutil.move(str(tmp_path / "base"), tmp_path / "moved-base")
+    with pytest.raises(FileNotFoundError, match=f"local base model {tmp_path / 'base'}, which is not there.*base_model="):
+        BiEncoder.from_pretrained(str(tmp_path / "model"))
+    reloaded = BiEncoder.from_pretrained(str(tmp_path / "model"), base_model=str(tmp_path / "moved-base"))
+    assert torch.allclose(reloaded.encode(PROBE), expected, atol=1e-6)
+
+
+def test_hub_options_reach_every_lookup_private_repo_on_a_branch(hub, tiny_path, tmp_path):
+    import tiny_models
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+    api.create_repo("me/base", private=True)
+    api.upload_folder(folder_path=tiny_path("clip"), repo_id="me/base")  # main: hidden size 64
+    api.create_branch("me/base", branch="wide")
+    wide = tiny_models.make_clip(tmp_path / "wide", hidden=128)
+    api.upload_folder(folder_path=str(wide), repo_id="me/base", revision="wide")  # the branch: hidden size 128
+    hub.state.token = HUB_TOKEN  # every request needs the token from now on
+    cache = tmp_path / "cache"
+    model = BiEncoder.from_pretrained("me/base", revision="wide", token=HUB_TOKEN, cache_dir=str(cache),
+                                      lora_config=LoraConfig(r=4))
+    assert model.config.projection_dim == 128 and model.encode(["a red square"]).shape == (1, 128)
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert _recorded_base(tmp_path / "saved")[0] == "me/base"  # a Hub id stays an id
+
+
+def test_pushing_a_model_with_a_local_base_warns(hub, tiny_path, tmp_path, caplog):
+    callback = HubPushCallback("me/local-base", push_on="end")
+    trainer = BiEncoderTrainer(model=_lora(tiny_path("clip")), args=args(tmp_path, max_steps=1),
+                               train_dataset=Dataset.from_list(color_rows()), callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "will not load elsewhere" in caplog.text and "base_model=" in caplog.text
+    assert os.path.isabs(trainer.model.spec.base_model)
