@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 RETRIEVAL_METRIC_PATH = str(Path(__file__).parent / "metrics" / "retrieval_metrics")
 
 
-def _ndcg(hits: list[bool], n_relevant: int, k: int) -> float:
-    dcg = sum(1.0 / math.log2(i + 2) for i, hit in enumerate(hits[:k]) if hit)
-    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, n_relevant)))
+def _ndcg(gains: list[float], ideal_gains: list[float], k: int) -> float:
+    dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
+    ideal = sum(g / math.log2(i + 2) for i, g in enumerate(ideal_gains[:k]))
     return dcg / ideal if ideal else 0.0
 
 
@@ -38,34 +38,59 @@ def _average_precision(hits: list[bool], n_relevant: int, k: int) -> float:
         if hit:
             found += 1
             total += found / (i + 1)
-    return total / min(n_relevant, k) if n_relevant else 0.0
+    return total / n_relevant if n_relevant else 0.0
 
 
-def ranking_metrics(rankings: Sequence[Sequence[Hashable]], relevant: Sequence[Iterable[Hashable]],
+def grades(relevant: Iterable[Hashable] | Mapping[Hashable, float]) -> dict[Hashable, float]:
+    """``{doc: grade}`` from a set of relevant ids (grade 1 each) or a graded ``{doc: grade}`` mapping."""
+    if isinstance(relevant, Mapping):
+        return {doc: float(grade) for doc, grade in relevant.items()}
+    return {doc: 1.0 for doc in relevant}
+
+
+def ranking_metrics(rankings: Sequence[Sequence[Hashable]],
+                    relevant: Sequence[Iterable[Hashable] | Mapping[Hashable, float]],
                     k_values: Sequence[int] = (1, 5, 10), map_at: int = 100) -> dict[str, float]:
-    """Mean ndcg@k, mrr@k, recall@k (each k) and map@``map_at`` over queries, with binary relevance.
+    """Mean ndcg@k, mrr@k, recall@k (each k) and map@``map_at`` over queries, as trec_eval / pytrec_eval and
+    BEIR define them.
+
+    - Relevance: a set of relevant ids, or graded ``{doc: grade}``; a document is relevant when its grade is > 0
+      (grade 0 means judged not relevant). ndcg uses the grades as gains (linear, as trec_eval); mrr, recall and
+      map use relevant / not relevant.
+    - map@k is trec_eval's ``map_cut_k``: precision summed at each relevant document in the top k, divided by
+      the number of relevant documents (not by min(relevant, k)).
+    - Relevant documents missing from a ranking (e.g. missed by a first stage) still count in the denominators.
+    - Queries without any relevant document are skipped.
 
     Args:
-        rankings: per query, document ids best first.
-        relevant: per query, the ids of its relevant documents (queries with none are skipped).
+        rankings: per query, document ids best first (ties already broken: the evaluators keep the corpus /
+            candidate order among equal scores).
+        relevant: per query, its relevant documents (a set, or ``{doc: grade}``).
     """
     if len(rankings) != len(relevant):
         raise ValueError(f"rankings ({len(rankings)}) and relevant ({len(relevant)}) must have one entry per query.")
     sums: dict[str, float] = {}
     counted = 0
     for ranked, rel in zip(rankings, relevant):
-        rel = set(rel)
-        if not rel:
+        graded = {doc: g for doc, g in grades(rel).items() if g > 0}
+        if not graded:
             continue
         counted += 1
-        hits = [doc in rel for doc in ranked]
+        gains = [graded.get(doc, 0.0) for doc in ranked]
+        hits = [g > 0 for g in gains]
+        ideal = sorted(graded.values(), reverse=True)
         for k in k_values:
-            scores = {f"ndcg@{k}": _ndcg(hits, len(rel), k), f"mrr@{k}": _mrr(hits, k),
-                      f"recall@{k}": sum(hits[:k]) / len(rel)}
+            scores = {f"ndcg@{k}": _ndcg(gains, ideal, k), f"mrr@{k}": _mrr(hits, k),
+                      f"recall@{k}": sum(hits[:k]) / len(graded)}
             for name, value in scores.items():
                 sums[name] = sums.get(name, 0.0) + value
-        sums[f"map@{map_at}"] = sums.get(f"map@{map_at}", 0.0) + _average_precision(hits, len(rel), map_at)
+        sums[f"map@{map_at}"] = sums.get(f"map@{map_at}", 0.0) + _average_precision(hits, len(graded), map_at)
     return {name: value / counted for name, value in sums.items()} if counted else {}
+
+
+def rank_by_score(scores: torch.Tensor, depth: int) -> list[list[int]]:
+    """Indices of the ``depth`` best columns of each row, best first; equal scores keep column order."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth].tolist()
 
 
 class RetrievalEvaluator:
@@ -74,7 +99,9 @@ class RetrievalEvaluator:
     Args:
         queries: ``{query_id: input}``; inputs are text, images, paths, bytes or ``{"text", "image"}``.
         corpus: ``{doc_id: input}``.
-        relevant: ``{query_id: {doc_id, ...}}``.
+        relevant: ``{query_id: {doc_id, ...}}``, or graded ``{query_id: {doc_id: grade}}`` (grade > 0 is relevant;
+            ndcg uses the grades as gains). Metrics follow trec_eval (see :func:`ranking_metrics`); equal scores
+            are ranked in corpus order.
         k_values: cut-offs for ndcg/mrr/recall (default 1, 5, 10).
         batch_size: inputs per forward pass while encoding.
         map_at: cut-off of MAP (default 100).
@@ -97,14 +124,14 @@ class RetrievalEvaluator:
                              "queries / corpus. Fix: build relevant from the same ids.")
         if not corpus:
             raise ValueError("corpus is empty.")
-        self.query_ids = [q for q in queries if relevant.get(q)]
+        self.query_ids = [q for q in queries if any(g > 0 for g in grades(relevant.get(q, ())).values())]
         if len(self.query_ids) < len(queries):
             logger.warning("RetrievalEvaluator: %d queries without relevant documents are skipped.",
                            len(queries) - len(self.query_ids))
         self.queries = [queries[q] for q in self.query_ids]
         self.doc_ids = list(corpus)
         self.corpus = [corpus[d] for d in self.doc_ids]
-        self.relevant = [set(relevant[q]) for q in self.query_ids]
+        self.relevant = [grades(relevant[q]) for q in self.query_ids]
         self.k_values = tuple(k_values)
         self.batch_size = batch_size
         self.map_at = map_at
@@ -112,17 +139,26 @@ class RetrievalEvaluator:
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RetrievalEvaluator:
-        """Build from (query, positive[, negatives]) rows: row i's query must retrieve row i's positive, with
-        every row's positive and negatives as the corpus."""
+        """Build from (query, positive[, negatives]) rows: each query must retrieve its positives, with every
+        row's positive and negatives as the corpus.
+
+        Queries and documents are keyed by content (text and pixels), so an image with five captions is one
+        corpus document relevant to five queries, and a query on several rows is relevant to all their positives.
+        """
         from .collators import negative_cells, negative_columns
+        from .mining import fingerprint
 
         negatives = negative_columns(dataset.column_names)
-        queries, corpus, relevant = {}, {}, {}
-        for i, row in enumerate(dataset):
-            queries[i] = row["query"]
-            corpus[f"pos-{i}"] = row["positive"]
-            relevant[i] = {f"pos-{i}"}
-            corpus.update({f"neg-{i}-{n}": cell for n, (cell, _) in enumerate(negative_cells(row, negatives))})
+        queries: dict[str, Any] = {}
+        corpus: dict[str, Any] = {}
+        relevant: dict[str, set[str]] = {}
+        for row in dataset:
+            query, positive = fingerprint(row["query"]), fingerprint(row["positive"])
+            queries.setdefault(query, row["query"])
+            corpus.setdefault(positive, row["positive"])
+            relevant.setdefault(query, set()).add(positive)
+            for cell, _ in negative_cells(row, negatives):
+                corpus.setdefault(fingerprint(cell), cell)
         return cls(queries, corpus, relevant, **kwargs)
 
     def __call__(self, model: Any) -> dict[str, float]:
@@ -131,8 +167,7 @@ class RetrievalEvaluator:
         queries = model.encode(self.queries, side="query", batch_size=self.batch_size, **shard)
         scores = queries.float() @ documents.float().T
         depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
-        top = torch.topk(scores, depth, dim=1).indices.tolist()
-        rankings = [[self.doc_ids[i] for i in row] for row in top]
+        rankings = [[self.doc_ids[i] for i in row] for row in rank_by_score(scores, depth)]
         return ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)
 
 
@@ -143,8 +178,9 @@ class RerankingEvaluator:
     Args:
         samples: ``[{"query": q, "positive": [...], "negative": [...]}]`` (cells: text, images, paths, bytes,
             ``{"text", "image"}``). The incoming order is ``"documents"`` when a sample gives it (e.g. the
-            first-stage retriever's order; positives are those also listed in ``"positive"``), else a seeded
-            shuffle of positives and negatives, i.e. chance level.
+            first-stage retriever's order; positives are those also listed in ``"positive"``, and positives the
+            first stage missed count as relevant documents ranked nowhere, as in trec_eval), else a seeded shuffle
+            of positives and negatives, i.e. chance level. Equal scores keep the incoming order.
         at_k: cut-off of ndcg and mrr (default 10).
         batch_size: pairs per forward pass.
         seed: seed of the shuffle.
@@ -167,8 +203,10 @@ class RerankingEvaluator:
                 raise ValueError(f"samples[{i}]: no 'query'. Fix: give each sample query, positive and negative.")
             if "documents" in sample:
                 docs = list(sample["documents"])
-                # A sample whose positives the first stage missed scores 0 (the id -1 is never ranked).
-                rel = {j for j, doc in enumerate(docs) if any(_same(doc, p) for p in positives)} or {-1}
+                # Positives the first stage missed still count as relevant (ranked nowhere), as in trec_eval.
+                found = {j for j, doc in enumerate(docs) if any(_same(doc, p) for p in positives)}
+                missed = [p for p in positives if not any(_same(doc, p) for doc in docs)]
+                rel = found | {("missed", m) for m in range(len(missed))}
             else:
                 docs = positives + negatives
                 order = list(range(len(docs)))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .distributed import shard_kwargs
+from .evaluation import rank_by_score
 from .inputs import to_input
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def mine_hard_negatives(
             (skipping the very top avoids unlabelled positives).
         margin: also exclude candidates scoring above ``score(query, positive) - margin`` (likely false
             negatives). None: no such limit.
-        duplicate_threshold: exclude candidates whose embedding has cosine similarity >= this with the positive's
-            (near-duplicates of the positive). The positive itself is always excluded by content hash.
+        duplicate_threshold: exclude candidates whose embedding has cosine similarity >= this with a positive's
+            (near-duplicates). Every positive of the row's query (on any row: repeated queries, several captions
+            per image) is always excluded by content hash, and so are their near-duplicates.
         sampling: ``"top"`` (the highest-ranked eligible) or ``"random"`` (uniform among the eligible).
         batch_size: encoding batch size.
         seed: seed of ``"random"`` sampling.
@@ -87,14 +89,25 @@ def mine_hard_negatives(
     query_emb = encode(queries, side="query").float()
     scores = query_emb @ docs.T
     positive_scores = (query_emb * pos).sum(-1)
-    duplicates = (_normalized(pos) @ _normalized(docs).T) if duplicate_threshold is not None else None
+    # Every positive of a query (it may sit on several rows, e.g. one image per caption) is excluded for each of
+    # its rows, and so are the near-duplicates of any of them.
+    query_fp = [fingerprint(cell) for cell in queries]
+    rows_of: dict[str, list[int]] = {}
+    for i, fp in enumerate(query_fp):
+        rows_of.setdefault(fp, []).append(i)
+    positives_of = {fp: {positive_fp[i] for i in rows} for fp, rows in rows_of.items()}
+    duplicates = None
+    if duplicate_threshold is not None:
+        similarity = _normalized(pos) @ _normalized(docs).T
+        duplicates = torch.stack([similarity[rows_of[fp]].max(dim=0).values for fp in query_fp])
     depth = min(range_max or len(corpus), len(corpus))
-    order = scores.topk(depth, dim=1).indices.tolist()
+    order = rank_by_score(scores, depth)
     rng = random.Random(seed)
     rows: dict[str, list[Any]] = {"query": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(num_negatives)}}
     skipped = 0
     for i, ranked in enumerate(order):
-        eligible = [j for j in ranked[range_min:] if corpus_fp[j] != positive_fp[i]
+        own = positives_of[query_fp[i]]
+        eligible = [j for j in ranked[range_min:] if corpus_fp[j] not in own
                     and (duplicates is None or duplicates[i, j] < duplicate_threshold)
                     and (margin is None or scores[i, j] <= positive_scores[i] - margin)]
         if len(eligible) < num_negatives:

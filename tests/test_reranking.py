@@ -212,6 +212,51 @@ def test_mine_hard_negatives_with_image_documents(tiny_path, caplog):
     assert len(fewer) == 5 and "skipped 3 of 8 rows" in caplog.text  # rows whose positive is in corpus[:3]
 
 
+class _AxisEncoder:
+    """Texts embed on their first word's axis, images on their colour's axis, nudged by their second pixel's red."""
+
+    def encode(self, inputs, side="query", batch_size=32):
+        out = torch.zeros(len(inputs), len(NAMES) + 1)
+        for i, cell in enumerate(inputs):
+            if isinstance(cell, str):
+                out[i, NAMES.index(cell.split()[0])] = 1.0
+            else:
+                colour = next(c for c in NAMES if solid(c).getpixel((0, 0)) == cell.getpixel((1, 1)))
+                out[i, NAMES.index(colour)] = 1.0
+                out[i, -1] = cell.getpixel((0, 0))[0] / 255  # images of one colour differ a little
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def test_mining_excludes_every_positive_of_a_repeated_query():
+    # "red" has three positive images (three rows); the miner must not hand one back as another's negative.
+    reds = []
+    for shade in (0, 120, 250):
+        image = solid("red").copy()
+        image.putpixel((0, 0), (shade, 20, 20))
+        reds.append(image)
+    rows = [{"query": "red square", "positive": image} for image in reds]
+    rows += [{"query": f"{c} square", "positive": solid(c)} for c in NAMES[1:]]
+    mined = mine_hard_negatives(_AxisEncoder(), Dataset.from_list(rows), num_negatives=2, duplicate_threshold=None)
+    red_bytes = {image.tobytes() for image in reds}
+    for row in mined:
+        if row["query"] == "red square":
+            assert not {row[f"negative_{j}"].tobytes() for j in (1, 2)} & red_bytes
+
+
+def test_a_positive_the_first_stage_missed_counts_like_trec_eval():
+    import pytrec_eval
+
+    # positives p1, p2; the first stage retrieved n1, p1, n2 (p2 missed); the reranker puts p1 first.
+    samples = [{"query": "q", "positive": ["p1", "p2"], "negative": ["n1", "n2"], "documents": ["n1", "p1", "n2"]}]
+    metrics = RerankingEvaluator(samples)(FixedScores({"n1": 0.2, "p1": 0.9, "n2": 0.1}))
+    run = {"q": {"p1": 3.0, "n1": 2.0, "n2": 1.0}}
+    trec = pytrec_eval.RelevanceEvaluator({"q": {"p1": 1, "p2": 1, "n1": 0, "n2": 0}},
+                                          {"map", "ndcg_cut.10", "recip_rank"}).evaluate(run)["q"]
+    assert metrics["map"] == pytest.approx(trec["map"]) == pytest.approx(0.5)
+    assert metrics["ndcg@10"] == pytest.approx(trec["ndcg_cut_10"])
+    assert metrics["mrr@10"] == pytest.approx(trec["recip_rank"])
+
+
 def test_random_negatives_never_repeat_the_positive():
     from hf_mm_rerank.cli import random_negatives
 
