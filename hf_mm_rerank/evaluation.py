@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .distributed import shard_kwargs
+from .pipeline import undecoded_images
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class RetrievalEvaluator:
         from .mining import fingerprint
 
         negatives = negative_columns(dataset.column_names)
+        dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
         queries: dict[str, Any] = {}
         corpus: dict[str, Any] = {}
         relevant: dict[str, set[str]] = {}
@@ -229,6 +231,7 @@ class RerankingEvaluator:
         document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
         from .collators import negative_cells, negative_columns
 
+        dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
         if "document" in dataset.column_names:
             return cls(_pointwise_samples(dataset), **kwargs)
         negatives = negative_columns(dataset.column_names)

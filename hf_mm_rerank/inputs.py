@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
+ORIENTATION = 0x0112  # the EXIF orientation tag
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -82,7 +83,9 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
     """Open an image cell as RGB, shrunk to at most ``max_pixels`` pixels.
 
     JPEGs are decoded at reduced scale (``Image.draft``) when the target is much smaller, which roughly
-    halves decoding time for large photos.
+    halves decoding time for large photos; the EXIF orientation is applied. Paths, bytes and undecoded
+    ``datasets.Image`` values all come through here, so every path that starts from them (training, the
+    evaluators' ``from_dataset``, mining, ``cache_images``) sees the same pixels.
     """
     if isinstance(value, Image.Image):
         image = value
@@ -117,7 +120,8 @@ def _open(source: Any, where: str, max_pixels: int | None) -> Image.Image:
         if max_pixels and image.format == "JPEG":
             _draft(image, max_pixels)
         image.load()
-        return image
+        # Camera photos store their rotation in EXIF: show them upright, as viewers (and datasets) do.
+        return ImageOps.exif_transpose(image) if image.getexif().get(ORIENTATION, 1) != 1 else image
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
         raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
 

@@ -17,6 +17,7 @@ import torch
 from .distributed import shard_kwargs
 from .evaluation import rank_by_score
 from .inputs import to_input
+from .pipeline import undecoded_images
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def mine_hard_negatives(
     from datasets import Dataset
 
     _check(dataset, num_negatives, sampling, range_min, range_max)
-    queries, positives = list(dataset["query"]), list(dataset["positive"])
+    undecoded = undecoded_images(dataset.select_columns(["query", "positive"]))  # decoded as in training
+    queries, positives = list(undecoded["query"]), list(undecoded["positive"])
     derived = corpus is None
     if corpus is None:
         corpus = _distinct(positives)
@@ -124,7 +126,12 @@ def mine_hard_negatives(
     if skipped:
         logger.warning("mine_hard_negatives: skipped %d of %d rows (not enough eligible candidates).", skipped,
                        len(order))
-    return Dataset.from_dict(rows, features=_features(dataset, num_negatives, corpus_is_positives=derived))
+    features = _features(dataset, num_negatives, corpus_is_positives=derived)
+    mined = Dataset.from_dict(rows, features=features)
+    if features is None:  # negatives from a given corpus: query and positive still keep their (image) types
+        for name in ("query", "positive"):
+            mined = mined.cast_column(name, dataset.features[name])
+    return mined
 
 
 def _check(dataset: Any, num_negatives: int, sampling: str, range_min: int, range_max: int | None) -> None:

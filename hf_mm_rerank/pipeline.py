@@ -65,6 +65,7 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
 
     budget = featurizer_of(model).max_pixels
     names = _image_columns(dataset, columns)
+    dataset = undecoded_images(dataset)  # decoded by hf_mm_rerank's own decoder, exactly as in training
 
     def shrink(row: dict[str, Any]) -> dict[str, Any]:
         out = {}

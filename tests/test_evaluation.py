@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_mm_rerank import RETRIEVAL_METRIC_PATH, RetrievalEvaluator, ranking_metrics
+from hf_mm_rerank.inputs import to_input
 
 
 def test_metrics_equal_hand_computed_values():
@@ -127,7 +128,7 @@ class _PerfectModel:
         out = torch.zeros(len(inputs), len(names))
         for i, cell in enumerate(inputs):
             colour = cell.split("-")[1] if isinstance(cell, str) else names[list(COLORS.values()).index(
-                cell.getpixel((0, 0)))]
+                to_input(cell).image.getpixel((0, 0)))]
             out[i, names.index(colour)] = 1.0
         return out
 

@@ -27,7 +27,8 @@ def test_cached_images_give_the_same_pixels_from_small_files(tiny_path):
         assert sum(len(c["bytes"]) for c in raw["positive"]) < sum(
             len(c["bytes"]) for c in data.cast_column("positive", ImageFeature(decode=False))["positive"])
         collator = BiEncoderCollator(model)
-        before, after = collator(list(data)), collator(list(cached))
+        training = data.cast_column("positive", ImageFeature(decode=False))  # what the trainers hand the collator
+        before, after = collator(list(training)), collator(list(cached))
         torch.testing.assert_close(model(after["positive"]), model(before["positive"]), atol=0, rtol=0)
 
 
@@ -58,3 +59,58 @@ def test_image_paths_are_cached_too(tiny_path, tmp_path):
     cached = cache_images(data, model)
     assert isinstance(cached.features["positive"], ImageFeature) and cached["query"] == data["query"]
     assert all(w * h <= model.featurizer.max_pixels for w, h in (img.size for img in cached["positive"]))
+
+
+def _rotated_jpeg(path, size=(640, 480), orientation=6):
+    """A camera-style JPEG: pixels stored sideways, EXIF orientation 6 (view rotated 90 degrees clockwise)."""
+    from PIL import Image
+
+    noise = Image.effect_noise(size, 60).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    noise.save(path, "JPEG", quality=92, exif=exif)
+    return str(path)
+
+
+def test_every_path_sees_the_same_upright_pixels(tiny_path, tmp_path):
+    """Training, the evaluators' from_dataset, mining, cache_images and encode() on paths decode one way:
+    reduced-scale JPEG decoding and the EXIF orientation applied."""
+    from hf_mm_rerank import RerankingEvaluator, RetrievalEvaluator, mine_hard_negatives
+    from hf_mm_rerank.inputs import to_input
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    paths = [_rotated_jpeg(tmp_path / f"{i}.jpg") for i in range(3)]
+    assert to_input(paths[0]).image.size == (480, 640)  # upright
+    data = Dataset.from_dict({"query": ["a", "b", "c"], "positive": paths}).cast_column("positive", ImageFeature())
+    collator = BiEncoderCollator(model)
+    training = collator(list(data.cast_column("positive", ImageFeature(decode=False))))
+    reference = model(training["positive"])
+
+    def pixels_of(cells):
+        return model(collator([{"query": "q", "positive": cell} for cell in cells])["positive"])
+
+    retrieval = RetrievalEvaluator.from_dataset(data)
+    reranking = RerankingEvaluator.from_dataset(
+        data.add_column("negative_1", paths[1:] + paths[:1]).cast_column("negative_1", ImageFeature()))
+    mined = mine_hard_negatives(model, data, num_negatives=1, duplicate_threshold=None)
+    mined_negatives = {row["query"]: row["negative_1"] for row in mined.cast_column("negative_1", ImageFeature(
+        decode=False))}
+    cached = cache_images(data, model)
+    paths_of = {"a": 0, "b": 1, "c": 2}
+    for name, embeddings in {
+        "RetrievalEvaluator.from_dataset": pixels_of(list(retrieval.corpus)),
+        "RerankingEvaluator.from_dataset": pixels_of([next(c for c in docs if _same_file(c, p))
+                                                      for docs, p in zip(reranking.candidates, paths)]),
+        "cache_images": pixels_of(list(cached.cast_column("positive", ImageFeature(decode=False))["positive"])),
+        "encode(paths)": model.encode(paths, side="document"),
+    }.items():
+        torch.testing.assert_close(embeddings, reference, atol=1e-6, rtol=0, msg=name)
+    for query, negative in mined_negatives.items():  # mined negatives are other rows' positives, same pixels
+        other = [i for i in range(3) if torch.allclose(pixels_of([negative])[0], reference[i], atol=1e-6)]
+        assert other and other[0] != paths_of[query]
+
+
+def _same_file(cell, path):
+    from hf_mm_rerank.inputs import to_input
+
+    return to_input(cell).image.tobytes() == to_input(path).image.tobytes()

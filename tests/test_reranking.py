@@ -19,6 +19,7 @@ from hf_mm_rerank import (
     RerankingEvaluator,
     mine_hard_negatives,
 )
+from hf_mm_rerank.inputs import to_input
 from hf_mm_rerank.losses import (
     BinaryCrossEntropyLoss,
     DistillKLLoss,
@@ -221,6 +222,7 @@ class _AxisEncoder:
             if isinstance(cell, str):
                 out[i, NAMES.index(cell.split()[0])] = 1.0
             else:
+                cell = to_input(cell).image  # datasets image values arrive undecoded, as in training
                 colour = next(c for c in NAMES if solid(c).getpixel((0, 0)) == cell.getpixel((1, 1)))
                 out[i, NAMES.index(colour)] = 1.0
                 out[i, -1] = cell.getpixel((0, 0))[0] / 255  # images of one colour differ a little
