@@ -23,10 +23,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 @dataclass
 class MMInput:
-    """One model input: text, an RGB image, or both."""
+    """One model input: text, an RGB image, or both. ``source_size`` is the upright image's (width, height) before
+    any shrinking, so featurizers can size it as the processor would size the original."""
 
     text: str | None = None
     image: Image.Image | None = None
+    source_size: tuple[int, int] | None = None
 
 
 class InputError(ValueError):
@@ -63,16 +65,16 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         text = cell.get("text")
         if text is not None and not isinstance(text, str):
             raise InputError(f"{where}: 'text' must be a string, received {_describe(text)}.")
-        image = cell.get("image")
-        image = None if image is None else load_image(image, max_pixels=max_pixels, where=where)
+        image, source = (None, None) if cell.get("image") is None else _load(cell["image"], max_pixels, where)
         if text is None and image is None:
             raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
-        return MMInput(text=text, image=image)
+        return MMInput(text=text, image=image, source_size=source)
     if isinstance(cell, str) and not looks_like_image_path(cell):
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=cell)
-    return MMInput(image=load_image(cell, max_pixels=max_pixels, where=where))
+    image, source = _load(cell, max_pixels, where)
+    return MMInput(image=image, source_size=source)
 
 
 def looks_like_image_path(value: str) -> bool:
@@ -87,8 +89,13 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
     ``datasets.Image`` values all come through here, so every path that starts from them (training, the
     evaluators' ``from_dataset``, mining, ``cache_images``) sees the same pixels.
     """
+    return _load(value, max_pixels, where)[0]
+
+
+def _load(value: Any, max_pixels: int | None, where: str) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image shrunk to ``max_pixels``, the upright image's size before any shrinking)."""
     if isinstance(value, Image.Image):
-        image = value
+        image, source = value, value.size
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if not path.is_file():
@@ -96,14 +103,14 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
                 f"{where}: received the image path '{value}', which does not exist. Fix: make paths absolute or "
                 "relative to the working directory, or load the column with datasets.Image()."
             )
-        image = _open(path, where, max_pixels)
+        image, source = _open(path, where, max_pixels)
     elif isinstance(value, (bytes, bytearray)):
-        image = _open(io.BytesIO(value), where, max_pixels)
+        image, source = _open(io.BytesIO(value), where, max_pixels)
     elif isinstance(value, dict) and {"bytes", "path"} & value.keys():
         if value.get("bytes"):
-            image = _open(io.BytesIO(value["bytes"]), where, max_pixels)
+            image, source = _open(io.BytesIO(value["bytes"]), where, max_pixels)
         elif value.get("path"):
-            return load_image(value["path"], max_pixels=max_pixels, where=where)
+            return _load(value["path"], max_pixels, where)
         else:
             raise InputError(f"{where}: received a datasets Image dict with neither bytes nor path.")
     else:
@@ -111,17 +118,21 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
             f"{where}: received {_describe(value)}; expected text (str), a PIL image, an image file path, "
             "image bytes, a datasets Image value or {'text': ..., 'image': ...}."
         )
-    return fit_pixels(to_rgb(image), max_pixels)
+    return fit_pixels(to_rgb(image), max_pixels), source
 
 
-def _open(source: Any, where: str, max_pixels: int | None) -> Image.Image:
+def _open(source: Any, where: str, max_pixels: int | None) -> tuple[Image.Image, tuple[int, int]]:
     try:
         image = Image.open(source)
+        width, height = image.size  # from the header, before any reduced-scale decoding
         if max_pixels and image.format == "JPEG":
             _draft(image, max_pixels)
         image.load()
         # Camera photos store their rotation in EXIF: show them upright, as viewers (and datasets) do.
-        return ImageOps.exif_transpose(image) if image.getexif().get(ORIENTATION, 1) != 1 else image
+        if image.getexif().get(ORIENTATION, 1) == 1:
+            return image, (width, height)
+        upright = ImageOps.exif_transpose(image)  # a quarter turn swaps the source's width and height too
+        return upright, (width, height) if upright.size == image.size else (height, width)
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
         raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
 

@@ -63,19 +63,19 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
     """
     from datasets import Image as ImageFeature
 
-    budget = featurizer_of(model).max_pixels
+    featurizer = featurizer_of(model)
     names = _image_columns(dataset, columns)
     dataset = undecoded_images(dataset)  # decoded by hf_mm_rerank's own decoder, exactly as in training
 
     def shrink(row: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for name in names:
-            item = to_input(row[name], max_pixels=budget, column=name)
+            item = to_input(row[name], max_pixels=featurizer.max_pixels, column=name)
             if item.image is None:
                 out[name] = row[name]
                 continue
             buffer = io.BytesIO()
-            item.image.save(buffer, "PNG")
+            featurizer.fit(item).save(buffer, "PNG")  # chat VLMs: already on the processor's patch grid
             out[name] = {"bytes": buffer.getvalue(), "path": None}
         return out
 

@@ -48,6 +48,10 @@ class Featurizer:
                              "chat VLM backbone (head='yes_no' or 'linear'), or pass text.")
         return item
 
+    def fit(self, item: MMInput) -> Any:
+        """The image of ``item`` as this family's processor should receive it (the processor resizes it itself)."""
+        return item.image
+
     def chunks(self, items: list[MMInput], side: str, size: int | None) -> list[dict[str, Any]]:
         """Featurize ``items`` as consecutive mini-batches of at most ``size`` (all at once when None)."""
         size = size or max(1, len(items))
@@ -126,10 +130,50 @@ class ChatFeaturizer(Featurizer):
 
     def __call__(self, items: list[MMInput], side: str = "query") -> dict[str, Any]:
         texts = [self.render(self.messages(item, side)) for item in items]
-        return self.encode_texts(texts, [item.image for item in items if item.image is not None])
+        return self.encode_texts(texts, [self.fit(item) for item in items if item.image is not None])
+
+    def fit(self, item: MMInput) -> Any:
+        """Resize to the patch grid the processor picks for the *original* image under the pixel budget, so the
+        collator's pre-shrinking (and reduced-scale JPEG decoding) never changes ``image_grid_thw``; the
+        processor then keeps the size as it is."""
+        target = self.grid_size(*(item.source_size or item.image.size))
+        if target is None or item.image.size == target:
+            return item.image
+        from PIL import Image
+
+        return item.image.resize(target, Image.Resampling.BICUBIC)
+
+    def grid_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """(width, height) the Qwen-VL processor resizes a ``width`` x ``height`` image to, with the pixel cap
+        lowered to ``max_pixels``; None for processors without a patch grid."""
+        grid = self._patch_grid()
+        if grid is None:
+            return None
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        factor, minimum, cap = grid
+        h, w = smart_resize(height, width, factor=factor, min_pixels=minimum, max_pixels=cap)
+        return w, h
+
+    def _patch_grid(self) -> tuple[int, int, int] | None:
+        """(patch x merge factor, min pixels, pixel cap) of a Qwen-VL-style image processor, else None."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        patch = getattr(image_processor, "patch_size", None)
+        size = getattr(image_processor, "size", None) or {}
+        if not patch or not size.get("longest_edge"):
+            return None
+        factor = patch * (getattr(image_processor, "merge_size", 1) or 1)
+        cap = min(int(size["longest_edge"]), self.max_pixels or int(size["longest_edge"]))
+        return factor, int(size.get("shortest_edge") or 0), cap
 
     def encode_texts(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
+        extra = {}
+        grid = self._patch_grid() if images else None
+        if grid is not None:
+            # fit() already put every image on its patch grid: the processor must keep that size (its own resize
+            # is not idempotent for extreme aspect ratios, where the grid is allowed over the pixel cap).
+            extra["images_kwargs"] = {"size": {"shortest_edge": grid[1], "longest_edge": 2**40}}
+        return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
 
     def _truncate(self, text: str) -> str:
         if not self.max_length:
@@ -211,7 +255,7 @@ class ChatPairFeaturizer(ChatFeaturizer):
 
     def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
         texts = [self.render_pair(q, d) for q, d in items]
-        images = [item.image for pair in items for item in pair if item.image is not None]
+        images = [self.fit(item) for pair in items for item in pair if item.image is not None]
         return self.encode_texts(texts, images)
 
     def _check_template(self) -> None:

@@ -71,3 +71,33 @@ def test_negative_column_forms():
 def test_rejects_non_model():
     with pytest.raises(TypeError, match="expected a BiEncoder"):
         BiEncoderCollator(object())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("cap", [None, "below_budget"])
+def test_preshrinking_never_changes_the_patch_grid(tiny_path, family, cap):
+    """Whatever the collator does first (reduced-scale JPEG decoding, shrinking to the pixel budget), the image
+    reaches the model on the patch grid the processor picks for the original image under the same cap."""
+    import copy
+    import io
+
+    from PIL import Image
+
+    from hf_mm_rerank import BiEncoder
+
+    model = BiEncoder.from_pretrained(tiny_path(family), max_pixels=None if cap else 28 * 28 * 12)
+    featurizer = model.featurizer
+    if cap:  # the processor's own cap below the (default) visual-token budget
+        featurizer.processor = copy.deepcopy(featurizer.processor)
+        featurizer.processor.image_processor.size["longest_edge"] = 32 * 32 * 10
+    reference = copy.deepcopy(featurizer.processor.image_processor)
+    reference.size["longest_edge"] = min(reference.size["longest_edge"], featurizer.max_pixels)
+    for width, height in [(640, 480), (300, 300), (1000, 200), (37, 500), (2000, 1500), (56, 56), (120, 3000),
+                          (199, 1), (64, 900)]:
+        original = Image.effect_noise((width, height), 40).convert("RGB")
+        buffer = io.BytesIO()
+        original.save(buffer, "JPEG", quality=90)
+        expected = reference(images=[original], return_tensors="pt")["image_grid_thw"]
+        for cell in (original, buffer.getvalue()):  # a decoded image, and JPEG bytes (reduced-scale decoding)
+            batch = BiEncoderCollator(model)([{"query": "q", "positive": cell}])
+            assert torch.equal(batch["positive"][0]["image_grid_thw"], expected), (width, height, type(cell))
