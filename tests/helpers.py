@@ -16,3 +16,19 @@ def args(tmp_path, **overrides) -> TrainingArguments:
 
 def losses(trainer) -> list[float]:
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def fixed_batch_loss(trainer, rows: int = 8) -> float:
+    """The trainer's loss on its first ``rows`` training rows, in eval mode without gradients: the same batch
+    before and after training, so a fall means learning, not an easier batch."""
+    import torch
+
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(trainer.loss(model, batch))
+    finally:
+        model.train(was_training)

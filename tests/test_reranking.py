@@ -127,6 +127,35 @@ def test_losses_equal_hand_computed_values():
     assert bce.item() == pytest.approx(manual.item())
 
 
+def test_lambda_loss_and_kl_distillation_equal_hand_computed_values():
+    # Two groups of 3 with graded targets; LambdaLoss weights each (better, worse) pair by |delta NDCG| of a swap.
+    scores = torch.tensor([0.5, 2.0, -1.0, 1.0, 0.0, 3.0])
+    targets = torch.tensor([2.0, 1.0, 0.0, 0.0, 1.0, 2.0])
+    total, weights = 0.0, 0.0
+    for g in range(2):
+        s, t = scores[3 * g:3 * g + 3].tolist(), targets[3 * g:3 * g + 3].tolist()
+        rank = {j: r for r, j in enumerate(sorted(range(3), key=lambda j: -s[j]))}
+        ideal = sum((2 ** v - 1) / math.log2(r + 2) for r, v in enumerate(sorted(t, reverse=True)))
+        for i in range(3):
+            for j in range(3):
+                if t[i] > t[j]:
+                    delta = abs((2 ** t[i] - 2 ** t[j]) * (1 / math.log2(rank[i] + 2) - 1 / math.log2(rank[j] + 2)))
+                    delta /= ideal
+                    total += delta * math.log1p(math.exp(-(s[i] - s[j])))
+                    weights += delta
+    lambda_loss = LambdaLoss().objective(scores, targets, 3, None)
+    assert lambda_loss.item() == pytest.approx(total / weights, rel=1e-5)
+    # KL(teacher || student) over each group at temperature 2, times 2^2, averaged over groups.
+    teacher = torch.tensor([3.0, 1.0, 0.0, 2.0, 2.0, 1.0])
+    kl = 0.0
+    for g in range(2):
+        p = torch.softmax(teacher[3 * g:3 * g + 3] / 2, 0).tolist()
+        q = torch.softmax(scores[3 * g:3 * g + 3] / 2, 0).tolist()
+        kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    distill = DistillKLLoss(temperature=2.0).objective(scores, targets, 3, teacher)
+    assert distill.item() == pytest.approx(kl / 2 * 4, rel=1e-5)
+
+
 def test_cached_listwise_loss_has_the_same_gradients(reranker_path):
     # (Dropout masks differ between one pass and per-chunk passes; RNG replay is tested on the bi-encoder.)
     rr = _reranker(reranker_path, lora_config=LoraConfig(r=4, lora_dropout=0.0))
