@@ -10,6 +10,8 @@ loss parameters). Checkpointing, pushing, DDP and logging stay the Trainer's own
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import logging
 import os
 import shutil
@@ -82,6 +84,32 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     return _with_row_index(dataset)
 
 
+class _TrainingArgumentsWithoutSecrets(TrainingArguments):
+    """The user's TrainingArguments, pickled without its tokens.
+
+    Trainer writes ``training_args.bin`` (``torch.save(self.args)``) into every checkpoint and into the folder it
+    pushes to the Hub: with ``hub_token`` set, the plaintext token would be uploaded. Pickled, this class leaves out
+    every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it is the
+    user's object, token and all.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
+        # copyreg's reconstructor: the file names only the standard library and TrainingArguments.
+        return copyreg._reconstructor, (TrainingArguments, object, None), state
+
+    def __copy__(self) -> _TrainingArgumentsWithoutSecrets:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TrainingArgumentsWithoutSecrets:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
 class RetrievalTrainerMixin:
     """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving and reloading."""
 
@@ -92,6 +120,8 @@ class RetrievalTrainerMixin:
     def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
         args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
         check_launch(args)
+        if type(args) is TrainingArguments:  # a subclass of the user's own keeps its type (its pickling is theirs)
+            args.__class__ = _TrainingArgumentsWithoutSecrets
         if args.remove_unused_columns:
             # The default would drop our query/positive/negative columns (the model's forward does not name them).
             logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")

@@ -1,5 +1,6 @@
 """Hub publishing against the loopback Hub server: HubPushCallback, Trainer's push_to_hub, reload from a repo."""
 
+import copy
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from helpers import args
 from images import COLORS, color_rows, solid
 from peft import LoraConfig
 from test_cross_encoder import PLAIN_PROMPT, red_rows
+from transformers import TrainingArguments
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CrossEncoder, CrossEncoderTrainer, HubPushCallback
 
@@ -192,6 +194,22 @@ def test_trainer_push_to_hub_makes_complete_repos_with_checkpoints(hub, tiny_pat
     assert "hf_mm_rerank" in meta["tags"] and meta["library_name"] == "peft"
     reloaded = BiEncoder.from_pretrained("me/trainer-push", is_trainable=False)
     torch.testing.assert_close(reloaded.encode(PROBE), trainer.model.encode(PROBE), atol=1e-5, rtol=1e-5)
+
+
+def test_hub_token_is_never_written_to_training_args(hub, tiny_path, tmp_path):
+    trainer = _bi_trainer(tiny_path, tmp_path, push_to_hub=True, hub_model_id="me/secret", hub_token=HUB_TOKEN,
+                          hub_strategy="checkpoint")
+    trainer.train()
+    trainer.push_to_hub()
+    assert "training_args.bin" in hub.files("me/secret") and hub.state.bodies
+    for body in hub.state.bodies:
+        assert HUB_TOKEN.encode() not in body
+    saved = list((tmp_path / "out").rglob("training_args.bin"))
+    assert len(saved) >= 2 and all(HUB_TOKEN.encode() not in path.read_bytes() for path in saved)
+    loaded = torch.load(saved[0], weights_only=False)
+    assert type(loaded) is TrainingArguments and loaded.hub_token is None
+    assert loaded.hub_model_id == "me/secret" and loaded.max_steps == 4
+    assert trainer.args.hub_token == HUB_TOKEN and copy.deepcopy(trainer.args).hub_token == HUB_TOKEN
 
 
 def test_bad_callback_arguments_are_refused(tmp_path, tiny_path):
