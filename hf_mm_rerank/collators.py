@@ -97,10 +97,7 @@ class BiEncoderCollator:
         }
         if negatives:
             cells = [self._negatives(row, negatives, i) for i, row in enumerate(rows)]
-            counts = {len(c) for c in cells}
-            if len(counts) > 1:
-                raise ValueError(f"column '{negatives[0]}': rows have different numbers of negatives "
-                                 f"{sorted(counts)}; every row needs the same count.")
+            _same_count([len(c) for c in cells], [_where(row, i) for i, row in enumerate(rows)], negatives[0])
             items = [item for row_items in cells for item in row_items]
             batch["negative"] = self.featurizer.chunks(items, "document", self.mini_batch_size)
         return batch
@@ -159,7 +156,7 @@ class CrossEncoderCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
-        pairs, targets, teachers, sizes = [], [], [], set()
+        pairs, targets, teachers, sizes = [], [], [], []
         featurizer = self.featurizer
         for i, row in enumerate(rows):
             where = _where(row, i)
@@ -171,18 +168,44 @@ class CrossEncoderCollator:
                 cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
                 docs = [read_cell(featurizer, cell, where, column) for cell, column in cells]
                 targets += [1.0] + [0.0] * (len(docs) - 1)
-            sizes.add(len(docs))
+            sizes.append(len(docs))
             pairs += [(query, doc) for doc in docs]
             if teacher:
                 teachers += _teacher_scores(row, teacher, len(docs), where)
-        if len(sizes) > 1:
-            raise ValueError(f"rows have different numbers of negatives ({sorted(s - 1 for s in sizes)}); every "
-                             "grouped row needs the same count.")
+        if len(set(sizes)) > 1:
+            _same_count([size - 1 for size in sizes], [_where(row, i) for i, row in enumerate(rows)], negatives[0])
         batch = {"pairs": self.featurizer.chunks(pairs, "pair", self.mini_batch_size),
-                 "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes.pop()}
+                 "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes[0]}
         if teacher:
             batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
         return batch
+
+def _same_count(counts: list[int], rows: list[Any], column: str) -> None:
+    """Every row needs the same number of negatives: name the rows of each count when they differ."""
+    by_count: dict[int, list[Any]] = {}
+    for count, row in zip(counts, rows):
+        by_count.setdefault(count, []).append(row)
+    if len(by_count) > 1:
+        detail = "; ".join(f"{count} in rows {found[:5]}{' ...' if len(found) > 5 else ''}"
+                           for count, found in sorted(by_count.items()))
+        raise InputError(f"column '{column}': rows have different numbers of negatives ({detail}); every row needs "
+                         "the same count. Fix: pad or trim the negatives, or filter those rows out.")
+
+
+def check_negative_counts(dataset: Any) -> None:
+    """Find rows whose list-valued ``negative`` cell differs in length before training starts (Arrow, no decoding)."""
+    import pyarrow.compute as pc
+
+    data = getattr(dataset, "data", None)
+    if data is None or "negative" not in dataset.column_names:
+        return
+    column = data.column("negative")
+    if not hasattr(column.type, "value_type"):  # one negative per cell
+        return
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_pylist()
+    if len(set(lengths)) > 1:
+        _same_count(lengths, list(range(len(lengths))), "negative")
+
 
 def _label(value: Any, where: Any) -> float:
     try:

@@ -65,6 +65,8 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         text = cell.get("text")
         if text is not None and not isinstance(text, str):
             raise InputError(f"{where}: 'text' must be a string, received {_describe(text)}.")
+        if text is not None:
+            _check_text(text, where)
         image, source = (None, None) if cell.get("image") is None else _load(cell["image"], max_pixels, where)
         if text is None and image is None:
             raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
@@ -72,9 +74,21 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
     if isinstance(cell, str) and not looks_like_image_path(cell):
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
-        return MMInput(text=cell)
+        return MMInput(text=_check_text(cell, where))
     image, source = _load(cell, max_pixels, where)
     return MMInput(image=image, source_size=source)
+
+
+def _check_text(text: str, where: str) -> str:
+    """Refuse text a tokenizer cannot take (lone surrogates from a bad decode), naming where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{where}: the text is not valid Unicode ({exc.reason} at character {exc.start}, near "
+            f"{text[max(0, exc.start - 20):exc.start + 1]!r}). Fix: repair the column, e.g. "
+            "text.encode('utf-8', 'replace').decode('utf-8').") from None
+    return text
 
 
 def looks_like_image_path(value: str) -> bool:
@@ -133,6 +147,9 @@ def _open(source: Any, where: str, max_pixels: int | None) -> tuple[Image.Image,
             return image, (width, height)
         upright = ImageOps.exif_transpose(image)  # a quarter turn swaps the source's width and height too
         return upright, (width, height) if upright.size == image.size else (height, width)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{where}: {exc} Fix: drop or downscale this image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if the file is trusted.") from None
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
         raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
 

@@ -16,6 +16,10 @@ from .inputs import InputError, MMInput
 SIDES = ("query", "document")
 # Default visual-token budget for chat VLMs when the user gives no max_pixels.
 DEFAULT_VISUAL_TOKENS = 768
+# Default bound on each text part of a chat VLM input, in tokens, when the user gives no max_length.
+DEFAULT_TEXT_TOKENS = 8192
+# Qwen-VL processors refuse images whose long side exceeds this many times the short side.
+MAX_ASPECT_RATIO = 200
 
 
 class Featurizer:
@@ -112,6 +116,18 @@ class ChatFeaturizer(Featurizer):
             )
         if self.max_pixels is None:
             self.max_pixels = default_max_pixels(processor)
+        if self.max_length is None:
+            self.max_length = DEFAULT_TEXT_TOKENS  # a scraped 100,000-character cell must not become a 100k sequence
+
+    def check(self, item: MMInput, row: Any, column: str) -> MMInput:
+        item = super().check(item, row, column)
+        if item.image is not None and self._patch_grid() is not None:
+            width, height = item.source_size or item.image.size
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise InputError(
+                    f"row {row}, column '{column}': the image is {width}x{height} pixels, an aspect ratio over "
+                    f"{MAX_ASPECT_RATIO}:1, which Qwen-VL processors refuse. Fix: crop or pad it, or drop the row.")
+        return item
 
     def messages(self, item: MMInput, side: str) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = []
@@ -176,7 +192,7 @@ class ChatFeaturizer(Featurizer):
         return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
 
     def _truncate(self, text: str) -> str:
-        if not self.max_length:
+        if not self.max_length or 4 * len(text) <= self.max_length:  # a character is at most 4 byte tokens
             return text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= self.max_length else self.tokenizer.decode(ids[: self.max_length])

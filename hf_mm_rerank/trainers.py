@@ -31,6 +31,7 @@ from .collators import (
     BiEncoderCollator,
     CrossEncoderCollator,
     check_columns,
+    check_negative_counts,
     negative_columns,
     reranker_layout,
 )
@@ -342,7 +343,14 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
             columns = _columns(dataset) if dataset is not None else None
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
-                negative_columns(columns)
+                _check_rows(dataset, name)
+                if not negative_columns(columns) and name == "train_dataset" and (
+                        len(dataset) < 2 or args.per_device_train_batch_size * args.world_size < 2):
+                    raise ValueError(
+                        f"train_dataset: {len(dataset)} row(s), {args.per_device_train_batch_size} per batch on "
+                        f"{args.world_size} process(es), and no negative column: each query would be scored against "
+                        "its own positive alone, so the loss is 0 and nothing trains. Fix: at least 2 rows per "
+                        "batch (per_device_train_batch_size x processes), or negative columns.")
         if data_collator is None:
             data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
@@ -376,6 +384,8 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                    if dataset is not None and (columns := _columns(dataset)) is not None}
+        for name in layouts:
+            _check_rows(train_dataset if name == "train_dataset" else eval_dataset, name)
         if loss is None:
             grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
             loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()
@@ -384,6 +394,15 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
+
+
+def _check_rows(dataset: Any, name: str) -> None:
+    """Before training: an empty dataset, or list-valued negatives of different lengths, named here (not as a
+    sampler error, or at the first mixed batch mid-run)."""
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name} has no rows (columns {_columns(dataset)}). Fix: check the split, and any filter or "
+                         "select that emptied it.")
+    check_negative_counts(dataset)
 
 
 def _check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:

@@ -164,8 +164,8 @@ class BiEncoder(AdapterModel):
         rank must call it).
         """
         def featurize(chunk: Sequence[Any], start: int) -> dict[str, Any]:
-            budget = self.featurizer.max_pixels
-            return self.featurizer([to_input(cell, max_pixels=budget, row=start + i, column=side)
-                                    for i, cell in enumerate(chunk)], side)
+            budget, check = self.featurizer.max_pixels, self.featurizer.check
+            return self.featurizer([check(to_input(cell, max_pixels=budget, row=start + i, column=side), start + i,
+                                          side) for i, cell in enumerate(chunk)], side)
 
         return self._run_batched(inputs, batch_size, featurize, shard_across_ranks)

@@ -1,0 +1,91 @@
+"""Bad rows of scraped datasets get an error naming the row and column (or are refused before training), never a
+crash deep in a tokenizer, processor or sampler."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from datasets import Dataset
+from helpers import args
+from images import color_rows, solid
+from PIL import Image
+
+from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoderTrainer, InputError
+from hf_mm_rerank.collators import ROW_KEY as ROW
+from hf_mm_rerank.processing import DEFAULT_TEXT_TOKENS
+
+
+def _collate(model, **cells):
+    return BiEncoderCollator(model)([{ROW: 41, "query": "q", "positive": solid("red"), **cells}])
+
+
+def test_a_decompression_bomb_is_named(tiny_path, monkeypatch):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100x100 PNG is then a "bomb", like 30000x30000
+    buffer = io.BytesIO()
+    solid("red", (100, 100)).save(buffer, "PNG")
+    with pytest.raises(InputError, match=r"row 41, column 'positive': .*exceeds limit.*MAX_IMAGE_PIXELS"):
+        _collate(model, positive=buffer.getvalue())
+
+
+def test_a_lone_surrogate_is_named(tiny_path):
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
+    with pytest.raises(InputError, match=r"row 41, column 'query': the text is not valid Unicode \(surrogates"):
+        _collate(model, query="broken \udcff text")
+    with pytest.raises(InputError, match="not valid Unicode"):
+        model.encode([{"text": "also \ud800 here", "image": solid("red")}])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_aspect_ratio_beyond_the_processor_limit_is_named_and_199_to_1_passes(tiny_path, family):
+    model = BiEncoder.from_pretrained(tiny_path(family))
+    batch = _collate(model, positive=Image.new("RGB", (398, 2), (200, 10, 10)))  # 199:1 is accepted, as is
+    assert batch["positive"][0]["image_grid_thw"].shape[0] == 1
+    with pytest.raises(InputError, match=r"row 41, column 'positive': the image is 402x2 pixels, an aspect ratio over "
+                                         r"200:1"):
+        _collate(model, positive=Image.new("RGB", (402, 2)))
+    with pytest.raises(InputError, match=r"row 0, column 'query'.*aspect ratio"):
+        model.encode([Image.new("RGB", (2, 500))])
+
+
+def test_chat_vlm_text_is_bounded_by_default(tiny_path):
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
+    batch = _collate(model, query="word " * 20_000)  # 100,000 characters
+    assert DEFAULT_TEXT_TOKENS < batch["query"][0]["input_ids"].shape[1] < DEFAULT_TEXT_TOKENS + 64
+
+
+def test_empty_and_contrast_free_datasets_are_refused_before_training(tiny_path, tmp_path):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    empty = Dataset.from_dict({"query": [], "positive": []})
+    with pytest.raises(ValueError, match=r"train_dataset has no rows \(columns \['query', 'positive'\]\)"):
+        BiEncoderTrainer(model=model, args=args(tmp_path), train_dataset=empty)
+    one = Dataset.from_list([{"query": "a red square", "positive": solid("red")}])
+    with pytest.raises(ValueError, match="loss is 0 and nothing trains"):
+        BiEncoderTrainer(model=model, args=args(tmp_path), train_dataset=one)
+    with pytest.raises(ValueError, match="loss is 0 and nothing trains"):
+        BiEncoderTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=1),
+                         train_dataset=Dataset.from_list(color_rows()).remove_columns("negative"))
+    with pytest.raises(ValueError, match="eval_dataset has no rows"):
+        CrossEncoderTrainer(model=_reranker(tiny_path), args=args(tmp_path), eval_dataset=Dataset.from_dict(
+            {"query": [], "document": [], "label": []}), train_dataset=Dataset.from_list(
+            [{"query": "q", "document": "d", "label": 1.0}]))
+
+
+def _reranker(tiny_path):
+    from test_cross_encoder import PLAIN_PROMPT
+
+    from hf_mm_rerank import CrossEncoder
+
+    return CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no", **PLAIN_PROMPT)
+
+
+def test_mixed_negative_counts_name_the_rows_before_training(tiny_path, tmp_path):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negative": ["n1", "n2"] if i not in (3, 7) else ["n1"]}
+            for i in range(10)]
+    with pytest.raises(InputError, match=r"1 in rows \[3, 7\]; 2 in rows \[0, 1, 2, 4, 5\] \.\.\."):
+        BiEncoderTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_list(rows))
+    # Numbered negative columns with an empty cell reach the collator: it names the rows too.
+    with pytest.raises(InputError, match=r"row 41, column 'negative_1': received None"):
+        _collate(model, negative_1=None)
