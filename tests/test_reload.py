@@ -88,3 +88,27 @@ def test_pushing_a_model_with_a_local_base_warns(hub, tiny_path, tmp_path, caplo
         trainer.train()
     assert "will not load elsewhere" in caplog.text and "base_model=" in caplog.text
     assert os.path.isabs(trainer.model.spec.base_model)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate adapter_model.safetensors", r"adapter_model.safetensors is damaged or incomplete"),
+    ("remove adapter_model.safetensors", r"adapter_model.safetensors is missing"),
+    ("truncate hf_mm_rerank_config.json", r"hf_mm_rerank_config.json is not valid JSON"),
+    ("truncate adapter_config.json", r"adapter_config.json is not valid JSON"),
+    ("truncate head.safetensors", r"head.safetensors is damaged or incomplete"),
+])
+def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, message):
+    from test_cross_encoder import PLAIN_PROMPT
+
+    from hf_mm_rerank import CrossEncoder
+
+    CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="linear", lora_config=LoraConfig(r=4),
+                                 **PLAIN_PROMPT).save_pretrained(str(tmp_path / "m"))
+    action, name = damage.split()
+    target = tmp_path / "m" / name
+    if action == "remove":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    with pytest.raises((OSError, ValueError, FileNotFoundError), match=message):
+        CrossEncoder.from_pretrained(str(tmp_path / "m"))

@@ -56,7 +56,11 @@ class ModelSpec:
         if path is None:
             return None
         with open(path) as handle:
-            data = json.load(handle)
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); the file is damaged or was cut short. Fix: copy "
+                                 "or save the model again.") from None
         if data.get("base_model", "").startswith(RELATIVE):  # a base saved inside the folder: found beside it
             data["base_model"] = os.path.normpath(os.path.join(os.path.dirname(path), data["base_model"]))
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
@@ -237,7 +241,7 @@ class AdapterModel(nn.Module):
                 f"{name_or_path} has no {HEAD_WEIGHTS}, but this {self.kind} has a trained head; refusing to "
                 "re-initialise it silently. Fix: load a folder written by save_pretrained()."
             )
-        heads.load_state_dict(load_file(path), strict=True)
+        heads.load_state_dict(read_weights(path), strict=True)
 
     # ----- saving -------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str, *, save_processor: bool = True,
@@ -277,7 +281,7 @@ class AdapterModel(nn.Module):
         if self.is_peft:
             from peft.utils import set_peft_model_state_dict
 
-            state = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+            state = read_weights(os.path.join(directory, ADAPTER_WEIGHTS))
             _check_adapter_keys(self.backbone, state, directory)
             set_peft_model_state_dict(self.backbone, state)
         else:
@@ -341,12 +345,29 @@ def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gr
         backbone = prepare_model_for_kbit_training(
             backbone, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
     path = resolve_file(name_or_path, ADAPTER_WEIGHTS, **hub_kwargs)
-    if path is None:
-        raise FileNotFoundError(f"{name_or_path}: {ADAPTER_WEIGHTS} is missing; the adapter cannot be loaded.")
-    _check_adapter_keys(model, load_file(path), name_or_path)
+    if path is None:  # checked first: PEFT would take the folder for a Hub repo id and fail on that
+        raise FileNotFoundError(f"{name_or_path}: {ADAPTER_WEIGHTS} is missing, so the adapter cannot be loaded. "
+                                "Fix: copy the whole folder written by save_pretrained(), or save it again.")
+    state = read_weights(path)  # a damaged file is named here, not as a bare safetensors error
+    try:
+        model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name_or_path}: adapter_config.json is not valid JSON ({exc}); the file is damaged or was "
+                         "cut short. Fix: copy or save the model again.") from None
+    _check_adapter_keys(model, state, name_or_path)
     return model
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """``safetensors.load_file`` whose errors name the file and what to do."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise OSError(f"{path} is damaged or incomplete ({exc}); it was probably cut short by a full disk or an "
+                      "interrupted copy. Fix: copy or save it again, or load an earlier checkpoint.") from None
 
 
 def _check_adapter_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
