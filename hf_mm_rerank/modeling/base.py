@@ -260,10 +260,10 @@ class AdapterModel(nn.Module):
             if heads is not None:
                 name = next(n for n, module in self.named_modules() if module is heads)
                 head_state = _prefixed(state_dict, f"{name}.") or None
-        if self.is_peft:  # adapter_config.json names the base as hf_mm_rerank_config.json does
-            for config in self.backbone.peft_config.values():
-                config.base_model_name_or_path = base_reference(self.spec.base_model, directory)
         self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        if self.is_peft:  # adapter_config.json names the base as hf_mm_rerank_config.json does
+            _set_json_field(os.path.join(directory, "adapter_config.json"), "base_model_name_or_path",
+                            base_reference(self.spec.base_model, directory))
         if heads is not None:
             head_state = head_state if head_state is not None else heads.state_dict()
             save_file({k: v.detach().contiguous().cpu() for k, v in head_state.items()},
@@ -330,6 +330,15 @@ def _recorded_quantization(spec: ModelSpec, quantization_config: Any, name_or_pa
     logger.info("%s was trained on a %s-bit base: loading it quantized the same way (pass quantization_config=False "
                 "for full precision).", name_or_path, 4 if recorded.load_in_4bit else 8)
     return recorded
+
+
+def _set_json_field(path: str, key: str, value: Any) -> None:
+    if os.path.isfile(path):
+        with open(path) as handle:
+            data = json.load(handle)
+        data[key] = value
+        with open(path, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
 
 
 def _prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
