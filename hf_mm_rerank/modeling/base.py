@@ -203,7 +203,8 @@ class AdapterModel(nn.Module):
             base_kwargs = {k: v for k, v in model_kwargs.items() if k != "revision"}  # the revision is the adapter's
             backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
                                      **base_kwargs)
-            backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs)
+            backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs,
+                                     spec.base_model)
             if lora_config is not None:
                 logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",
                                name_or_path)
@@ -347,7 +348,7 @@ def _prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 
 def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gradient_checkpointing: bool,
-                  hub_kwargs: dict[str, Any]) -> nn.Module:
+                  hub_kwargs: dict[str, Any], base: str) -> nn.Module:
     from peft import PeftModel, prepare_model_for_kbit_training
 
     if is_quantized(backbone) and is_trainable:
@@ -364,6 +365,8 @@ def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gr
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name_or_path}: adapter_config.json is not valid JSON ({exc}); the file is damaged or was "
                          "cut short. Fix: copy or save the model again.") from None
+    for config in model.peft_config.values():  # the file's reference may be relative to the saved folder
+        config.base_model_name_or_path = base
     _check_adapter_keys(model, state, name_or_path)
     return model
 
