@@ -10,8 +10,6 @@ loss parameters). Checkpointing, pushing, DDP and logging stay the Trainer's own
 
 from __future__ import annotations
 
-import copy
-import copyreg
 import logging
 import os
 import shutil
@@ -24,6 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from .arguments import fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts, warn_if_local_base
 from .collators import (
     GROUPED,
@@ -35,7 +34,7 @@ from .collators import (
     negative_columns,
     reranker_layout,
 )
-from .distributed import average_gradients, check_launch
+from .distributed import average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 
@@ -56,20 +55,6 @@ def _with_row_index(dataset: Any) -> Any:
     return dataset
 
 
-def _cpus_per_rank() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def auto_num_workers() -> int:
-    """DataLoader workers per process: the CPUs this process may use, shared by the local ranks, minus one for
-    the training step (at least 1, at most 16)."""
-    return max(1, min(16, _cpus_per_rank() - 1))
-
-
 def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     """Image cells left undecoded for the collator (which decodes JPEGs at reduced scale), a row index for
     error messages, and with ``train_sampling_strategy="group_by_length"`` a length column estimated from text
@@ -85,32 +70,6 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     return _with_row_index(dataset)
 
 
-class _TrainingArgumentsWithoutSecrets(TrainingArguments):
-    """The user's TrainingArguments, pickled without its tokens.
-
-    Trainer writes ``training_args.bin`` (``torch.save(self.args)``) into every checkpoint and into the folder it
-    pushes to the Hub: with ``hub_token`` set, the plaintext token would be uploaded. Pickled, this class leaves out
-    every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it is the
-    user's object, token and all.
-    """
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        state = {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
-        # copyreg's reconstructor: the file names only the standard library and TrainingArguments.
-        return copyreg._reconstructor, (TrainingArguments, object, None), state
-
-    def __copy__(self) -> _TrainingArgumentsWithoutSecrets:
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
-        return clone
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _TrainingArgumentsWithoutSecrets:
-        clone = object.__new__(type(self))
-        memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return clone
-
-
 class RetrievalTrainerMixin:
     """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving and reloading."""
 
@@ -119,28 +78,7 @@ class RetrievalTrainerMixin:
 
     @staticmethod
     def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
-        args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
-        check_launch(args)
-        if type(args) is TrainingArguments:  # a subclass of the user's own keeps its type (its pickling is theirs)
-            args.__class__ = _TrainingArgumentsWithoutSecrets
-        if args.remove_unused_columns:
-            # The default would drop our query/positive/negative columns (the model's forward does not name them).
-            logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
-            args.remove_unused_columns = False
-        if args.dataloader_num_workers == 0 and os.environ.get("HF_MM_RERANK_AUTO_WORKERS", "1") != "0":
-            # Image decoding and processing belong in DataLoader workers, beside the training step.
-            args.dataloader_num_workers = auto_num_workers()
-            args.dataloader_persistent_workers = True
-            logger.info("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the "
-                        "CPU count (set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).",
-                        args.dataloader_num_workers)
-            if args.device.type == "cpu":
-                # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
-                threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
-                if torch.get_num_threads() > threads:
-                    torch.set_num_threads(threads)
-                    logger.info("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
-        return args
+        return fix_training_arguments(args)
 
     def _validate_args(self) -> None:
         # Trainer refuses eval_strategy != "no" without an eval_dataset; an evaluator is enough for us.

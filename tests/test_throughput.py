@@ -13,9 +13,9 @@ from images import COLORS, color_rows, solid
 from PIL import Image
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
+from hf_mm_rerank.arguments import auto_num_workers
 from hf_mm_rerank.callbacks import ThroughputCallback, batch_counts
 from hf_mm_rerank.inputs import to_input
-from hf_mm_rerank.trainers import auto_num_workers
 
 
 def test_batch_counts_rows_images_and_tokens(tiny_path):
@@ -59,7 +59,7 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
     torch.set_num_threads(os.cpu_count())
     model = BiEncoder.from_pretrained(tiny_path("clip"))
-    with caplog.at_level(logging.INFO, logger="hf_mm_rerank.trainers"):
+    with caplog.at_level(logging.INFO, logger="hf_mm_rerank.arguments"):
         trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=2),
                                    train_dataset=Dataset.from_list(color_rows(2)))
     workers = trainer.args.dataloader_num_workers

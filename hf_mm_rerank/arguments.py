@@ -1,0 +1,84 @@
+"""The trainers' fix-ups of a plain ``transformers.TrainingArguments``: launch checks, DataLoader workers from the
+CPU count, and a pickled form (``training_args.bin``) without tokens."""
+
+from __future__ import annotations
+
+import copy
+import copyreg
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .distributed import check_launch
+
+logger = logging.getLogger(__name__)
+
+
+def _cpus_per_rank() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def auto_num_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the local ranks, minus one for
+    the training step (at least 1, at most 16)."""
+    return max(1, min(16, _cpus_per_rank() - 1))
+
+
+class _TrainingArgumentsWithoutSecrets(TrainingArguments):
+    """The user's TrainingArguments, pickled without its tokens.
+
+    Trainer writes ``training_args.bin`` (``torch.save(self.args)``) into every checkpoint and into the folder it
+    pushes to the Hub: with ``hub_token`` set, the plaintext token would be uploaded. Pickled, this class leaves out
+    every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it is the
+    user's object, token and all.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
+        # copyreg's reconstructor: the file names only the standard library and TrainingArguments.
+        return copyreg._reconstructor, (TrainingArguments, object, None), state
+
+    def __copy__(self) -> _TrainingArgumentsWithoutSecrets:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TrainingArgumentsWithoutSecrets:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
+    """What the trainers change in the user's plain ``TrainingArguments`` (each change said once in the log):
+    launch checks, no token in pickled copies, raw columns kept, DataLoader workers picked from the CPU count."""
+    args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
+    check_launch(args)
+    if type(args) is TrainingArguments:  # a subclass of the user's own keeps its type (its pickling is theirs)
+        args.__class__ = _TrainingArgumentsWithoutSecrets
+    if args.remove_unused_columns:
+        # The default would drop our query/positive/negative columns (the model's forward does not name them).
+        logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
+        args.remove_unused_columns = False
+    if args.dataloader_num_workers == 0 and os.environ.get("HF_MM_RERANK_AUTO_WORKERS", "1") != "0":
+        # Image decoding and processing belong in DataLoader workers, beside the training step.
+        args.dataloader_num_workers = auto_num_workers()
+        args.dataloader_persistent_workers = True
+        logger.info("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the "
+                    "CPU count (set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).",
+                    args.dataloader_num_workers)
+        if args.device.type == "cpu":
+            # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
+            threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
+            if torch.get_num_threads() > threads:
+                torch.set_num_threads(threads)
+                logger.info("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
+    return args
