@@ -225,6 +225,11 @@ class RetrievalTrainerMixin:
         self._load_loss_state(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} is incomplete (no trainer_state.json): its save was interrupted, e.g. by "
+                "a full disk or a kill. Fix: delete that folder and resume again (resume_from_checkpoint=True then "
+                "picks the previous checkpoint), or pass resume_from_checkpoint=<a complete checkpoint>.")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded parameters: Trainer's own loaders
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:

@@ -174,3 +174,15 @@ def test_recipe_seed_makes_lora_initialisation_reproducible(tiny_path, tmp_path)
                      "--dataloader_num_workers", "0"])
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_from_an_interrupted_checkpoint_says_what_to_do(tiny_path, tmp_path):
+    def trainer(max_steps):
+        model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4))
+        return BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=max_steps, save_strategy="steps",
+                                                       save_steps=2), train_dataset=Dataset.from_list(color_rows()))
+
+    trainer(4).train()
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").unlink()  # a save cut short (full disk, kill)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-4 is incomplete.*delete that folder"):
+        trainer(6).train(resume_from_checkpoint=True)
