@@ -73,7 +73,8 @@ class HubPushCallback(TrainerCallback):
         max_retries: retries per push after the first attempt.
         backoff: seconds before the first retry; doubles each time.
         attempt_timeout: seconds one attempt may take before it counts as failed (a hung server).
-        wait_at_end: seconds ``on_train_end`` waits for queued pushes before reporting what is left.
+        wait_at_end: seconds ``on_train_end`` waits for queued pushes (default 5 minutes) before it logs what is
+            still pending and lets the run end (a hung Hub never holds the end of training for long).
         card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
 
     After training, ``records`` lists every push and ``commit_url`` is the last successful commit.
@@ -86,7 +87,7 @@ class HubPushCallback(TrainerCallback):
     def __init__(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                  push_on: str = "save", token: str | None = None, endpoint: str | None = None,
                  max_retries: int = 4, backoff: float = 2.0,
-                 attempt_timeout: float = 600.0, wait_at_end: float = 1800.0, card: dict[str, Any] | None = None,
+                 attempt_timeout: float = 600.0, wait_at_end: float = 300.0, card: dict[str, Any] | None = None,
                  ) -> None:
         if push_on not in PUSH_ON:
             raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
