@@ -112,3 +112,13 @@ def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, me
         target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     with pytest.raises((OSError, ValueError, FileNotFoundError), match=message):
         CrossEncoder.from_pretrained(str(tmp_path / "m"))
+
+
+def test_a_copy_without_its_base_folder_says_so(tiny_path, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_path("clip"), out / "_base_model")
+    _lora(out / "_base_model").save_pretrained(str(out))
+    shutil.copytree(out, tmp_path / "copy", ignore=shutil.ignore_patterns("_base_model"))
+    with pytest.raises(FileNotFoundError, match=r"recorded inside the saved folder as \./_base_model, which was not "
+                                                r"copied along.*base_model="):
+        BiEncoder.from_pretrained(str(tmp_path / "copy"))

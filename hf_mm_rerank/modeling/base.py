@@ -83,10 +83,13 @@ def base_reference(base: str, directory: str) -> str:
 def check_base(base: str, name_or_path: str) -> None:
     """A local base that is gone gets an error naming it and the argument that overrides it."""
     if os.path.isabs(base) and not os.path.isdir(base):
+        inside = os.path.isdir(name_or_path) and base.startswith(os.path.abspath(name_or_path) + os.sep)
+        where = (f"recorded inside the saved folder as ./{os.path.relpath(base, name_or_path)}, which was not copied "
+                 "along" if inside else "moved or deleted, or the folder was copied to another machine")
         raise FileNotFoundError(
-            f"{name_or_path} was trained on the local base model {base}, which is not there (moved or deleted, or "
-            "the folder was copied to another machine). Fix: pass the base explicitly, from_pretrained("
-            f"{name_or_path!r}, base_model='<Hub id or local folder of that base>').")
+            f"{name_or_path} was trained on the local base model {base}, which is not there ({where}). Fix: pass "
+            f"the base explicitly, from_pretrained({name_or_path!r}, base_model='<Hub id or local folder of that "
+            "base>'), or copy the base folder back.")
 
 
 def resolve_file(name_or_path: str, filename: str, **hub_kwargs: Any) -> str | None:
