@@ -90,14 +90,17 @@ def test_pushing_a_model_with_a_local_base_warns(hub, tiny_path, tmp_path, caplo
     assert os.path.isabs(trainer.model.spec.base_model)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate adapter_model.safetensors", r"adapter_model.safetensors is damaged or incomplete"),
-    ("remove adapter_model.safetensors", r"adapter_model.safetensors is missing"),
-    ("truncate hf_mm_rerank_config.json", r"hf_mm_rerank_config.json is not valid JSON"),
-    ("truncate adapter_config.json", r"adapter_config.json is not valid JSON"),
-    ("truncate head.safetensors", r"head.safetensors is damaged or incomplete"),
+@pytest.mark.parametrize("damage, message, unchecked", [
+    ("truncate adapter_model.safetensors", r"adapter_model.safetensors is not the file that was saved",
+     r"adapter_model.safetensors is damaged or incomplete"),
+    ("remove adapter_model.safetensors", r"adapter_model.safetensors is missing", None),
+    ("truncate hf_mm_rerank_config.json", r"hf_mm_rerank_config.json is not valid JSON", None),
+    ("truncate adapter_config.json", r"adapter_config.json is not valid JSON", None),
+    ("truncate head.safetensors", r"head.safetensors is not the file that was saved",
+     r"head.safetensors is damaged or incomplete"),
+    ("flip head.safetensors", r"head.safetensors is not the file that was saved.*verify_checksums=False", "loads"),
 ])
-def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, message):
+def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, message, unchecked):
     from test_cross_encoder import PLAIN_PROMPT
 
     from hf_mm_rerank import CrossEncoder
@@ -106,12 +109,20 @@ def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, me
                                  **PLAIN_PROMPT).save_pretrained(str(tmp_path / "m"))
     action, name = damage.split()
     target = tmp_path / "m" / name
+    data = target.read_bytes()
     if action == "remove":
         target.unlink()
+    elif action == "flip":  # one byte inside the tensor data: loads silently without the checksum
+        target.write_bytes(data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:])
     else:
-        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+        target.write_bytes(data[: len(data) // 2])
     with pytest.raises((OSError, ValueError, FileNotFoundError), match=message):
         CrossEncoder.from_pretrained(str(tmp_path / "m"))
+    if unchecked == "loads":
+        assert CrossEncoder.from_pretrained(str(tmp_path / "m"), verify_checksums=False).head is not None
+    elif unchecked:
+        with pytest.raises(OSError, match=unchecked):
+            CrossEncoder.from_pretrained(str(tmp_path / "m"), verify_checksums=False)
 
 
 def test_a_copy_without_its_base_folder_says_so(tiny_path, tmp_path):

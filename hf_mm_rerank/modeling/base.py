@@ -10,6 +10,7 @@ Saved layout of a model folder (local or a Hub repo):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,11 +45,27 @@ class ModelSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
     version: str = __version__
+    checksums: dict[str, str] = field(default_factory=dict)  # sha256 of each weight file, checked on load
 
     def save(self, directory: str) -> None:
+        self.checksums = {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+                          if name in (ADAPTER_WEIGHTS, HEAD_WEIGHTS)
+                          or name.startswith("model") and name.endswith(".safetensors")}  # full weights, shards
         data = {**asdict(self), "base_model": base_reference(self.base_model, directory)}
         with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
+
+    def verify(self, name_or_path: str, **hub_kwargs: Any) -> None:
+        """Refuse weight files whose bytes changed since they were saved (a flipped byte loads silently)."""
+        for name, expected in self.checksums.items():
+            path = resolve_file(name_or_path, name, **hub_kwargs)
+            if path is None:
+                raise FileNotFoundError(f"{name_or_path}: {name} is missing. Fix: copy the whole folder written by "
+                                        "save_pretrained(), or save it again.")
+            if _sha256(path) != expected:
+                raise ValueError(f"{path} is not the file that was saved (its sha256 differs from the one recorded in "
+                                 f"{CONFIG_NAME}): it was damaged or modified. Fix: copy or save it again; to load "
+                                 "it anyway, pass verify_checksums=False.")
 
     @classmethod
     def find(cls, name_or_path: str, **hub_kwargs: Any) -> ModelSpec | None:
@@ -182,14 +199,17 @@ class AdapterModel(nn.Module):
 
     # ----- loading ------------------------------------------------------------------------------------
     @classmethod
-    def find_spec(cls, name_or_path: str, base_model: str | None, hub_kwargs: dict[str, Any]) -> ModelSpec | None:
+    def find_spec(cls, name_or_path: str, base_model: str | None, hub_kwargs: dict[str, Any],
+                  verify_checksums: bool = True) -> ModelSpec | None:
         """The saved spec of a folder/repo written by this class (None for a base checkpoint), with its base model
-        resolved (``base_model`` overrides it) and checked."""
+        resolved (``base_model`` overrides it) and checked, and its weight files' checksums verified."""
         spec = ModelSpec.find(name_or_path, **hub_kwargs)
         if spec is None:
             return None
         if spec.kind != cls.kind:
             raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
+        if verify_checksums:
+            spec.verify(name_or_path, **hub_kwargs)
         if base_model is not None:
             spec.base_model = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
         if spec.adapter:
@@ -282,6 +302,9 @@ class AdapterModel(nn.Module):
 
         Used for ``load_best_model_at_end`` and ``resume_from_checkpoint``.
         """
+        saved = ModelSpec.find(directory)
+        if saved is not None:
+            saved.verify(directory)
         if self.is_peft:
             from peft.utils import set_peft_model_state_dict
 
@@ -334,6 +357,14 @@ def _recorded_quantization(spec: ModelSpec, quantization_config: Any, name_or_pa
     logger.info("%s was trained on a %s-bit base: loading it quantized the same way (pass quantization_config=False "
                 "for full precision).", name_or_path, 4 if recorded.load_in_4bit else 8)
     return recorded
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _set_json_field(path: str, key: str, value: Any) -> None:

@@ -77,6 +77,7 @@ class BiEncoder(AdapterModel):
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
         base_model: str | None = None,
+        verify_checksums: bool = True,
         **model_kwargs: Any,
     ) -> BiEncoder:
         """Load a base checkpoint (optionally adding LoRA / QLoRA) or a folder/repo saved by this class.
@@ -97,10 +98,11 @@ class BiEncoder(AdapterModel):
             is_trainable: load a saved adapter trainable (default) or frozen for inference.
             base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id, or a local folder
                 when the recorded local base is not on this machine).
+            verify_checksums: check each weight file against the sha256 recorded when it was saved (default).
             **model_kwargs: passed to ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ...);
                 ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
         """
-        spec = cls.find_spec(name_or_path, base_model, hub_kwargs_of(model_kwargs))
+        spec = cls.find_spec(name_or_path, base_model, hub_kwargs_of(model_kwargs), verify_checksums)
         backbone, processor, spec = cls._load_parts(
             name_or_path, lora_config=lora_config, quantization_config=quantization_config,
             gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,

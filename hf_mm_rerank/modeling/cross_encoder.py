@@ -161,6 +161,7 @@ class CrossEncoder(AdapterModel):
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
         base_model: str | None = None,
+        verify_checksums: bool = True,
         **model_kwargs: Any,
     ) -> CrossEncoder:
         """Load a reranker or a base checkpoint (optionally adding LoRA / QLoRA and a head).
@@ -180,11 +181,12 @@ class CrossEncoder(AdapterModel):
             gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
             is_trainable: load a saved adapter trainable (default) or frozen.
             base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id or local folder).
+            verify_checksums: check each weight file against the sha256 recorded when it was saved (default).
             **model_kwargs: passed to the transformers ``from_pretrained`` (``dtype``, ``attn_implementation``...);
                 ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
         """
         hub_kwargs = hub_kwargs_of(model_kwargs)
-        spec = cls.find_spec(name_or_path, base_model, hub_kwargs)
+        spec = cls.find_spec(name_or_path, base_model, hub_kwargs, verify_checksums)
         saved = spec is not None
         on_base = spec is not None and spec.adapter
         base = spec.base_model if on_base else name_or_path
