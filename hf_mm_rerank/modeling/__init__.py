@@ -1,7 +1,8 @@
 """Backbone loading, pooling and the model classes."""
 
-from .base import AdapterModel, ModelSpec
+from .base import AdapterModel
 from .bi_encoder import BiEncoder
 from .cross_encoder import CrossEncoder
+from .spec import ModelSpec
 
 __all__ = ["AdapterModel", "BiEncoder", "CrossEncoder", "ModelSpec"]
