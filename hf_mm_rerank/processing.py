@@ -52,6 +52,13 @@ class Featurizer:
                              "chat VLM backbone (head='yes_no' or 'linear'), or pass text.")
         return item
 
+    def head_tokens(self, text: str, tokens: int) -> str:
+        """``text`` cut to its first ``tokens`` tokens (unchanged when shorter)."""
+        if 4 * len(text) <= tokens:  # a character is at most 4 byte tokens: no need to tokenize
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else self.tokenizer.decode(ids[:tokens])
+
     def fit(self, item: MMInput) -> Any:
         """The image of ``item`` as this family's processor should receive it (the processor resizes it itself)."""
         return item.image
@@ -192,10 +199,7 @@ class ChatFeaturizer(Featurizer):
         return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
 
     def _truncate(self, text: str) -> str:
-        if not self.max_length or 4 * len(text) <= self.max_length:  # a character is at most 4 byte tokens
-            return text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= self.max_length else self.tokenizer.decode(ids[: self.max_length])
+        return self.head_tokens(text, self.max_length) if self.max_length else text
 
 
 def default_max_pixels(processor: Any) -> int | None:
@@ -309,10 +313,7 @@ class TextPairFeaturizer(Featurizer):
     def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
         limit = limit if limit and limit < 100_000 else 512
-        queries = [self._head(q.text or "", 3 * limit // 4) for q, _ in items]
+        queries = [self.head_tokens(q.text or "", 3 * limit // 4) for q, _ in items]
         return dict(self.tokenizer(queries, [d.text or "" for _, d in items], padding=True, truncation="only_second",
                                    max_length=limit, return_tensors="pt"))
 
-    def _head(self, text: str, tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return text if len(ids) <= tokens else self.tokenizer.decode(ids[:tokens])
