@@ -109,6 +109,17 @@ class RetrievalTrainerMixin:
             return inputs  # GradCache: the model moves each mini-batch to the device when it embeds it
         return super()._prepare_inputs(inputs)
 
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        # Each new DataLoader iterator draws its workers' base seed from the global RNG unless the loader has a
+        # generator of its own. Persistent workers make that draw happen once per loader in a straight run, but
+        # once more after a resume (the skip-ahead loader, then the epoch loader): the dropout masks that follow
+        # would differ from the straight run's. A generator of the loader's own keeps the global RNG out of it.
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's wrapper proxies its attributes
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = torch.Generator().manual_seed(self.args.seed)
+        return dataloader
+
     def create_optimizer(self, model: nn.Module | None = None) -> Any:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         extra = [p for p in self.loss.parameters() if p.requires_grad]
