@@ -24,6 +24,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from .arguments import fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts, warn_if_local_base
+from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import (
     GROUPED,
     ROW_KEY,
@@ -70,8 +71,9 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     return _with_row_index(dataset)
 
 
-class RetrievalTrainerMixin:
-    """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving and reloading."""
+class RetrievalTrainerMixin(AtomicCheckpointsMixin):
+    """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving (checkpoints appear only
+    when complete) and reloading."""
 
     loss: nn.Module
     evaluator: Any
@@ -186,13 +188,18 @@ class RetrievalTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
-        loss_state = self.loss.state_dict()
-        if loss_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()},
-                      os.path.join(output_dir, LOSS_WEIGHTS))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+            loss_state = self.loss.state_dict()
+            if loss_state:
+                save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()},
+                          os.path.join(output_dir, LOSS_WEIGHTS))
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        except WRITE_ERRORS as error:
+            if self._checkpoint_staging is not None:  # a checkpoint: _save_checkpoint cleans up and explains
+                raise
+            raise write_error(output_dir, error, what="the model") from error
         self._write_card(output_dir)
 
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
@@ -221,7 +228,7 @@ class RetrievalTrainerMixin:
         # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
         from .callbacks import loadable_files
 
-        if self.is_world_process_zero():
+        if self.is_world_process_zero() and self._checkpoint_staging is None:  # (else pushed once renamed)
             for name in loadable_files(checkpoint_folder):
                 shutil.copy2(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
