@@ -32,7 +32,7 @@ _EXPORTS = {
     "RETRIEVAL_METRIC_PATH": "evaluation",
     "RerankingEvaluator": "evaluation",
     "RetrievalEvaluator": "evaluation",
-    "ThroughputCallback": "callbacks",
+    "ThroughputCallback": "throughput",
     "mine_hard_negatives": "mining",
     "ranking_metrics": "evaluation",
     "to_input": "inputs",

@@ -7,6 +7,7 @@ import copy
 import copyreg
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -31,17 +32,28 @@ def auto_num_workers() -> int:
     return max(1, min(16, _cpus_per_rank() - 1))
 
 
+_SECRET_NAME = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+def _secret(name: str, value: Any) -> bool:
+    """A string field named like a secret (``hub_token``; not ``include_num_input_tokens_seen``, a setting), or a
+    string shaped like a Hugging Face token in any field."""
+    return isinstance(value, str) and bool(_SECRET_NAME.search(name) or _HF_TOKEN.search(value))
+
+
 class _TrainingArgumentsWithoutSecrets(TrainingArguments):
     """The user's TrainingArguments, pickled without its tokens.
 
     Trainer writes ``training_args.bin`` (``torch.save(self.args)``) into every checkpoint and into the folder it
     pushes to the Hub: with ``hub_token`` set, the plaintext token would be uploaded. Pickled, this class leaves out
     every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it is the
-    user's object, token and all.
+    user's object, token and all. Left out: string fields named like a secret (``hub_token``, ``*_api_key``,
+    ``*_password``, ...) and any string that looks like a Hugging Face token (``hf_...``), whatever its field.
     """
 
     def __reduce__(self) -> tuple[Any, ...]:
-        state = {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
+        state = {k: None if _secret(k, v) else v for k, v in self.__dict__.items()}
         # copyreg's reconstructor: the file names only the standard library and TrainingArguments.
         return copyreg._reconstructor, (TrainingArguments, object, None), state
 

@@ -7,6 +7,7 @@ touched (the callback uploads a staged copy of the loadable files only).
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import logging
 import os
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback
+
+from .throughput import ThroughputCallback, batch_counts  # noqa: F401  (their former home)
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +41,29 @@ def loadable_files(directory: str) -> list[str]:
                   and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE))
 
 
+# Staging folders not yet removed; whatever a killed push thread leaves is removed when the interpreter exits.
+_LIVE_STAGING: set[str] = set()
+
+
+def _remove_staging(staging: str) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    _LIVE_STAGING.discard(staging)
+
+
+atexit.register(lambda: [_remove_staging(path) for path in list(_LIVE_STAGING)])
+
+
 def stage(directory: str) -> str:
     """Copy the loadable files of ``directory`` into a fresh temporary folder (checkpoints may be rotated
-    away by the Trainer while an upload is still running)."""
+    away by the Trainer while an upload is still running). A failed copy (a full temp disk) leaves nothing."""
     staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
-    for name in loadable_files(directory):
-        shutil.copy2(os.path.join(directory, name), os.path.join(staging, name))
+    _LIVE_STAGING.add(staging)
+    try:
+        for name in loadable_files(directory):
+            shutil.copy2(os.path.join(directory, name), os.path.join(staging, name))
+    except BaseException:
+        _remove_staging(staging)
+        raise
     return staging
 
 
@@ -52,6 +72,7 @@ class PushRecord:
     """What happened to one push."""
 
     label: str
+    source: str | None = None  # the local folder holding the same files (a checkpoint), if any
     commit_url: str | None = None
     error: str | None = None
     attempts: int = 0
@@ -72,9 +93,11 @@ class HubPushCallback(TrainerCallback):
         endpoint: Hub endpoint (default: ``HF_ENDPOINT`` or huggingface.co), e.g. a private Hub.
         max_retries: retries per push after the first attempt.
         backoff: seconds before the first retry; doubles each time.
-        attempt_timeout: seconds one attempt may take before it counts as failed (a hung server).
-        wait_at_end: seconds ``on_train_end`` waits for queued pushes (default 5 minutes) before it logs what is
-            still pending and lets the run end (a hung Hub never holds the end of training for long).
+        attempt_timeout: seconds one attempt may take before it counts as failed (a hung server). A timed-out
+            attempt is abandoned: every commit names its parent commit, so an abandoned attempt that reaches the
+            Hub later is refused there rather than moving the repo back to an older checkpoint.
+        wait_at_end: seconds ``on_train_end`` waits for queued pushes (default 2 minutes) before it logs what is
+            still pending, and where its files are, and lets the run end (a hung Hub never holds a run long).
         card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
 
     After training, ``records`` lists every push and ``commit_url`` is the last successful commit.
@@ -87,7 +110,7 @@ class HubPushCallback(TrainerCallback):
     def __init__(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                  push_on: str = "save", token: str | None = None, endpoint: str | None = None,
                  max_retries: int = 4, backoff: float = 2.0,
-                 attempt_timeout: float = 600.0, wait_at_end: float = 300.0, card: dict[str, Any] | None = None,
+                 attempt_timeout: float = 600.0, wait_at_end: float = 120.0, card: dict[str, Any] | None = None,
                  ) -> None:
         if push_on not in PUSH_ON:
             raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
@@ -104,6 +127,7 @@ class HubPushCallback(TrainerCallback):
         self._jobs: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._repo_ready = False
+        self._head: str | None = None  # the commit our next push must sit on
 
     def __repr__(self) -> str:  # never show the token
         return f"HubPushCallback(repo_id={self.repo_id!r}, push_on={self.push_on!r}, revision={self.revision!r})"
@@ -131,7 +155,7 @@ class HubPushCallback(TrainerCallback):
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint):
-            self._guarded(f"step {state.global_step}", lambda: stage(checkpoint))
+            self._guarded(f"step {state.global_step}", lambda: stage(checkpoint), source=checkpoint)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -142,19 +166,23 @@ class HubPushCallback(TrainerCallback):
         self.wait(self.wait_at_end)
         self._report()
 
-    def _guarded(self, label: str, make_staging: Callable[[], str]) -> None:
+    def _guarded(self, label: str, make_staging: Callable[[], str], source: str | None = None) -> None:
         """Stage and queue a push; a local failure here (disk full, ...) is reported, never raised."""
         try:
-            self._submit(label, make_staging())
+            self._submit(label, make_staging(), source)
         except Exception as error:
-            self.records.append(PushRecord(label, error=f"could not stage the files: {_describe(error)}"))
+            self.records.append(PushRecord(label, source, error=f"could not stage the files: {_describe(error)}"))
             logger.error("HubPushCallback: could not stage %s for pushing (%s); training goes on.", label, error)
 
     # ----- background work ----------------------------------------------------------------------------
-    def _submit(self, label: str, staging: str) -> None:
-        if self.trainer is not None:
-            self._write_card(staging)
-        record = PushRecord(label, files=sorted(os.listdir(staging)))
+    def _submit(self, label: str, staging: str, source: str | None = None) -> None:
+        try:
+            if self.trainer is not None:
+                self._write_card(staging)
+            record = PushRecord(label, source, files=sorted(os.listdir(staging)))
+        except BaseException:
+            _remove_staging(staging)
+            raise
         self.records.append(record)
         self._jobs.put((record, staging))
         if self._worker is None:
@@ -185,7 +213,7 @@ class HubPushCallback(TrainerCallback):
             try:
                 self._push(record, staging)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                _remove_staging(staging)
                 self._jobs.task_done()
 
     def _push(self, record: PushRecord, staging: str) -> None:
@@ -199,9 +227,10 @@ class HubPushCallback(TrainerCallback):
                 if not self._repo_ready:
                     self._bounded(lambda: self._prepare_repo(api))
                     self._repo_ready = True
-                info = self._bounded(lambda: api.upload_folder(
-                    repo_id=self.repo_id, folder_path=staging, revision=self.revision,
+                info = self._bounded(lambda parent=self._head: api.upload_folder(
+                    repo_id=self.repo_id, folder_path=staging, revision=self.revision, parent_commit=parent,
                     commit_message=f"hf_mm_rerank: {record.label}"))
+                self._head = info.oid or self._head
                 record.commit_url, record.error = info.commit_url, None
                 logger.info("HubPushCallback: pushed %s to %s (%s).", record.label, self.repo_id, info.commit_url)
                 return
@@ -209,6 +238,13 @@ class HubPushCallback(TrainerCallback):
                 last_error = error
                 if attempt == self.max_retries:
                     break
+                if _status(error) in (409, 412):
+                    # The branch moved since our last commit (an abandoned attempt of ours landed after all, or
+                    # someone else pushed): put this newer push on top of what is there now.
+                    logger.warning("HubPushCallback: %s moved since our last push; pushing %s on top of it.",
+                                   self.repo_id, record.label)
+                    self._repo_ready = False
+                    continue
                 delay = self.backoff * 2 ** attempt
                 logger.warning("HubPushCallback: push of %s failed (%s); retrying in %.1f s.", record.label,
                                _describe(error), delay)
@@ -222,6 +258,7 @@ class HubPushCallback(TrainerCallback):
         api.create_repo(self.repo_id, private=self.private, exist_ok=True)
         if self.revision:
             api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+        self._head = api.repo_info(self.repo_id, revision=self.revision).sha
 
     def _bounded(self, call: Callable[[], Any]) -> Any:
         """Run ``call`` on a daemon thread; a hung connection counts as a failed attempt after the timeout."""
@@ -243,15 +280,20 @@ class HubPushCallback(TrainerCallback):
         return result["value"]
 
     def _report(self) -> None:
-        pending = [r.label for r in self.records if r.commit_url is None and r.error is None]
+        pending = [r for r in self.records if r.commit_url is None and r.error is None]
         failed = [r for r in self.records if r.error]
         if self.commit_url:
             logger.warning("HubPushCallback: last push of %s is at %s", self.repo_id, self.commit_url)
         if failed:
             logger.error("HubPushCallback: %d push(es) to %s failed: %s", len(failed), self.repo_id,
                          "; ".join(f"{r.label}: {r.error}" for r in failed))
-        if pending:
-            logger.error("HubPushCallback: still pushing %s after waiting %g s.", pending, self.wait_at_end)
+        for record in pending:
+            where = (f"the files are in {record.source}; push them with `hf upload {self.repo_id} {record.source}`"
+                     if record.source else "save the model (trainer.save_model()) and push that folder with "
+                     f"`hf upload {self.repo_id} <folder>`")
+            logger.error("HubPushCallback: still pushing %s to %s after waiting %g s; not waiting longer (a late "
+                         "attempt cannot overwrite a newer push). If it does not land, %s.", record.label,
+                         self.repo_id, self.wait_at_end, where)
 
 
 def warn_if_local_base(model: Any, repo_id: str | None) -> None:
@@ -281,82 +323,12 @@ def _describe(error: BaseException | None) -> str:
     return f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
 
 
+def _status(error: BaseException | None) -> int | None:
+    return getattr(getattr(error, "response", None), "status_code", None)
+
+
 def _auth_hint(error: BaseException | None) -> str:
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
         return " The token was refused: check HF_TOKEN or run `hf auth login` with a token that can write."
     return ""
-
-
-# ----- throughput -------------------------------------------------------------------------------------------
-def batch_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Rows, images and text tokens in one collated batch (bi-encoder or reranker)."""
-    counts = {"samples": 0, "images": 0, "tokens": 0}
-    if "pairs" in batch:  # reranker: rows are queries (groups of 1 + k pairs)
-        counts["samples"] = int(batch["targets"].numel()) // max(1, int(batch.get("group_size") or 1))
-    for key, chunks in batch.items():
-        if not isinstance(chunks, list):
-            continue
-        for chunk in chunks:
-            if key == "query":
-                counts["samples"] += int(chunk["size"]) if "size" in chunk else int(chunk["input_ids"].shape[0])
-            _count_chunk(chunk, counts)
-    return counts
-
-
-def _count_chunk(chunk: dict[str, Any], counts: dict[str, int]) -> None:
-    if "image_index" in chunk:
-        counts["images"] += int(chunk["image_index"].numel())
-    if "image_grid_thw" in chunk:
-        counts["images"] += int(chunk["image_grid_thw"].shape[0])
-    text = chunk.get("text", chunk)
-    if isinstance(text, dict) and "attention_mask" in text:
-        counts["tokens"] += int(text["attention_mask"].sum())
-
-
-class ThroughputCallback(TrainerCallback):
-    """Adds training throughput to every log: ``samples_per_second``, ``images_per_second``,
-    ``tokens_per_second`` (rows, images and text tokens the trainer consumed since the last log, across all
-    processes' share counted on this one and scaled by the world size) and ``peak_memory_gb`` (peak accelerator
-    memory, or the process's peak RSS on CPU).
-
-    The hf_mm_rerank trainers count the inputs and place this callback first, so console, TensorBoard and
-    W&B (``report_to``) all receive the figures. On by default in the recipes.
-    """
-
-    def __init__(self) -> None:
-        self.trainer: Any = None
-        self._since: float | None = None
-
-    def attach(self, trainer: Any) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._since = time.perf_counter()
-        if self.trainer is not None:
-            self.trainer.input_counts.clear()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs is None or self._since is None or "loss" not in logs or self.trainer is None:
-            return
-        now = time.perf_counter()
-        elapsed, self._since = max(now - self._since, 1e-9), now
-        counts = self.trainer.input_counts
-        world = max(1, args.world_size)
-        added = {f"{name}_per_second": round(counts.get(name, 0) * world / elapsed, 2)
-                 for name in ("samples", "images", "tokens")}
-        added["peak_memory_gb"] = round(_peak_memory_bytes() / 2**30, 3)
-        counts.clear()
-        logs.update(added)  # the reporters called after this callback receive the same dict
-        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-            state.log_history[-1].update(added)
-
-
-def _peak_memory_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from .arguments import fix_training_arguments
-from .callbacks import LOSS_WEIGHTS, HubPushCallback, ThroughputCallback, batch_counts, warn_if_local_base
+from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import (
     GROUPED,
@@ -38,6 +38,7 @@ from .collators import (
 from .distributed import average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
+from .throughput import ThroughputCallback, batch_counts
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
 """A loopback HTTP server speaking the part of the Hugging Face Hub API that uploads and downloads use.
 
 The real ``huggingface_hub`` client talks to it (``HF_ENDPOINT=http://127.0.0.1:<port>``). Repos live in
-memory; every commit is recorded. Failure injection for tests: ``fail_next_commits`` (answer 500),
-``hang_commits`` (never answer until released), ``token`` (401 for any other bearer token).
+memory; every commit is recorded. A commit naming a ``parentCommit`` other than the branch head is refused with
+412, as the Hub does. Failure injection for tests: ``fail_next_commits`` (answer 500), ``hang_commits`` (never
+answer until released, then 500), ``hold_next_commits`` (wait until released, then commit as usual; ``held_done``
+is set once answered), ``token`` (401 for any other bearer token).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class HubState:
         self.requests: list[tuple[str, str]] = []
         self.fail_next_commits = 0
         self.hang_commits = False
+        self.hold_next_commits = 0
+        self.held_done = threading.Event()
+        self.refused: list[dict] = []  # commits refused for a stale parentCommit
         self.release = threading.Event()
         self.token: str | None = None
         self.lock = threading.Lock()
@@ -180,6 +185,18 @@ class Handler(BaseHTTPRequestHandler):
             self.state.release.wait(timeout=60)
             return self._send(500, {"error": "released after hanging"})
         with self.state.lock:
+            held = self.state.hold_next_commits > 0
+            self.state.hold_next_commits -= held
+        if held:
+            self.state.release.wait(timeout=60)
+            try:
+                return self._commit_now(repo_id, repo, revision, body)
+            finally:
+                self.state.held_done.set()
+        return self._commit_now(repo_id, repo, revision, body)
+
+    def _commit_now(self, repo_id: str, repo: Repo, revision: str, body: bytes) -> None:
+        with self.state.lock:
             if self.state.fail_next_commits > 0:
                 self.state.fail_next_commits -= 1
                 return self._send(500, {"error": "Internal Server Error (injected)"})
@@ -198,6 +215,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
         with self.state.lock:
             branch = repo.branches[revision]
+            parent = header.get("parentCommit")
+            if parent and parent != branch["sha"]:
+                self.state.refused.append({"repo": repo_id, "summary": header.get("summary"), "parent": parent})
+                return self._send(412, {"error": "A commit has happened since. Please refresh and try again."})
             branch["files"].update(files)
             for path in deleted:
                 branch["files"].pop(path, None)
@@ -242,7 +263,10 @@ class HubServer:
         self.state.requests.clear()
         self.state.fail_next_commits = 0
         self.state.hang_commits = False
+        self.state.hold_next_commits = 0
+        self.state.refused.clear()
         self.state.release.set()
+        self.state.held_done = threading.Event()
         self.state.release = threading.Event()
         self.state.token = None
 

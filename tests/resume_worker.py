@@ -25,7 +25,14 @@ from peft import LoraConfig  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
-from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CachedContrastiveLoss, ContrastiveLoss, CrossEncoder, CrossEncoderTrainer  # noqa: E402
+from hf_mm_rerank import (  # noqa: E402
+    BiEncoder,
+    BiEncoderTrainer,
+    CachedContrastiveLoss,
+    ContrastiveLoss,
+    CrossEncoder,
+    CrossEncoderTrainer,
+)
 from hf_mm_rerank.losses import ListwiseSoftmaxLoss  # noqa: E402
 
 

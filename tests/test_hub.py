@@ -18,9 +18,11 @@ from test_cross_encoder import PLAIN_PROMPT, red_rows
 from transformers import TrainingArguments
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CrossEncoder, CrossEncoderTrainer, HubPushCallback
+from hf_mm_rerank.callbacks import stage
 
 TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth"}
 PROBE = ["a red square", solid("blue")]
+REAL_SHAPED = "hf_" + "Xq7Lp2Rz9K" * 3 + "abcd"  # the shape of a real Hugging Face token (hf_ + 34 characters)
 
 
 def _bi_trainer(tiny_path, tmp_path, callback=None, **overrides):
@@ -135,8 +137,67 @@ def test_pushes_run_beside_training(hub, tiny_path, tmp_path, caplog):
         trainer.train()
     assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "out" / "checkpoint-4")
     assert all(r.commit_url is None and r.error is None for r in callback.records)  # still in flight
-    assert "still pushing ['step 2', 'step 4']" in caplog.text
+    for step in (2, 4):
+        assert (f"still pushing step {step} to me/slow after waiting 0.2 s" in caplog.text
+                and f"the files are in {tmp_path / 'out' / f'checkpoint-{step}'}" in caplog.text)
     hub.state.release.set()
+
+
+def test_a_late_attempt_cannot_move_the_repo_back_to_an_older_push(hub, tiny_path, tmp_path):
+    hub.state.hold_next_commits = 1  # step 2's first commit hangs past the attempt timeout, and lands later
+    callback = HubPushCallback("me/ordered", backoff=0.01, attempt_timeout=1.0)
+    _bi_trainer(tiny_path, tmp_path, callback).train()
+    assert [(r.label, r.attempts, r.error) for r in callback.records] == [("step 2", 2, None), ("step 4", 1, None)]
+    newest = hub.files("me/ordered")
+    hub.state.release.set()  # the abandoned attempt reaches the Hub now, after the step 4 push
+    assert hub.state.held_done.wait(30)
+    assert hub.files("me/ordered") == newest  # still step 4
+    assert [c["summary"] for c in hub.state.commits] == ["hf_mm_rerank: step 2", "hf_mm_rerank: step 4"]
+    assert [r["summary"] for r in hub.state.refused] == ["hf_mm_rerank: step 2"]
+
+
+def test_a_push_lands_on_top_when_the_branch_moved(hub, tiny_path, tmp_path):
+    from huggingface_hub import HfApi
+
+    callback = HubPushCallback("me/moved", backoff=0.01)
+    trainer = _bi_trainer(tiny_path, tmp_path, callback, max_steps=2)
+    trainer.train()
+    HfApi(token=HUB_TOKEN).upload_file(path_or_fileobj=b"notes", path_in_repo="NOTES.md", repo_id="me/moved")
+    callback._guarded("again", lambda: stage(str(tmp_path / "out" / "checkpoint-2")))
+    assert callback.wait(30) and callback.records[-1].commit_url and callback.records[-1].attempts == 2
+    assert "NOTES.md" in hub.files("me/moved") and len(hub.state.refused) == 1
+
+
+def test_staging_is_removed_on_every_path(hub, tiny_path, tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    import hf_mm_rerank.callbacks as callbacks
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    real_copy = shutil.copy2
+    calls = []
+
+    def copy_until_full(source, target):  # the temp disk fills up on the second file of each staging
+        calls.append(source)
+        if len(calls) % 2 == 0:
+            raise OSError(28, "No space left on device")
+        return real_copy(source, target)
+
+    monkeypatch.setattr(callbacks.shutil, "copy2", copy_until_full)
+    callback = HubPushCallback("me/staging", backoff=0.01)
+    _bi_trainer(tiny_path, tmp_path, callback).train()
+    assert all("No space left" in r.error for r in callback.records) and len(callback.records) == 2
+    monkeypatch.setattr(callbacks.shutil, "copy2", real_copy)
+    hub.state.fail_next_commits = 100  # pushes that fail remove their staging too
+    failing = HubPushCallback("me/staging", backoff=0.01, max_retries=1)
+    _bi_trainer(tiny_path, tmp_path / "again", failing).train()
+    assert all(r.error for r in failing.records)
+    hub.state.fail_next_commits = 0
+    _bi_trainer(tiny_path, tmp_path / "ok", HubPushCallback("me/staging", backoff=0.01)).train()
+    assert list(temp.iterdir()) == [] and not callbacks._LIVE_STAGING
 
 
 def test_refused_token_is_retried_then_reported_without_leaking(hub, tiny_path, tmp_path, caplog):
@@ -196,18 +257,32 @@ def test_trainer_push_to_hub_makes_complete_repos_with_checkpoints(hub, tiny_pat
     torch.testing.assert_close(reloaded.encode(PROBE), trainer.model.encode(PROBE), atol=1e-5, rtol=1e-5)
 
 
-def test_hub_token_is_never_written_to_training_args(hub, tiny_path, tmp_path):
-    trainer = _bi_trainer(tiny_path, tmp_path, push_to_hub=True, hub_model_id="me/secret", hub_token=HUB_TOKEN,
-                          hub_strategy="checkpoint")
+def test_no_token_in_any_saved_or_pushed_byte(hub, tiny_path, tmp_path):
+    # The token everywhere a user may put it: hub_token, a callback token, from_pretrained(token=...), and a
+    # token-shaped string in a free-text field.
+    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4), token=HUB_TOKEN)
+    callback = HubPushCallback("me/secret-cb", token=HUB_TOKEN, backoff=0.01)
+    trainer = BiEncoderTrainer(
+        model=model, train_dataset=Dataset.from_list(color_rows(2)), callbacks=[callback],
+        args=args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
+                  hub_model_id="me/secret", hub_token=HUB_TOKEN, hub_strategy="checkpoint",
+                  run_name=f"run with {REAL_SHAPED}"))
     trainer.train()
+    trainer.save_model()
     trainer.push_to_hub()
-    assert "training_args.bin" in hub.files("me/secret") and hub.state.bodies
-    for body in hub.state.bodies:
-        assert HUB_TOKEN.encode() not in body
-    saved = list((tmp_path / "out").rglob("training_args.bin"))
-    assert len(saved) >= 2 and all(HUB_TOKEN.encode() not in path.read_bytes() for path in saved)
-    loaded = torch.load(saved[0], weights_only=False)
-    assert type(loaded) is TrainingArguments and loaded.hub_token is None
+    assert callback.wait(30)
+    assert "training_args.bin" in hub.files("me/secret") and "README.md" in hub.files("me/secret-cb")
+    assert len(hub.state.bodies) > 10
+    for body in hub.state.bodies:  # every byte sent to the Hub
+        assert HUB_TOKEN.encode() not in body and REAL_SHAPED.encode() not in body
+    saved = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]  # every byte written locally
+    assert len([p for p in saved if p.name == "training_args.bin"]) >= 3
+    assert {"README.md", "hf_mm_rerank_config.json", "adapter_config.json"} <= {p.name for p in saved}
+    for path in saved:
+        assert HUB_TOKEN.encode() not in path.read_bytes() and REAL_SHAPED.encode() not in path.read_bytes(), path
+    loaded = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert type(loaded) is TrainingArguments and loaded.hub_token is None and loaded.run_name is None
+    assert loaded.include_num_input_tokens_seen == trainer.args.include_num_input_tokens_seen  # settings stay
     assert loaded.hub_model_id == "me/secret" and loaded.max_steps == 4
     assert trainer.args.hub_token == HUB_TOKEN and copy.deepcopy(trainer.args).hub_token == HUB_TOKEN
 
