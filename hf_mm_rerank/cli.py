@@ -80,6 +80,37 @@ class DataArguments:
     cache_images: bool = field(default=False, metadata={
         "help": "Decode and shrink every training image once to the model's pixel budget (cached by datasets), "
                 "so later epochs skip full-size decoding."})
+    bad_rows: str = field(default="raise", metadata={
+        "help": "An unreadable row: 'raise' (stop, naming row, column and fix) or 'skip' (drop it, log and count it).",
+        "choices": ["raise", "skip"]})
+    max_skipped_fraction: float = field(default=0.05, metadata={
+        "help": "With --bad_rows skip: stop once more than this fraction of the training rows was skipped."})
+    validate_data: bool = field(default=False, metadata={
+        "help": "Scan the training rows first (text, image headers) and list every unreadable one; with --bad_rows "
+                "raise the run stops there, with skip those rows are dropped before training."})
+
+    def row_rules(self) -> dict[str, Any]:
+        """The trainer's bad-row settings."""
+        return {"bad_rows": self.bad_rows, "max_skipped_fraction": self.max_skipped_fraction}
+
+
+def validated(train: Any, model: Any, data: DataArguments, args: TrainingArguments) -> Any:
+    """``--validate_data``: every unreadable row listed at once; stop (``--bad_rows raise``) or drop them (skip)."""
+    if not data.validate_data:
+        return train
+    from .validation import validate_dataset
+
+    report = validate_dataset(train, model)
+    if args.process_index == 0:
+        print(f"hf_mm_rerank: data check: {report}", flush=True)
+    if report.ok:
+        return train
+    if data.bad_rows == "raise":
+        report.raise_if_bad()
+    bad = set(report.bad_rows)
+    if -1 in bad:  # a dataset-wide problem (mixed negative counts): not a row to drop
+        report.raise_if_bad()
+    return train.select([i for i in range(len(train)) if i not in bad])
 
 
 def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:

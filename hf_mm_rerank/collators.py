@@ -16,6 +16,8 @@ from .inputs import InputError, MMInput, to_input
 from .processing import Featurizer
 
 ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
+SKIPPED_KEY = "skipped_rows"  # in a batch built with bad_rows="skip": [(row, reason), ...] of the rows dropped
+BAD_ROWS = ("raise", "skip")
 _NUMBERED = re.compile(r"^negative_(\d+)$")
 
 
@@ -54,13 +56,45 @@ def _where(row: dict[str, Any], i: int) -> Any:
     return row.get(ROW_KEY, f"{i} of the batch")
 
 
-def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str) -> MMInput:
-    """One cell -> :class:`MMInput` within the featurizer's pixel budget; errors name the row and column."""
+def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str, decode: bool = True) -> MMInput:
+    """One cell -> :class:`MMInput` within the featurizer's pixel budget; errors name the row and column.
+    ``decode=False`` checks image headers only (see :func:`to_input`)."""
     if cell is None:
         raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
                          "(dataset.filter(lambda r: r[column] is not None)).")
-    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column)
+    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column, decode=decode)
     return featurizer.check(item, where, column)
+
+
+class _RowReader:
+    """What both collators share: ``bad_rows="raise"`` (an unreadable row stops training with its row, column
+    and fix) or ``"skip"`` (the row is dropped from its batch and reported in ``batch["skipped_rows"]``; the
+    trainer logs and counts it). A batch whose every row is bad always raises."""
+
+    def __init__(self, model_or_featurizer: Any, mini_batch_size: int | None, bad_rows: str) -> None:
+        if bad_rows not in BAD_ROWS:
+            raise ValueError(f"bad_rows={bad_rows!r}: use 'raise' (default) or 'skip'.")
+        self.featurizer = featurizer_of(model_or_featurizer)
+        self.mini_batch_size = mini_batch_size
+        self.bad_rows = bad_rows
+
+    def _read_rows(self, rows: list[dict[str, Any]], read: Any) -> tuple[list[Any], list[Any], list[tuple[Any, str]]]:
+        """``read(row, where)`` for every row: (results, wheres, skipped)."""
+        results, wheres, skipped = [], [], []
+        for i, row in enumerate(rows):
+            where = _where(row, i)
+            try:
+                results.append(read(row, where))
+                wheres.append(where)
+            except InputError as error:
+                if self.bad_rows == "raise":
+                    raise
+                skipped.append((where, str(error)))
+        if not results:
+            raise InputError(f"every row of this batch is unreadable, so bad_rows='skip' stops here: "
+                             f"{'; '.join(reason for _, reason in skipped[:3])}. Fix: run "
+                             "hf_mm_rerank.validate_dataset(dataset, model) to list every bad row, and clean them.")
+        return results, wheres, skipped
 
 
 def featurizer_of(model_or_featurizer: Any) -> Featurizer:
@@ -71,7 +105,7 @@ def featurizer_of(model_or_featurizer: Any) -> Featurizer:
     return featurizer
 
 
-class BiEncoderCollator:
+class BiEncoderCollator(_RowReader):
     """Builds ``{"query": chunks, "positive": chunks, "negative": chunks}`` from (query, positive[, negatives])
     rows; each ``chunks`` is a list of featurized mini-batches (one when ``mini_batch_size`` is None).
 
@@ -83,32 +117,33 @@ class BiEncoderCollator:
         >>> batch = collator([{"query": "red car", "positive": "car.jpg", "negative": "boat.jpg"}])
     """
 
-    def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None) -> None:
-        self.featurizer = featurizer_of(model_or_featurizer)
-        self.mini_batch_size = mini_batch_size
+    def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None, bad_rows: str = "raise",
+                 ) -> None:
+        super().__init__(model_or_featurizer, mini_batch_size, bad_rows)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         columns = list(rows[0].keys())
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
-        batch = {
-            "query": self._column(rows, "query", "query"),
-            "positive": self._column(rows, "positive", "document"),
+        featurizer = self.featurizer
+
+        def read(row: dict[str, Any], where: Any) -> tuple[MMInput, MMInput, list[MMInput]]:
+            return (read_cell(featurizer, row["query"], where, "query"),
+                    read_cell(featurizer, row["positive"], where, "positive"),
+                    [read_cell(featurizer, cell, where, column) for cell, column in negative_cells(row, negatives)])
+
+        read_rows, wheres, skipped = self._read_rows(rows, read)
+        batch: dict[str, Any] = {
+            "query": featurizer.chunks([r[0] for r in read_rows], "query", self.mini_batch_size),
+            "positive": featurizer.chunks([r[1] for r in read_rows], "document", self.mini_batch_size),
         }
         if negatives:
-            cells = [self._negatives(row, negatives, i) for i, row in enumerate(rows)]
-            _same_count([len(c) for c in cells], [_where(row, i) for i, row in enumerate(rows)], negatives[0])
-            items = [item for row_items in cells for item in row_items]
-            batch["negative"] = self.featurizer.chunks(items, "document", self.mini_batch_size)
+            _same_count([len(r[2]) for r in read_rows], wheres, negatives[0])
+            items = [item for r in read_rows for item in r[2]]
+            batch["negative"] = featurizer.chunks(items, "document", self.mini_batch_size)
+        if skipped:
+            batch[SKIPPED_KEY] = skipped
         return batch
-
-    def _column(self, rows: list[dict[str, Any]], column: str, side: str) -> list[dict[str, Any]]:
-        items = [read_cell(self.featurizer, row[column], _where(row, i), column) for i, row in enumerate(rows)]
-        return self.featurizer.chunks(items, side, self.mini_batch_size)
-
-    def _negatives(self, row: dict[str, Any], columns: list[str], i: int) -> list[MMInput]:
-        where = _where(row, i)
-        return [read_cell(self.featurizer, cell, where, column) for cell, column in negative_cells(row, columns)]
 
 
 _TEACHER = re.compile(r"^teacher_score_(\d+)$")
@@ -137,7 +172,7 @@ def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
     return GROUPED, negatives, [f"teacher_score_{n}" for n in numbered]
 
 
-class CrossEncoderCollator:
+class CrossEncoderCollator(_RowReader):
     """Builds ``{"pairs": chunks, "targets": [N], "group_size": int, "teacher": [N]?}`` for a reranker.
 
     Grouped rows become ``1 + k`` consecutive pairs per query (positive first, target 1, then negatives,
@@ -150,35 +185,44 @@ class CrossEncoderCollator:
         >>> batch = collator([{"query": "red car", "positive": "car.jpg", "negative_1": "boat.jpg"}])
     """
 
-    def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None) -> None:
-        self.featurizer = featurizer_of(model_or_featurizer)
-        self.mini_batch_size = mini_batch_size
+    def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None, bad_rows: str = "raise",
+                 ) -> None:
+        super().__init__(model_or_featurizer, mini_batch_size, bad_rows)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
+        read_rows, wheres, skipped = self._read_rows(
+            rows, lambda row, where: read_reranker_row(self.featurizer, row, where, layout, negatives, teacher))
         pairs, targets, teachers, sizes = [], [], [], []
-        featurizer = self.featurizer
-        for i, row in enumerate(rows):
-            where = _where(row, i)
-            query = read_cell(featurizer, row["query"], where, "query")
-            if layout == POINTWISE:
-                docs = [read_cell(featurizer, row["document"], where, "document")]
-                targets.append(_label(row["label"], where))
-            else:
-                cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
-                docs = [read_cell(featurizer, cell, where, column) for cell, column in cells]
-                targets += [1.0] + [0.0] * (len(docs) - 1)
+        for query, docs, row_targets, row_teachers in read_rows:
             sizes.append(len(docs))
             pairs += [(query, doc) for doc in docs]
-            if teacher:
-                teachers += _teacher_scores(row, teacher, len(docs), where)
+            targets += row_targets
+            teachers += row_teachers
         if len(set(sizes)) > 1:
-            _same_count([size - 1 for size in sizes], [_where(row, i) for i, row in enumerate(rows)], negatives[0])
+            _same_count([size - 1 for size in sizes], wheres, negatives[0])
         batch = {"pairs": self.featurizer.chunks(pairs, "pair", self.mini_batch_size),
                  "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes[0]}
         if teacher:
             batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
+        if skipped:
+            batch[SKIPPED_KEY] = skipped
         return batch
+
+
+def read_reranker_row(featurizer: Featurizer, row: dict[str, Any], where: Any, layout: str, negatives: list[str],
+                      teacher: list[str], decode: bool = True) -> tuple[MMInput, list[MMInput], list[float], list[float]]:
+    """One reranker row: (query, documents, targets, teacher scores); errors name the row and column."""
+    query = read_cell(featurizer, row["query"], where, "query", decode)
+    if layout == POINTWISE:
+        docs = [read_cell(featurizer, row["document"], where, "document", decode)]
+        targets = [_label(row["label"], where)]
+    else:
+        cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
+        docs = [read_cell(featurizer, cell, where, column, decode) for cell, column in cells]
+        targets = [1.0] + [0.0] * (len(docs) - 1)
+    return query, docs, targets, _teacher_scores(row, teacher, len(docs), where) if teacher else []
+
 
 def _same_count(counts: list[int], rows: list[Any], column: str) -> None:
     """Every row needs the same number of negatives: name the rows of each count when they differ."""

@@ -49,13 +49,16 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
-def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, column: str | None = None) -> MMInput:
+def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, column: str | None = None,
+             decode: bool = True) -> MMInput:
     """Turn one cell into an :class:`MMInput`.
 
     Args:
         cell: the cell (see the module docstring for the accepted kinds).
         max_pixels: images with more pixels are shrunk (aspect kept) before any processor sees them.
         row, column: where the cell came from, for error messages.
+        decode: False reads image headers only (format, size, PIL's pixel limit): ``image`` is then an unloaded
+            PIL image. For fast scans (:func:`hf_mm_rerank.validate_dataset`), never for featurizing.
 
     Raises:
         InputError: the cell is of an unsupported kind, a path does not exist, or bytes are not an image.
@@ -67,7 +70,7 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
             raise InputError(f"{where}: 'text' must be a string, received {_describe(text)}.")
         if text is not None:
             _check_text(text, where)
-        image, source = (None, None) if cell.get("image") is None else _load(cell["image"], max_pixels, where)
+        image, source = (None, None) if cell.get("image") is None else _load(cell["image"], max_pixels, where, decode)
         if text is None and image is None:
             raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
         return MMInput(text=text, image=image, source_size=source)
@@ -75,7 +78,7 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=_check_text(cell, where))
-    image, source = _load(cell, max_pixels, where)
+    image, source = _load(cell, max_pixels, where, decode)
     return MMInput(image=image, source_size=source)
 
 
@@ -106,8 +109,9 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
     return _load(value, max_pixels, where)[0]
 
 
-def _load(value: Any, max_pixels: int | None, where: str) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB image shrunk to ``max_pixels``, the upright image's size before any shrinking)."""
+def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image shrunk to ``max_pixels``, the upright image's size before any shrinking); with ``decode=False``
+    (the image as opened from its header, its header size)."""
     if isinstance(value, Image.Image):
         image, source = value, value.size
     elif isinstance(value, (str, os.PathLike)):
@@ -117,14 +121,14 @@ def _load(value: Any, max_pixels: int | None, where: str) -> tuple[Image.Image, 
                 f"{where}: received the image path '{value}', which does not exist. Fix: make paths absolute or "
                 "relative to the working directory, or load the column with datasets.Image()."
             )
-        image, source = _open(path, where, max_pixels)
+        image, source = _open(path, where, max_pixels, decode)
     elif isinstance(value, (bytes, bytearray)):
-        image, source = _open(io.BytesIO(value), where, max_pixels)
+        image, source = _open(io.BytesIO(value), where, max_pixels, decode)
     elif isinstance(value, dict) and {"bytes", "path"} & value.keys():
         if value.get("bytes"):
-            image, source = _open(io.BytesIO(value["bytes"]), where, max_pixels)
+            image, source = _open(io.BytesIO(value["bytes"]), where, max_pixels, decode)
         elif value.get("path"):
-            return _load(value["path"], max_pixels, where)
+            return _load(value["path"], max_pixels, where, decode)
         else:
             raise InputError(f"{where}: received a datasets Image dict with neither bytes nor path.")
     else:
@@ -132,13 +136,17 @@ def _load(value: Any, max_pixels: int | None, where: str) -> tuple[Image.Image, 
             f"{where}: received {_describe(value)}; expected text (str), a PIL image, an image file path, "
             "image bytes, a datasets Image value or {'text': ..., 'image': ...}."
         )
+    if not decode:
+        return image, source
     return fit_pixels(to_rgb(image), max_pixels), source
 
 
-def _open(source: Any, where: str, max_pixels: int | None) -> tuple[Image.Image, tuple[int, int]]:
+def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) -> tuple[Image.Image, tuple[int, int]]:
     try:
         image = Image.open(source)
         width, height = image.size  # from the header, before any reduced-scale decoding
+        if not decode:
+            return image, (width, height)
         if max_pixels and image.format == "JPEG":
             _draft(image, max_pixels)
         image.load()

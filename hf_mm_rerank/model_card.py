@@ -142,6 +142,8 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
             "duration": f"{runtime['train_runtime']:.0f} s" if runtime else "n/a",
             "samples/s": round(runtime["train_samples_per_second"], 2) if runtime else "n/a",
             "training rows": len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else "n/a",
+            **({"rows skipped as unreadable (bad_rows='skip')": len(trainer.skipped_rows)}
+               if getattr(trainer, "bad_rows", "raise") == "skip" else {}),
         },
         "eval": {"before": before, "after": after},
         "versions": _versions(bool(spec.quantization)),

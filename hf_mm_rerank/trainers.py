@@ -28,10 +28,10 @@ from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import (
     GROUPED,
     ROW_KEY,
+    SKIPPED_KEY,
     BiEncoderCollator,
     CrossEncoderCollator,
     check_columns,
-    check_negative_counts,
     negative_columns,
     reranker_layout,
 )
@@ -39,6 +39,7 @@ from .distributed import average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 from .throughput import ThroughputCallback, batch_counts
+from .validation import SkipCounter, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        skipped = inputs.pop(SKIPPED_KEY, None)
+        if skipped:
+            dataset = self.train_dataset if model.training else None
+            self.skipped_rows.add(skipped, len(dataset) if hasattr(dataset, "__len__") else None, self.args.world_size)
         if model.training:
             for name, count in batch_counts(inputs).items():
                 self.input_counts[name] += count
@@ -164,11 +169,22 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
             self.metrics_before_training = {k: float(v) for k, v in results.items()}
         return {f"{prefix}_{k}": float(v) for k, v in results.items()}
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if len(self.skipped_rows) and "loss" in logs:  # bad_rows="skip": the running count (this process's)
+            logs["skipped_rows"] = len(self.skipped_rows)
+        super().log(logs, *args, **kwargs)
+
     def _setup(self, model: nn.Module, args: TrainingArguments, loss: nn.Module, evaluator: Any, data_collator: Any,
-               train_dataset: Any, eval_dataset: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+               train_dataset: Any, eval_dataset: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any],
+               bad_rows: str = "raise", max_skipped_fraction: float = 0.05) -> None:
         """What both constructors do once their datasets and loss are checked: Trainer's own __init__ with our
         collator and prepared datasets, then callbacks, counters and the loss on the device."""
         self.loss, self.evaluator = loss, evaluator
+        collator_rule = getattr(data_collator, "bad_rows", bad_rows)
+        if bad_rows == "skip" and collator_rule != "skip":
+            raise ValueError("bad_rows='skip', but the data_collator passed raises on bad rows. Fix: build it with "
+                             "bad_rows='skip', or leave data_collator out.")
+        self.bad_rows, self.skipped_rows = collator_rule, SkipCounter(max_skipped_fraction)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=_prepare_dataset(train_dataset, model, args),
                          eval_dataset=_prepare_dataset(eval_dataset, model, args), **kwargs)
@@ -288,6 +304,11 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         data_collator: default :class:`BiEncoderCollator` (mini-batched for cached losses).
         model_card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``,
             ``dataset_name``); every save writes the card (README.md) beside the weights.
+        bad_rows: ``"raise"`` (default: an unreadable row stops training, naming its row, column and the fix) or
+            ``"skip"`` (the row is dropped from its batch, logged with its reason and counted as ``skipped_rows``
+            in the logs and the model card). A batch of only bad rows always stops training.
+        max_skipped_fraction: with ``bad_rows="skip"``, stop once more than this fraction of the training rows
+            (each process: of its share) was skipped. :func:`validate_dataset` lists every bad row up front.
         **kwargs: anything else ``Trainer`` takes (callbacks, optimizers, ...).
 
     Example:
@@ -298,14 +319,15 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
-                 data_collator: Any = None, model_card: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
+                 max_skipped_fraction: float = 0.05, **kwargs: Any) -> None:
         args = self._fix_args(args)
         loss = loss if loss is not None else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = _columns(dataset) if dataset is not None else None
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
-                _check_rows(dataset, name)
+                check_rows(dataset, name)
                 if not negative_columns(columns) and name == "train_dataset" and (
                         len(dataset) < 2 or args.per_device_train_batch_size * args.world_size < 2):
                     raise ValueError(
@@ -314,8 +336,10 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                         "its own positive alone, so the loss is 0 and nothing trains. Fix: at least 2 rows per "
                         "batch (per_device_train_batch_size x processes), or negative columns.")
         if data_collator is None:
-            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
-        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
+            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
+                                   bad_rows=bad_rows)
+        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
+                    bad_rows, max_skipped_fraction)
 
 
 class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
@@ -332,6 +356,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         evaluator: e.g. :class:`RerankingEvaluator`; ``evaluate()`` returns its metrics as ``eval_*``.
         data_collator: default :class:`CrossEncoderCollator` (mini-batched when the loss has ``mini_batch_size``).
         model_card: extra model-card fields, as for :class:`BiEncoderTrainer`.
+        bad_rows, max_skipped_fraction: as for :class:`BiEncoderTrainer`.
 
     Example:
         >>> trainer = CrossEncoderTrainer(model=reranker, args=TrainingArguments("out"), train_dataset=ds,
@@ -341,37 +366,21 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
-                 data_collator: Any = None, model_card: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
+                 max_skipped_fraction: float = 0.05, **kwargs: Any) -> None:
         args = self._fix_args(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                    if dataset is not None and (columns := _columns(dataset)) is not None}
         for name in layouts:
-            _check_rows(train_dataset if name == "train_dataset" else eval_dataset, name)
+            check_rows(train_dataset if name == "train_dataset" else eval_dataset, name)
         if loss is None:
             grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
             loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()
         for name, (layout, _, teacher) in layouts.items():
-            _check_loss_fits(loss, name, layout, teacher)
+            check_loss_fits(loss, name, layout, teacher)
         if data_collator is None:
-            data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None))
-        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs)
-
-
-def _check_rows(dataset: Any, name: str) -> None:
-    """Before training: an empty dataset, or list-valued negatives of different lengths, named here (not as a
-    sampler error, or at the first mixed batch mid-run)."""
-    if hasattr(dataset, "__len__") and len(dataset) == 0:
-        raise ValueError(f"{name} has no rows (columns {_columns(dataset)}). Fix: check the split, and any filter or "
-                         "select that emptied it.")
-    check_negative_counts(dataset)
-
-
-def _check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
-    if getattr(loss, "needs_groups", False) and layout != GROUPED:
-        raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
-                         "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
-                         "group the rows (mine_hard_negatives() builds grouped rows).")
-    if getattr(loss, "needs_teacher", False) and not teacher:
-        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
-                         "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")
+            data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
+                                   bad_rows=bad_rows)
+        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
+                    bad_rows, max_skipped_fraction)

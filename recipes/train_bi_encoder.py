@@ -32,6 +32,7 @@ from hf_mm_rerank.cli import (
     main_process_first,
     parse_with_config,
     report_table,
+    validated,
 )
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
 from hf_mm_rerank.pipeline import cache_images
@@ -89,9 +90,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if data_args.cache_images:
         with main_process_first(args, "cache_images"):
             train = cache_images(train, model)
+    train = validated(train, model, data_args, args)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
-                               callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())
+                               callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card(),
+                               **data_args.row_rules())
 
     # 4. Train, measuring retrieval before and after.
     before = trainer.evaluate() if evaluator else {}

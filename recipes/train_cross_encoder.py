@@ -27,6 +27,7 @@ from hf_mm_rerank.cli import (
     main_process_first,
     parse_with_config,
     report_table,
+    validated,
 )
 from hf_mm_rerank.losses import RERANKING_LOSSES
 from hf_mm_rerank.pipeline import cache_images
@@ -95,11 +96,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if data_args.cache_images:
         with main_process_first(args, "cache_images"):
             train = cache_images(train, model)
+    train = validated(train, model, data_args, args)
     loss = build_loss(model_args)
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card())
+                                  callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card(),
+                                  **data_args.row_rules())
 
     # 4. Train, measuring reranking before and after.
     before = trainer.evaluate() if evaluator else {}

@@ -1,0 +1,170 @@
+"""Bad rows before and during training: :func:`validate_dataset` lists every unreadable row of a dataset at once,
+and the trainers' ``bad_rows="skip"`` drops unreadable rows from their batches, logs and counts them, and stops
+when too many are bad."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .collators import (
+    GROUPED,
+    ROW_KEY,
+    _same_count,
+    check_columns,
+    check_negative_counts,
+    featurizer_of,
+    negative_cells,
+    negative_columns,
+    read_cell,
+    read_reranker_row,
+    reranker_layout,
+)
+from .inputs import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BadRow:
+    row: int
+    column: str
+    reason: str
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_dataset` found: ``rows`` checked and every ``bad`` row (row, column, reason)."""
+
+    rows: int
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    @property
+    def bad_rows(self) -> list[int]:
+        return sorted({b.row for b in self.bad})
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"all {self.rows} rows are readable."
+        lines = [f"{len(self.bad_rows)} of {self.rows} rows are unreadable:"]
+        lines += [f"  {b.reason}" for b in self.bad]
+        lines.append("Fix: repair or drop them (dataset.select([...]) without these rows), or train with "
+                     "bad_rows='skip' to drop them as they come.")
+        return "\n".join(lines)
+
+    def raise_if_bad(self) -> None:
+        if not self.ok:
+            raise InputError(str(self))
+
+
+def validate_dataset(dataset: Any, model: Any) -> ValidationReport:
+    """Check every row of ``dataset`` the way ``model``'s trainer will read it, and report every bad row at once.
+
+    Fast: text is checked in full, images by their headers only (format, size, PIL's pixel limit, the model's
+    aspect-ratio limit); pixels are not decoded, so a file damaged after its header is found only in training.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (one split) in the trainer's layout.
+        model: the :class:`BiEncoder` or :class:`CrossEncoder` (or its featurizer) that will train on it.
+
+    Example:
+        >>> report = validate_dataset(train, model)
+        >>> print(report); train = train.select([i for i in range(len(train)) if i not in set(report.bad_rows)])
+    """
+    from .pipeline import undecoded_images
+
+    featurizer = featurizer_of(model)
+    columns = list(dataset.column_names)
+    reranker = getattr(model, "kind", None) == "cross_encoder" or "document" in columns
+    if reranker:
+        layout, negatives, teacher = reranker_layout(columns)
+    else:
+        check_columns(columns, ("query", "positive"), "bi-encoder dataset")
+        negatives = negative_columns(columns)
+    report = ValidationReport(rows=len(dataset))
+    counts: list[int] = []
+    for i, row in enumerate(undecoded_images(dataset)):
+        where = row.get(ROW_KEY, i)
+        try:
+            if reranker:
+                _, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher, decode=False)
+                items = docs
+                counts.append(len(docs) - 1)
+            else:
+                items = [read_cell(featurizer, row["query"], where, "query", decode=False),
+                         read_cell(featurizer, row["positive"], where, "positive", decode=False)]
+                items += [read_cell(featurizer, cell, where, column, decode=False)
+                          for cell, column in negative_cells(row, negatives)]
+                counts.append(len(items) - 2)
+            for item in items:
+                if item.image is not None and hasattr(item.image, "fp"):  # opened from its header: close the file
+                    item.image.close()
+        except InputError as error:
+            report.bad.append(BadRow(i, _column_of(str(error)), str(error)))
+            counts.append(-1)
+    if negatives:
+        good = [(count, i) for i, count in enumerate(counts) if count >= 0]
+        try:
+            _same_count([c for c, _ in good], [i for _, i in good], negatives[0])
+        except InputError as error:
+            report.bad.append(BadRow(-1, negatives[0], str(error)))
+    return report
+
+
+def _column_of(reason: str) -> str:
+    start = reason.find("column '")
+    return reason[start + 8:reason.find("'", start + 8)] if start >= 0 else ""
+
+
+class SkipCounter:
+    """The trainer side of ``bad_rows="skip"``: logs each skipped row, counts them (``skipped_rows`` in the logs and
+    the model card) and stops once more than ``max_fraction`` of this process's share of the dataset is skipped."""
+
+    def __init__(self, max_fraction: float) -> None:
+        if not 0 <= max_fraction < 1:
+            raise ValueError(f"max_skipped_fraction={max_fraction}: use a fraction in [0, 1).")
+        self.max_fraction = max_fraction
+        self.rows: list[tuple[Any, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, skipped: list[tuple[Any, str]], dataset_rows: int | None, world_size: int) -> None:
+        for row, reason in skipped:
+            logger.warning("hf_mm_rerank: skipping row %s (bad_rows='skip'): %s", row, reason)
+        self.rows += skipped
+        if dataset_rows:
+            limit = self.max_fraction * dataset_rows / max(1, world_size)
+            if len(self.rows) > limit:
+                shown = "; ".join(reason for _, reason in self.rows[:3])
+                raise InputError(
+                    f"bad_rows='skip': {len(self.rows)} rows skipped on this process, more than max_skipped_fraction="
+                    f"{self.max_fraction:g} of its share of the {dataset_rows} training rows; stopping rather than "
+                    f"training on what is left. First reasons: {shown}. Fix: run hf_mm_rerank.validate_dataset("
+                    "dataset, model) to list every bad row and clean them, or raise max_skipped_fraction.")
+
+
+def check_rows(dataset: Any, name: str) -> None:
+    """Before training: an empty dataset, or list-valued negatives of different lengths, named here (not as a
+    sampler error, or at the first mixed batch mid-run)."""
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name} has no rows (columns {list(dataset.column_names)}). Fix: check the split, and any filter or "
+                         "select that emptied it.")
+    check_negative_counts(dataset)
+
+
+def check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
+    if getattr(loss, "needs_groups", False) and layout != GROUPED:
+        raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
+                         "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
+                         "group the rows (mine_hard_negatives() builds grouped rows).")
+    if getattr(loss, "needs_teacher", False) and not teacher:
+        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
+                         "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")

@@ -1,0 +1,144 @@
+"""``bad_rows="skip"``: unreadable rows are dropped from their batches, logged, counted in the logs and the model
+card, and training stops when too many are bad; ``validate_dataset`` lists every bad row at once without decoding
+pixels; the recipes' ``--validate_data`` / ``--bad_rows`` flags."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from datasets import Dataset
+from helpers import args
+from images import COLORS, solid
+from PIL import Image, ImageFile
+
+from hf_mm_rerank import (
+    BiEncoder,
+    BiEncoderCollator,
+    BiEncoderTrainer,
+    CrossEncoderCollator,
+    InputError,
+    validate_dataset,
+)
+from hf_mm_rerank.collators import ROW_KEY
+
+BAD = {5: ("positive", "never_downloaded.png', which does not exist"), 11: ("query", "an empty string"), 13: ("positive", "exceeds limit")}
+
+
+def _rows(tmp_path, bad=BAD):
+    """20 (query, image path) rows; the rows in ``bad`` have a missing file, an empty query or a pixel bomb."""
+    paths = {}
+    for color in COLORS:
+        paths[color] = str(tmp_path / f"{color}.png")
+        solid(color).save(paths[color])
+    bomb = tmp_path / "bomb.png"
+    solid("red", (100, 100)).save(bomb)  # beyond the pixel limit the tests set (PIL's own is 89 megapixels)
+    rows = []
+    for i in range(20):
+        color = list(COLORS)[i % len(COLORS)]
+        rows.append({"query": f"a {color} square", "positive": paths[color]})
+    if 5 in bad:
+        rows[5]["positive"] = str(tmp_path / "never_downloaded.png")
+    if 11 in bad:
+        rows[11]["query"] = "   "
+    if 13 in bad:
+        rows[13]["positive"] = str(bomb)
+    return rows
+
+
+@pytest.fixture()
+def small_pixel_limit(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # a 100x100 image is then a bomb, 40x30 is not
+
+
+def _trainer(tiny_path, tmp_path, rows, **kwargs):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    return BiEncoderTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, max_steps=5,
+                                                   save_strategy="no"),
+                            train_dataset=Dataset.from_list(rows), **kwargs)
+
+
+def test_skip_drops_logs_and_counts_bad_rows(tiny_path, tmp_path, small_pixel_limit, caplog):
+    trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path), bad_rows="skip", max_skipped_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.validation"):
+        trainer.train()
+    assert trainer.state.global_step == 5  # every batch trained (20 rows, 4 per batch, 3 rows dropped)
+    assert sorted(row for row, _ in trainer.skipped_rows.rows) == [5, 11, 13]
+    for row, (column, reason) in BAD.items():
+        assert f"skipping row {row} (bad_rows='skip'): row {row}, column '{column}'" in caplog.text
+        assert reason in caplog.text
+    assert [r["skipped_rows"] for r in trainer.state.log_history if "skipped_rows" in r][-1] == 3
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "rows skipped as unreadable (bad_rows='skip') | 3 |" in card
+
+
+def test_raise_is_the_default_and_names_the_first_bad_row(tiny_path, tmp_path, small_pixel_limit):
+    trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path))
+    trainer.args.train_sampling_strategy = "sequential"
+    with pytest.raises(InputError, match=r"row 5, column 'positive': received the image path .*never_downloaded"):
+        trainer.train()
+
+
+def test_skip_stops_when_too_many_rows_are_bad(tiny_path, tmp_path, small_pixel_limit):
+    trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path), bad_rows="skip", max_skipped_fraction=0.1)
+    with pytest.raises(InputError, match=r"3 rows skipped on this process, more than max_skipped_fraction=0.1 of its "
+                                         r"share of the 20 training rows"):
+        trainer.train()
+
+
+def test_a_batch_of_only_bad_rows_stops(tiny_path):
+    collator = BiEncoderCollator(BiEncoder.from_pretrained(tiny_path("clip")), bad_rows="skip")
+    rows = [{ROW_KEY: 7, "query": "", "positive": solid("red")}, {ROW_KEY: 8, "query": "q", "positive": None}]
+    with pytest.raises(InputError, match=r"every row of this batch is unreadable.*row 7, column 'query'"):
+        collator(rows)
+    with pytest.raises(ValueError, match="bad_rows='sometimes'"):
+        BiEncoderCollator(collator.featurizer, bad_rows="sometimes")
+
+
+def test_reranker_rows_are_skipped_too(tiny_path):
+    from test_reranking import _reranker
+
+    collator = CrossEncoderCollator(_reranker(tiny_path("qwen2_vl")), bad_rows="skip")
+    rows = [{ROW_KEY: 0, "query": "a red square", "document": solid("red"), "label": 1.0},
+            {ROW_KEY: 1, "query": "a red square", "document": solid("blue"), "label": 7.0},  # not in [0, 1]
+            {ROW_KEY: 2, "query": "a red square", "document": solid("green"), "label": 0.0}]
+    batch = collator(rows)
+    assert batch["targets"].tolist() == [1.0, 0.0]
+    [(row, reason)] = batch["skipped_rows"]
+    assert row == 1 and "column 'label': received 7.0" in reason
+
+
+def test_validate_dataset_lists_every_bad_row_without_decoding_pixels(tiny_path, tmp_path, small_pixel_limit,
+                                                                      monkeypatch):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    data = Dataset.from_list(_rows(tmp_path))
+
+    def no_decoding(self):
+        raise AssertionError("validate_dataset decoded pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    report = validate_dataset(data, model)
+    assert not report.ok and report.rows == 20 and report.bad_rows == [5, 11, 13]
+    assert [(b.row, b.column) for b in report.bad] == [(5, "positive"), (11, "query"), (13, "positive")]
+    assert "3 of 20 rows are unreadable" in str(report) and "exceeds limit" in str(report)
+    with pytest.raises(InputError, match="3 of 20 rows"):
+        report.raise_if_bad()
+    assert validate_dataset(data.select([0, 1, 2, 3]), model).ok
+
+
+def test_recipe_validate_data_flag(tiny_path, tmp_path, small_pixel_limit, capsys):
+    import json
+
+    from test_recipes import CONFIGS, _recipe
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in _rows(tmp_path)))
+    argv = ["--config", str(CONFIGS / "demo.yaml"), "--model_name_or_path", tiny_path("clip"),
+            "--dataset_name", "json", "--data_files", str(data), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0",
+            "--eval_fraction", "0", "--validate_data", "true"]
+    with pytest.raises(InputError, match="3 of 20 rows are unreadable"):
+        _recipe("train_bi_encoder").main(argv)
+    _recipe("train_bi_encoder").main([*argv, "--bad_rows", "skip", "--output_dir", str(tmp_path / "skip")])
+    assert "data check: 3 of 20 rows are unreadable" in capsys.readouterr().out
