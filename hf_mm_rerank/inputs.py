@@ -18,6 +18,25 @@ from typing import Any
 from PIL import Image, ImageOps
 
 ORIENTATION = 0x0112  # the EXIF orientation tag
+# The largest image decoded, in pixels (width x height from the header, checked before decoding): PIL's own warning
+# threshold (89.5 megapixels, about 270 MB as RGB) unless HF_MM_RERANK_MAX_IMAGE_PIXELS says otherwise. PIL only
+# refuses twice its threshold; a 100-megapixel PNG would otherwise be decoded whole in every worker, every epoch.
+MAX_IMAGE_PIXELS_ENV = "HF_MM_RERANK_MAX_IMAGE_PIXELS"
+if os.environ.get(MAX_IMAGE_PIXELS_ENV) is not None:
+    Image.MAX_IMAGE_PIXELS = None  # the setting replaces PIL's own (which refuses at twice its threshold)
+
+
+def max_image_pixels() -> int | None:
+    """The pixel limit in force (None: no limit, ``HF_MM_RERANK_MAX_IMAGE_PIXELS=0``)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if value is None:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_ENV}={value!r}: give a number of pixels, e.g. 200000000, or 0 for no "
+                         "limit.") from None
+    return limit or None
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -145,6 +164,13 @@ def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) 
     try:
         image = Image.open(source)
         width, height = image.size  # from the header, before any reduced-scale decoding
+        limit = max_image_pixels()
+        if limit and width * height > limit:
+            raise InputError(
+                f"{where}: the image is {width}x{height} ({width * height:,} pixels), over the limit of {limit:,} pixels "
+                f"(decoding it would take {width * height * 3 / 2**30:.2f} GiB). Fix: "
+                f"drop or downscale it, or raise the limit with {MAX_IMAGE_PIXELS_ENV}=<pixels> (0: none) if the file "
+                "is trusted.")
         if not decode:
             return image, (width, height)
         if max_pixels and image.format == "JPEG":
@@ -156,8 +182,8 @@ def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) 
         upright = ImageOps.exif_transpose(image)  # a quarter turn swaps the source's width and height too
         return upright, (width, height) if upright.size == image.size else (height, width)
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{where}: {exc} Fix: drop or downscale this image, or raise PIL.Image.MAX_IMAGE_PIXELS "
-                         "if the file is trusted.") from None
+        raise InputError(f"{where}: {exc} Fix: drop or downscale this image, or raise the limit with "
+                         f"{MAX_IMAGE_PIXELS_ENV}=<pixels> (0: none) if the file is trusted.") from None
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
         raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
 

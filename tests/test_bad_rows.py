@@ -4,6 +4,7 @@ crash deep in a tokenizer, processor or sampler."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from datasets import Dataset
@@ -20,13 +21,40 @@ def _collate(model, **cells):
     return BiEncoderCollator(model)([{ROW: 41, "query": "q", "positive": solid("red"), **cells}])
 
 
-def test_a_decompression_bomb_is_named(tiny_path, monkeypatch):
+def test_an_image_over_the_pixel_limit_is_named_before_decoding(tiny_path, monkeypatch):
     model = BiEncoder.from_pretrained(tiny_path("clip"))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100x100 PNG is then a "bomb", like 30000x30000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100x100 PNG is then like a 10000x10000 one
     buffer = io.BytesIO()
     solid("red", (100, 100)).save(buffer, "PNG")
-    with pytest.raises(InputError, match=r"row 41, column 'positive': .*exceeds limit.*MAX_IMAGE_PIXELS"):
+    with pytest.raises(InputError, match=r"row 41, column 'positive': Image size \(10000 pixels\) exceeds limit.*"
+                                         r"HF_MM_RERANK_MAX_IMAGE_PIXELS=<pixels>"):  # PIL's bomb check (2 x limit)
         _collate(model, positive=buffer.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # over the limit but under twice it: PIL would decode it
+    with pytest.raises(InputError, match=r"row 41, column 'positive': the image is 100x100 \(10,000 pixels\), over the "
+                                         r"limit of 6,000 pixels .*HF_MM_RERANK_MAX_IMAGE_PIXELS=<pixels>"):
+        _collate(model, positive=buffer.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # what importing with the variable set does
+    monkeypatch.setenv("HF_MM_RERANK_MAX_IMAGE_PIXELS", "5000")  # the setting, in pixels
+    with pytest.raises(InputError, match=r"100x100 \(10,000 pixels\), over the limit of 5,000 pixels"):
+        _collate(model, positive=buffer.getvalue())
+    monkeypatch.setenv("HF_MM_RERANK_MAX_IMAGE_PIXELS", "20000")
+    assert _collate(model, positive=buffer.getvalue())["positive"][0]["image_index"].numel() == 1
+    monkeypatch.setenv("HF_MM_RERANK_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="give a number of pixels"):
+        _collate(model, positive=buffer.getvalue())
+
+
+def test_the_pixel_limit_setting_replaces_pils_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.png"
+    Image.new("L", (1000, 1000)).save(big)  # 1 megapixel
+    code = ("import PIL.Image as I; I.MAX_IMAGE_PIXELS = 100_000; import hf_mm_rerank.inputs as m; "
+            f"print(m.to_input({str(big)!r}).image.size)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "HF_MM_RERANK_MAX_IMAGE_PIXELS": "2000000"})
+    assert run.returncode == 0 and "(1000, 1000)" in run.stdout, run.stderr[-2000:]
 
 
 def test_a_lone_surrogate_is_named(tiny_path):

@@ -22,7 +22,7 @@ from hf_mm_rerank import (
 )
 from hf_mm_rerank.collators import ROW_KEY
 
-BAD = {5: ("positive", "never_downloaded.png', which does not exist"), 11: ("query", "an empty string"), 13: ("positive", "exceeds limit")}
+BAD = {5: ("positive", "never_downloaded.png', which does not exist"), 11: ("query", "an empty string"), 13: ("positive", "(10,000 pixels), over the limit of 6,000 pixels")}
 
 
 def _rows(tmp_path, bad=BAD):
@@ -48,7 +48,7 @@ def _rows(tmp_path, bad=BAD):
 
 @pytest.fixture()
 def small_pixel_limit(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # a 100x100 image is then a bomb, 40x30 is not
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # a 100x100 image is then over the limit, 40x30 is not
 
 
 def _trainer(tiny_path, tmp_path, rows, **kwargs):
@@ -121,7 +121,7 @@ def test_validate_dataset_lists_every_bad_row_without_decoding_pixels(tiny_path,
     report = validate_dataset(data, model)
     assert not report.ok and report.rows == 20 and report.bad_rows == [5, 11, 13]
     assert [(b.row, b.column) for b in report.bad] == [(5, "positive"), (11, "query"), (13, "positive")]
-    assert "3 of 20 rows are unreadable" in str(report) and "exceeds limit" in str(report)
+    assert "3 of 20 rows are unreadable" in str(report) and "over the limit" in str(report)
     with pytest.raises(InputError, match="3 of 20 rows"):
         report.raise_if_bad()
     assert validate_dataset(data.select([0, 1, 2, 3]), model).ok
