@@ -1,15 +1,26 @@
 """hf_mm_rerank: LoRA/QLoRA fine-tuning of multimodal bi-encoders and rerankers with a plain Trainer.
 
-Public names are imported lazily, so ``import hf_mm_rerank`` is cheap and never imports bitsandbytes;
-QLoRA imports it only when a ``quantization_config`` is given.
+Public names are imported lazily, so ``import hf_mm_rerank`` is cheap. Importing it first also quiets
+bitsandbytes' notice about an optional CPU 4-bit kernel package, which transformers and peft import on every run
+(even without quantization); the notice matters only for 4-bit on a CPU, where loading says so once.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+class _OptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+# A logger obtained before bitsandbytes creates it is the one it will use.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 _EXPORTS = {
     "BiEncoder": "modeling",

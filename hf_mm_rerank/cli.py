@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -26,6 +28,9 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="YAML file whose keys are any of the flags below (e.g. recipes/configs/demo.yaml); flags "
+                             "given on the command line override it.")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -44,7 +49,23 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
     for value in parsed:
         if isinstance(value, TrainingArguments):
             check_launch(value)  # fail before any data or model is loaded
+            overwrite = any(getattr(other, "overwrite_output_dir", False) for other in parsed)
+            check_output_dir(value, overwrite)
     return parsed
+
+
+def check_output_dir(args: TrainingArguments, overwrite: bool) -> None:
+    """Refuse to write into a non-empty ``output_dir`` (another run's results) unless asked, or resuming."""
+    folder = args.output_dir
+    taken = os.path.isdir(folder) and any(os.scandir(folder))
+    if taken and not overwrite and not args.resume_from_checkpoint:
+        raise FileExistsError(
+            f"--output_dir {folder} already holds another run's files ({', '.join(sorted(os.listdir(folder))[:5])}"
+            f"{' ...' if len(os.listdir(folder)) > 5 else ''}). Fix: pass a new --output_dir, --overwrite_output_dir "
+            "true to write over it, or --resume_from_checkpoint true to continue that run.")
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()  # no rank writes (e.g. the demo base) before every rank has looked
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -113,6 +134,10 @@ def validated(train: Any, model: Any, data: DataArguments, args: TrainingArgumen
     return train.select([i for i in range(len(train)) if i not in bad])
 
 
+# datasets' packaged builders that read local files: without --data_files they would scan the working directory.
+FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "imagefolder", "audiofolder", "webdataset"}
+
+
 def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
     """Return (train, eval) datasets with canonical column names; eval may be None."""
     from datasets import load_dataset
@@ -121,6 +146,10 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
 
     if args.dataset_name == DEMO_DATA:
         train, held_out = emoji_splits()
+    elif args.dataset_name in FILE_BUILDERS and not (args.data_files or args.data_dir):
+        raise ValueError(f"--dataset_name {args.dataset_name} reads local files, and none were given. Fix: pass "
+                         "--data_files train.jsonl (JSON lines, CSV or Parquet rows; see README 'Dataset format'), "
+                         "--data_dir for an image folder, or --dataset_name <Hub dataset id>.")
     else:
         loaded = load_dataset(args.dataset_name, args.dataset_config, data_files=args.data_files,
                               data_dir=args.data_dir)
@@ -181,6 +210,8 @@ class PublishArguments:
 
     hub_push_on: str | None = field(default=None, metadata={
         "help": "Push with HubPushCallback to --hub_model_id on every 'save', the 'best' checkpoint, or at the 'end'."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into a non-empty --output_dir (refused otherwise, unless resuming)."})
     card_license: str | None = field(default=None, metadata={"help": "License named in the model card."})
     card_datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids named in the card."})
     card_base_model: str | None = field(default=None, metadata={
@@ -223,6 +254,26 @@ def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str,
     """``{metric: [before, after]}`` for the evaluator's metrics."""
     keys = [k for k in after if k.startswith("eval_") and ("@" in k or k.endswith("_map"))]
     return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
+
+
+def print_report(before: dict[str, float], after: dict[str, float], output_dir: str, loader: str) -> None:
+    """The metrics as one compact table (metric x cutoff, "before -> after"; all of them in
+    ``output_dir/metrics.json``) and a last line saying where the model is and how to load it."""
+    table = {k.removeprefix("eval_"): v for k, v in report_table(before, after).items()}
+    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
+        json.dump({"before": before, "after": after}, handle, indent=2)
+    if table:
+        cutoffs = sorted({k.split("@")[1] for k in table if "@" in k}, key=int)
+        names = list(dict.fromkeys(k.split("@")[0] for k in table))
+        cell = "{:.4f} -> {:.4f}"
+        lines = [f"{'before -> after':<16}" + "".join(f"{'@' + c:>18}" for c in cutoffs)]
+        for name in names:
+            values = [table.get(f"{name}@{c}") for c in cutoffs] if f"{name}@" in "|".join(table) else []
+            row = "".join(f"{cell.format(*v) if v else '':>18}" for v in values)
+            lines.append(f"{name:<16}{row or cell.format(*table[name]):>{len(row) or 18}}")
+        print("\n".join(lines))
+    print(f"Saved to {output_dir} (metrics: {os.path.join(output_dir, 'metrics.json')}). Load it with "
+          f"{loader}.from_pretrained({output_dir!r})", flush=True)
 
 
 def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = None, seed: int = 42,

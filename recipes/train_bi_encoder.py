@@ -7,7 +7,9 @@ Every TrainingArguments flag works (bf16, gradient_accumulation_steps, eval_stra
 
 from __future__ import annotations
 
-import json
+import hf_mm_rerank  # noqa: F401  (first: it quiets an optional-kernel notice that importing transformers prints)
+
+# isort: split
 import logging
 from dataclasses import dataclass, field
 
@@ -31,7 +33,7 @@ from hf_mm_rerank.cli import (
     load_data,
     main_process_first,
     parse_with_config,
-    report_table,
+    print_report,
     validated,
 )
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     trainer.save_model()
     report = {"before": before, "after": after}
     if trainer.is_world_process_zero():
-        print(json.dumps(report_table(before, after), indent=2))
+        print_report(before, after, args.output_dir, "hf_mm_rerank.BiEncoder")
     return report
 
 

@@ -9,7 +9,9 @@ random from the other rows' positives. Every TrainingArguments flag works (bf16,
 
 from __future__ import annotations
 
-import json
+import hf_mm_rerank  # noqa: F401  (first: it quiets an optional-kernel notice that importing transformers prints)
+
+# isort: split
 import logging
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ from hf_mm_rerank.cli import (
     load_data,
     main_process_first,
     parse_with_config,
-    report_table,
+    print_report,
     validated,
 )
 from hf_mm_rerank.losses import RERANKING_LOSSES
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     #    when --push_to_hub); report.
     trainer.save_model()
     if trainer.is_world_process_zero():
-        print(json.dumps(report_table(before, after), indent=2))
+        print_report(before, after, args.output_dir, "hf_mm_rerank.CrossEncoder")
     return {"before": before, "after": after}
 
 

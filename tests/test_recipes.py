@@ -57,7 +57,8 @@ def test_help_renders(recipe, flags):
     out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--help"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for flag in ("--model_name_or_path", "--lora_r", "--load_in_4bit", "--per_device_train_batch_size", *flags):
+    for flag in ("--config", "--model_name_or_path", "--lora_r", "--load_in_4bit", "--per_device_train_batch_size",
+                 "--bad_rows", "--validate_data", "--overwrite_output_dir", *flags):
         assert flag in out.stdout
 
 

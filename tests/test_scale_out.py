@@ -39,7 +39,8 @@ def test_demo_recipe_trains_once_under_the_readme_two_process_command(tmp_path):
                                        "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0",
                                        *CPU_DDP], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count('"eval_ndcg@10"') == 1  # one training (rank 0 reports), not two independent runs
+    assert run.stdout.count("Saved to") == 1 and run.stdout.count("before -> after") == 1  # rank 0 reports once
+    assert "kernels-community" not in run.stderr  # no optional-kernel noise without quantization
     card = (out / "README.md").read_text()
     assert "2 x CPU" in card and "| global batch | 8 |" in card.replace("  ", " ")
     assert not list(out.parent.glob("demo/_base_model.partial-*"))
@@ -68,7 +69,7 @@ def test_reranker_recipe_with_mining_under_the_two_process_command(tiny_path, tm
         "--dataloader_num_workers", "0", "--eval_steps", "1", "--save_steps", "1", "--max_pixels", "4096",
         *CPU_DDP], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count('"eval_ndcg@10"') == 1
+    assert run.stdout.count("Saved to") == 1
     assert "2 x CPU" in (out / "README.md").read_text()
     reranker = CrossEncoder.from_pretrained(str(out))
     assert reranker.head_type == "yes_no" and reranker.score([("a red square", "red")]).shape == (1,)

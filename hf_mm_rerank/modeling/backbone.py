@@ -90,6 +90,13 @@ def _quantization_config(quantization_config: Any, config: PretrainedConfig, mod
         import bitsandbytes  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("quantization_config needs bitsandbytes: pip install 'hf_mm_rerank[qlora]'") from exc
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() and importlib.util.find_spec("kernels") is None:
+        logger.info("hf_mm_rerank: 4/8-bit weights on the CPU use bitsandbytes' reference kernels (`pip install "
+                    "kernels` may give faster ones).")
     quantization_config = copy.deepcopy(quantization_config)
     skip = quantization_skip_modules(_skeleton(config, model_kwargs, auto_class))
     user_skip = list(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
