@@ -34,6 +34,11 @@ TRAINING_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
                   "training_args.bin", LOSS_WEIGHTS, "*.pt", "*.pth", "*.bin"]
 
 
+# The same exclusion for a manual upload of a checkpoint folder (hf CLI flags).
+UPLOAD_EXCLUDES = " ".join(f'--exclude "{pattern}"' for pattern in ("*.pt", "*.pth", "*.bin", "trainer_state.json",
+                                                                      LOSS_WEIGHTS))
+
+
 def loadable_files(directory: str) -> list[str]:
     """Files of a saved model/checkpoint folder that a user needs to load it (no training state)."""
     return sorted(name for name in os.listdir(directory)
@@ -251,8 +256,8 @@ class HubPushCallback(TrainerCallback):
                 time.sleep(delay)
         record.error = _describe(last_error) + _auth_hint(last_error)
         logger.error("HubPushCallback: giving up on pushing %s to %s after %d attempt(s): %s. Training goes on and "
-                     "local checkpoints are intact; push them later with HfApi().upload_folder().", record.label,
-                     self.repo_id, record.attempts, record.error)
+                     "local checkpoints are intact; push one later with `hf upload %s <checkpoint> %s`.", record.label,
+                     self.repo_id, record.attempts, record.error, self.repo_id, UPLOAD_EXCLUDES)
 
     def _prepare_repo(self, api: Any) -> None:
         api.create_repo(self.repo_id, private=self.private, exist_ok=True)
@@ -288,7 +293,8 @@ class HubPushCallback(TrainerCallback):
             logger.error("HubPushCallback: %d push(es) to %s failed: %s", len(failed), self.repo_id,
                          "; ".join(f"{r.label}: {r.error}" for r in failed))
         for record in pending:
-            where = (f"the files are in {record.source}; push them with `hf upload {self.repo_id} {record.source}`"
+            where = (f"the files are in {record.source}; push the loadable ones with `hf upload {self.repo_id} "
+                     f"{record.source} {UPLOAD_EXCLUDES}`"
                      if record.source else "save the model (trainer.save_model()) and push that folder with "
                      f"`hf upload {self.repo_id} <folder>`")
             logger.error("HubPushCallback: still pushing %s to %s after waiting %g s; not waiting longer (a late "

@@ -54,11 +54,23 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
     return parsed
 
 
+def resume_point(args: TrainingArguments) -> bool | str | None:
+    """``--resume_from_checkpoint``: ``true`` (the last complete checkpoint in ``output_dir``), a checkpoint folder,
+    or nothing (``false`` or absent). TrainingArguments keeps the flag as a string, which Trainer reads as a path."""
+    value = args.resume_from_checkpoint
+    if value is None or isinstance(value, bool):
+        return value or None
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    return None if lowered in ("false", "no", "0", "none", "") else value
+
+
 def check_output_dir(args: TrainingArguments, overwrite: bool) -> None:
     """Refuse to write into a non-empty ``output_dir`` (another run's results) unless asked, or resuming."""
     folder = args.output_dir
     taken = os.path.isdir(folder) and any(os.scandir(folder))
-    if taken and not overwrite and not args.resume_from_checkpoint:
+    if taken and not overwrite and not resume_point(args):
         raise FileExistsError(
             f"--output_dir {folder} already holds another run's files ({', '.join(sorted(os.listdir(folder))[:5])}"
             f"{' ...' if len(os.listdir(folder)) > 5 else ''}). Fix: pass a new --output_dir, --overwrite_output_dir "
@@ -110,6 +122,8 @@ class DataArguments:
         "help": "Scan the training rows first (text, image headers) and list every unreadable one; with --bad_rows "
                 "raise the run stops there, with skip those rows are dropped before training."})
 
+    dropped_rows = 0  # rows --validate_data dropped (recorded in the model card)
+
     def row_rules(self) -> dict[str, Any]:
         """The trainer's bad-row settings."""
         return {"bad_rows": self.bad_rows, "max_skipped_fraction": self.max_skipped_fraction}
@@ -122,15 +136,16 @@ def validated(train: Any, model: Any, data: DataArguments, args: TrainingArgumen
     from .validation import validate_dataset
 
     report = validate_dataset(train, model)
-    if args.process_index == 0:
-        print(f"hf_mm_rerank: data check: {report}", flush=True)
-    if report.ok:
+    if report.ok or data.bad_rows == "raise" or -1 in report.bad_rows:  # -1: dataset-wide (mixed negative counts)
+        if args.process_index == 0 and report.ok:
+            print(f"hf_mm_rerank: data check: {report}", flush=True)
+        report.raise_if_bad()
         return train
-    if data.bad_rows == "raise":
-        report.raise_if_bad()
     bad = set(report.bad_rows)
-    if -1 in bad:  # a dataset-wide problem (mixed negative counts): not a row to drop
-        report.raise_if_bad()
+    if args.process_index == 0:
+        print(f"hf_mm_rerank: data check: dropping {len(bad)} of {report.rows} rows before training "
+              "(--bad_rows skip):\n" + "\n".join(f"  {b.reason}" for b in report.bad), flush=True)
+    data.dropped_rows = len(bad)
     return train.select([i for i in range(len(train)) if i not in bad])
 
 
@@ -210,6 +225,10 @@ class PublishArguments:
 
     hub_push_on: str | None = field(default=None, metadata={
         "help": "Push with HubPushCallback to --hub_model_id on every 'save', the 'best' checkpoint, or at the 'end'."})
+    hub_wait_at_end: float = field(default=120.0, metadata={
+        "help": "With --hub_push_on: seconds the end of training waits for pending pushes."})
+    hub_attempt_timeout: float = field(default=600.0, metadata={
+        "help": "With --hub_push_on: seconds one push attempt may take before it is abandoned and retried."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Write into a non-empty --output_dir (refused otherwise, unless resuming)."})
     card_license: str | None = field(default=None, metadata={"help": "License named in the model card."})
@@ -227,8 +246,12 @@ class PublishArguments:
             return []
         if not args.hub_model_id:
             raise ValueError("--hub_push_on needs --hub_model_id user/name.")
+        if args.push_to_hub:
+            logger.warning("hf_mm_rerank: both --push_to_hub (Trainer's own pushes) and --hub_push_on (the callback) "
+                           "push to %s: every save is uploaded twice. Use one of them.", args.hub_model_id)
         return [HubPushCallback(args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision,
-                                push_on=self.hub_push_on, token=args.hub_token, card=self.card())]
+                                push_on=self.hub_push_on, token=args.hub_token, card=self.card(),
+                                wait_at_end=self.hub_wait_at_end, attempt_timeout=self.hub_attempt_timeout)]
 
 
 def build_lora(m: LoraArguments) -> Any:

@@ -97,8 +97,14 @@ def build_demo_base(path: str | Path, image_size: int = 64, seed: int = 0) -> st
                                                tokenizer=AutoTokenizer.from_pretrained(text_path))
     # Written aside, then renamed: a killed run or a concurrent reader never sees a half-written folder.
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
+    from .checkpoints import WRITE_ERRORS, write_error
+
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+    except WRITE_ERRORS as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise write_error(str(path), error, what="the demo base model") from error
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
     return str(path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,8 +139,9 @@ def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -
         path = Path(value)
         if not path.is_file():
             raise InputError(
-                f"{where}: received the image path '{value}', which does not exist. Fix: make paths absolute or "
-                "relative to the working directory, or load the column with datasets.Image()."
+                f"{where}: received the image path '{value}', which does not exist. Fix: check the file; relative "
+                "paths are read from the working directory (the recipes: from the data file's folder, or "
+                "--image_root), or load the column with datasets.Image()."
             )
         image, source = _open(path, where, max_pixels, decode)
     elif isinstance(value, (bytes, bytearray)):
@@ -162,7 +165,9 @@ def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -
 
 def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings():  # PIL warns above its threshold; the check below refuses those by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
         width, height = image.size  # from the header, before any reduced-scale decoding
         limit = max_image_pixels()
         if limit and width * height > limit:
@@ -181,9 +186,12 @@ def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) 
             return image, (width, height)
         upright = ImageOps.exif_transpose(image)  # a quarter turn swaps the source's width and height too
         return upright, (width, height) if upright.size == image.size else (height, width)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{where}: {exc} Fix: drop or downscale this image, or raise the limit with "
-                         f"{MAX_IMAGE_PIXELS_ENV}=<pixels> (0: none) if the file is trusted.") from None
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, at twice its threshold
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise InputError(f"{where}: the image has {size}, over the limit of {max_image_pixels() or 0:,} pixels "
+                         "(refused from its header, before decoding). Fix: drop or downscale it, or raise the limit "
+                         f"with {MAX_IMAGE_PIXELS_ENV}=<pixels> (0: none) if the file is trusted.") from None
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
         raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
 

@@ -14,6 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .card_usage import usage_info
+
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -53,10 +55,12 @@ def _lora(model: Any) -> dict[str, Any] | None:
     config = getattr(model.backbone, "peft_config", {}).get("default") if model.is_peft else None
     if config is None:
         return None
-    targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else [config.target_modules]
-    kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [name for name, module in model.backbone.named_modules() if isinstance(module, LoraLayer)]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "targets": f"{', '.join(kinds)} ({len(targets)} modules)",
+            "targets": f"{', '.join(kinds)} ({len(adapted)} modules)",
             "modules_to_save": sorted(config.modules_to_save or [])}
 
 
@@ -83,6 +87,16 @@ def _loss(loss: Any) -> dict[str, Any]:
     return {"name": type(loss).__name__, "params": dict(sorted(params.items()))}
 
 
+def _pooling(model: Any) -> str | None:
+    """The pooling actually used, as a phrase."""
+    pooling = getattr(model, "pooling", None)
+    if pooling is None:
+        return None
+    if model.spec.family == "dual_encoder":
+        return "the towers' own pooling and projection (get_text_features / get_image_features)"
+    return {"last": "last token", "mean": "mean over tokens"}.get(pooling, pooling)
+
+
 def _negatives(dataset: Any, kind: str) -> str:
     columns = list(getattr(dataset, "column_names", None) or [])
     if not columns:
@@ -94,7 +108,7 @@ def _negatives(dataset: Any, kind: str) -> str:
     negatives = negative_columns(columns)
     count = len(negative_cells(dataset[0], negatives)) if negatives else 0
     prefix = "in-batch + " if kind == "bi_encoder" else ""
-    return f"{prefix}{count} hard negative(s)" if count else "in-batch only"
+    return f"{prefix}{count} negative(s)" if count else "in-batch only"
 
 
 def _eval(history: list[dict[str, Any]], baseline: dict[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -128,15 +142,17 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         "kind": spec.kind, "family": spec.family, "adapter": model.is_peft,
         "base_model": hub_id(spec.base_model), "repo_id": repo_id or hub_id(getattr(args, "hub_model_id", None)),
         "quantization": _quantization(spec), "lora": _lora(model),
-        "head": settings.get("head"), "pooling": getattr(model, "pooling", None),
-        "normalize": getattr(model, "normalize", None), "modalities": ["text", "image"],
+        "head": settings.get("head"), "pooling": _pooling(model),
+        "normalize": getattr(model, "normalize", None),
+        "modalities": ["text", "image"] if model.featurizer.supports_images else ["text"],
         "loss": _loss(getattr(trainer, "loss", None)),
         "training": {
             "global batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
             "negatives per query": _negatives(trainer.train_dataset, spec.kind),
             "epochs": round(float(state.epoch or 0), 2), "steps": state.global_step,
             "learning rate": args.learning_rate, "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "warmup steps": args.warmup_steps, "weight decay": args.weight_decay,
+            "warmup steps": args.get_warmup_steps(state.max_steps) if state.max_steps else args.warmup_steps,
+            "weight decay": args.weight_decay,
             "optimizer": str(getattr(args.optim, "value", args.optim)), "precision": precision,
             "gradient checkpointing": bool(args.gradient_checkpointing), "hardware": _hardware(world),
             "duration": f"{runtime['train_runtime']:.0f} s" if runtime else "n/a",
@@ -147,9 +163,18 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         },
         "eval": {"before": before, "after": after},
         "versions": _versions(bool(spec.quantization)),
+        "usage": usage_info(model),
         "license": None, "datasets": [], "language": None, "model_name": None, "dataset_name": None,
     }
+    dropped = overrides.pop("dropped_rows", 0)
+    if dropped:
+        info["training"]["rows dropped by the data check (--validate_data)"] = dropped
+    negatives = overrides.pop("negatives", None)  # how the recipe made them: "random", "mined with <model>", ...
+    if negatives and info["training"]["negatives per query"] not in ("n/a", "in-batch only"):
+        info["training"]["negatives per query"] += f" ({negatives})"
     info.update({k: v for k, v in overrides.items() if v is not None})
+    if not info["model_name"] and not info["repo_id"]:
+        info["model_name"] = os.path.basename(os.path.normpath(args.output_dir)) or None
     info["base_model"] = hub_id(info["base_model"])  # an override may name the Hub original of a local copy
     info["datasets"] = [d for d in (info["datasets"] or []) if hub_id(d)]
     return info
@@ -162,30 +187,9 @@ def _method(info: dict[str, Any]) -> tuple[str, str]:
 
 
 def _usage(info: dict[str, Any]) -> tuple[str, str]:
-    repo = info["repo_id"] or "path/to/this/model"
-    base = info["base_model"] or "<base model>"
-    if info["kind"] == "bi_encoder":
-        library = (f'from hf_mm_rerank import BiEncoder\n\nmodel = BiEncoder.from_pretrained("{repo}")\n'
-                   'embeddings = model.encode(["a photo of a red bicycle", "bicycle.jpg"])  # [2, D]\n'
-                   'scores = embeddings[:1] @ embeddings[1:].T')
-        auto = "AutoModel"
-    else:
-        library = (f'from hf_mm_rerank import CrossEncoder\n\nreranker = CrossEncoder.from_pretrained("{repo}")\n'
-                   'scores = reranker.score([("a red bicycle", "bicycle.jpg"), ("a red bicycle", "boat.jpg")])\n'
-                   'ranked = reranker.rank("a red bicycle", ["bicycle.jpg", "boat.jpg"], top_k=1)')
-        auto = {"yes_no": "AutoModelForImageTextToText", "classification": "AutoModelForSequenceClassification"}.get(
-            info["head"], "AutoModel")
-    if info["adapter"]:
-        plain = (f"from peft import PeftModel\nfrom transformers import {auto}, AutoProcessor\n\n"
-                 f'base = {auto}.from_pretrained("{base}")\n'
-                 f'model = PeftModel.from_pretrained(base, "{repo}")\n'
-                 f'processor = AutoProcessor.from_pretrained("{repo}")')
-    else:
-        plain = (f"from transformers import {auto}, AutoProcessor\n\n"
-                 f'model = {auto}.from_pretrained("{repo}")\nprocessor = AutoProcessor.from_pretrained("{repo}")')
-    if info["head"] in ("linear", "mlp"):
-        plain += "\n# The trained score head is in head.safetensors (applied to the last token's hidden state)."
-    return library, plain
+    from .card_usage import library_usage, plain_usage
+
+    return library_usage(info), plain_usage(info)
 
 
 def _fmt(value: Any) -> str:

@@ -131,15 +131,19 @@ class SkipCounter:
         if not 0 <= max_fraction < 1:
             raise ValueError(f"max_skipped_fraction={max_fraction}: use a fraction in [0, 1).")
         self.max_fraction = max_fraction
-        self.rows: list[tuple[Any, str]] = []
+        self.rows: list[tuple[Any, str]] = []  # each bad row once (later epochs meet the same rows again)
+        self._seen: set[Any] = set()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add(self, skipped: list[tuple[Any, str]], dataset_rows: int | None, world_size: int) -> None:
         for row, reason in skipped:
+            if row in self._seen:
+                continue
+            self._seen.add(row)
+            self.rows.append((row, reason))
             logger.warning("hf_mm_rerank: skipping row %s (bad_rows='skip'): %s", row, reason)
-        self.rows += skipped
         if dataset_rows:
             limit = self.max_fraction * dataset_rows / max(1, world_size)
             if len(self.rows) > limit:

@@ -34,6 +34,7 @@ from hf_mm_rerank.cli import (
     main_process_first,
     parse_with_config,
     print_report,
+    resume_point,
     validated,
 )
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
@@ -95,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     train = validated(train, model, data_args, args)
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
-                               callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card(),
+                               callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**publish.card(), "dropped_rows": data_args.dropped_rows},
                                **data_args.row_rules())
 
     # 4. Train, measuring retrieval before and after.
     before = trainer.evaluate() if evaluator else {}
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(args))
     after = trainer.evaluate() if evaluator else {}
 
     # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it

@@ -29,9 +29,11 @@ from hf_mm_rerank.cli import (
     main_process_first,
     parse_with_config,
     print_report,
+    resume_point,
     validated,
 )
 from hf_mm_rerank.losses import RERANKING_LOSSES
+from hf_mm_rerank.model_card import hub_id
 from hf_mm_rerank.pipeline import cache_images
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
     with main_process_first(args, "loading the data"):
         train, held_out = load_data(data_args, seed=args.seed)
+    columns = set(train.column_names)
     train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
+    card = publish.card()
+    if set(train.column_names) != columns:  # the card says how the negatives were made
+        miner = hub_id(model_args.mining_model)
+        card["negatives"] = (f"mined with {miner}" if miner else "mined with a bi-encoder") \
+            if model_args.mining_model else "random"
     held_out = add_negatives(held_out, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
     evaluator = RerankingEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
 
@@ -103,12 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if loss is None and model_args.mini_batch_size:
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
-                                  callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card=publish.card(),
+                                  callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**card, "dropped_rows": data_args.dropped_rows},
                                   **data_args.row_rules())
 
     # 4. Train, measuring reranking before and after.
     before = trainer.evaluate() if evaluator else {}
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(args))
     after = trainer.evaluate() if evaluator else {}
 
     # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it

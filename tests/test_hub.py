@@ -59,7 +59,7 @@ def test_callback_pushes_loadable_files_in_the_background_and_the_repo_reloads(h
     assert meta["library_name"] == "peft" and meta["base_model"] == "openai/clip-vit-base-patch32"
     assert meta["base_model_relation"] == "adapter" and meta["license"] == "mit"
     assert {"hf_mm_rerank", "lora", "multimodal", "image", "text"} <= set(meta["tags"])
-    assert 'BiEncoder.from_pretrained("me/clip-lora")' in card
+    assert 'MODEL = "me/clip-lora"' in card and "BiEncoder.from_pretrained(MODEL)" in card
 
 
 def test_reranker_head_is_pushed_at_the_end_to_a_branch_and_reloads(hub, tiny_path, tmp_path):
@@ -140,6 +140,7 @@ def test_pushes_run_beside_training(hub, tiny_path, tmp_path, caplog):
     for step in (2, 4):
         assert (f"still pushing step {step} to me/slow after waiting 0.2 s" in caplog.text
                 and f"the files are in {tmp_path / 'out' / f'checkpoint-{step}'}" in caplog.text)
+    assert '--exclude "*.pt" --exclude "*.pth" --exclude "*.bin"' in caplog.text  # never the training state
     hub.state.release.set()
 
 

@@ -15,6 +15,7 @@ from peft import LoraConfig
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer
 from hf_mm_rerank.model_card import card_info, hub_id, render_card
+from hf_mm_rerank.processing import RERANK_PROMPT_DEFAULTS
 
 GOLDEN = Path(__file__).resolve().parent.parent / "model_cards"
 VERSIONS = {"hf_mm_rerank": "0.1.0", "transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1",
@@ -25,10 +26,13 @@ BI_ENCODER_LORA = {
     "repo_id": "hf-mm-rerank/clip-vit-b32-products-lora", "quantization": None,
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "fc1, fc2, k_proj, out_proj, q_proj, v_proj (72 modules)",
              "modules_to_save": ["text_projection", "visual_projection"]},
-    "head": None, "pooling": "model", "normalize": True, "modalities": ["text", "image"],
+    "head": None, "pooling": "the towers' own pooling and projection (get_text_features / get_image_features)",
+    "normalize": True, "modalities": ["text", "image"],
+    "usage": {"family": "dual_encoder", "prompts": {}, "pooling": "model",
+              "text_kwargs": {"padding": True, "truncation": True, "max_length": 77}},
     "loss": {"name": "CachedContrastiveLoss", "params": {"gather_across_devices": True, "mini_batch_size": 64,
                                                          "symmetric": True, "temperature": 0.05}},
-    "training": {"global batch": 1024, "negatives per query": "in-batch + 1 hard negative(s)", "epochs": 3.0,
+    "training": {"global batch": 1024, "negatives per query": "in-batch + 1 negative(s) (mined)", "epochs": 3.0,
                  "steps": 2931, "learning rate": 0.0001, "scheduler": "cosine", "warmup steps": 0.05,
                  "weight decay": 0.01, "optimizer": "adamw_torch_fused", "precision": "bf16",
                  "gradient checkpointing": False, "hardware": "1 x NVIDIA H200", "duration": "1480 s",
@@ -46,8 +50,10 @@ RERANKER_QLORA = {
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "targets": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
              "v_proj (196 modules)", "modules_to_save": []},
     "head": "yes_no", "pooling": None, "normalize": None, "modalities": ["text", "image"],
+    "usage": {"family": "chat_vlm", "prompts": {}, "pooling": None, "yes_no": ["yes", "no"], "num_labels": 1,
+              "pair_prompt": dict(RERANK_PROMPT_DEFAULTS)},
     "loss": {"name": "BinaryCrossEntropyLoss", "params": {"pos_weight": "auto"}},
-    "training": {"global batch": 8, "negatives per query": "3 hard negative(s)", "epochs": 1.0, "steps": 1250,
+    "training": {"global batch": 8, "negatives per query": "3 negative(s) (mined with a fine-tuned CLIP)", "epochs": 1.0, "steps": 1250,
                  "learning rate": 0.0002, "scheduler": "linear", "warmup steps": 0.05, "weight decay": 0.0,
                  "optimizer": "adamw_torch_fused", "precision": "bf16", "gradient checkpointing": True,
                  "hardware": "1 x NVIDIA H200", "duration": "2210 s", "samples/s": 4.52, "training rows": 10000},
@@ -99,10 +105,13 @@ def test_card_from_a_real_run_reports_training_and_evaluation(tiny_path, tmp_pat
     assert info["lora"]["r"] == 4 and info["lora"]["alpha"] == 8
     training = info["training"]
     assert training["global batch"] == 8 and training["steps"] == 4 and training["learning rate"] == 5e-3
-    assert training["negatives per query"] == "in-batch + 1 hard negative(s)"
+    assert training["negatives per query"] == "in-batch + 1 negative(s)"  # not called hard: nobody mined them
     assert training["samples/s"] != "n/a" and training["precision"] == "float32"
     assert info["loss"]["name"] == "ContrastiveLoss" and info["loss"]["params"]["temperature"] == 0.05
     assert set(info["eval"]["before"]) == set(info["eval"]["after"]) >= {"ndcg@10", "mrr@10", "map@100"}
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "| ndcg@10 |" in card and "a local checkpoint (not on the Hub)" in card and str(tmp_path) not in card
+    assert "# out\n" in card  # titled after the output folder, not "hf_mm_rerank model"
+    assert 'BASE = "path/to/the/base/model"  # the base was a local folder' in card
+    assert "| warmup steps | 0 |" in card

@@ -114,6 +114,8 @@ def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path,
     assert (final / "hf_mm_rerank_config.json").is_file()
     assert (final / ("model.safetensors" if settings.get("lora_r") == 0 else "adapter_model.safetensors")).is_file()
     assert (tmp_path / "out" / "checkpoint-2" / "hf_mm_rerank_config.json").is_file()
+    card = (final / "README.md").read_text()
+    assert "hard negative" not in card  # the data's own negatives (or random ones) are not called hard
 
 
 def test_cli_flags_override_the_yaml(tmp_path):
@@ -144,7 +146,7 @@ def test_yaml_values_keep_their_types(tmp_path):
         parse_with_config((DataArguments, TrainingArguments), ["--config", str(config)])
 
 
-def test_demo_runs_offline_end_to_end(tmp_path):
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     from hf_mm_rerank.demo import EMOJI_FONT
 
     if not os.path.isfile(EMOJI_FONT):
@@ -153,6 +155,12 @@ def test_demo_runs_offline_end_to_end(tmp_path):
                              "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "32",
                              "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0"])
     assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    table = printed[printed.index("before -> after"):].splitlines()
+    assert table[0].split() == ["before", "->", "after", "@1", "@5", "@10", "@100"]
+    assert table[1].startswith("ndcg") and table[1].count("->") >= 3 and len(table) < 12  # compact
+    assert f"Saved to {tmp_path / 'demo'}" in printed and "hf_mm_rerank.BiEncoder.from_pretrained(" in printed
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["after"] == report["after"]
     # The printed "after" metrics are those of the saved model, reloaded and evaluated on the same held-out rows.
     from hf_mm_rerank import BiEncoder, RetrievalEvaluator
     from hf_mm_rerank.cli import DataArguments, load_data

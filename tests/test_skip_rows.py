@@ -51,21 +51,21 @@ def small_pixel_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # a 100x100 image is then over the limit, 40x30 is not
 
 
-def _trainer(tiny_path, tmp_path, rows, **kwargs):
+def _trainer(tiny_path, tmp_path, rows, max_steps=5, **kwargs):
     model = BiEncoder.from_pretrained(tiny_path("clip"))
-    return BiEncoderTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, max_steps=5,
+    return BiEncoderTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=4, max_steps=max_steps,
                                                    save_strategy="no"),
                             train_dataset=Dataset.from_list(rows), **kwargs)
 
 
 def test_skip_drops_logs_and_counts_bad_rows(tiny_path, tmp_path, small_pixel_limit, caplog):
-    trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path), bad_rows="skip", max_skipped_fraction=0.2)
+    trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path), max_steps=15, bad_rows="skip", max_skipped_fraction=0.2)
     with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.validation"):
         trainer.train()
-    assert trainer.state.global_step == 5  # every batch trained (20 rows, 4 per batch, 3 rows dropped)
-    assert sorted(row for row, _ in trainer.skipped_rows.rows) == [5, 11, 13]
+    assert trainer.state.global_step == 15  # three epochs (20 rows, 4 per batch), every batch trained
+    assert sorted(row for row, _ in trainer.skipped_rows.rows) == [5, 11, 13]  # each bad row once, not per epoch
     for row, (column, reason) in BAD.items():
-        assert f"skipping row {row} (bad_rows='skip'): row {row}, column '{column}'" in caplog.text
+        assert caplog.text.count(f"skipping row {row} (bad_rows='skip'): row {row}, column '{column}'") == 1
         assert reason in caplog.text
     assert [r["skipped_rows"] for r in trainer.state.log_history if "skipped_rows" in r][-1] == 3
     trainer.save_model()
@@ -141,4 +141,6 @@ def test_recipe_validate_data_flag(tiny_path, tmp_path, small_pixel_limit, capsy
     with pytest.raises(InputError, match="3 of 20 rows are unreadable"):
         _recipe("train_bi_encoder").main(argv)
     _recipe("train_bi_encoder").main([*argv, "--bad_rows", "skip", "--output_dir", str(tmp_path / "skip")])
-    assert "data check: 3 of 20 rows are unreadable" in capsys.readouterr().out
+    assert "data check: dropping 3 of 20 rows before training (--bad_rows skip)" in capsys.readouterr().out
+    card = (tmp_path / "skip" / "README.md").read_text()
+    assert "| training rows | 17 |" in card and "| rows dropped by the data check (--validate_data) | 3 |" in card

@@ -22,12 +22,16 @@ logger = logging.getLogger(__name__)
 
 DUAL = "dual_encoder"
 CHAT = "chat_vlm"
+TEXT = "text_encoder"
 
 
 def detect_family(model: nn.Module) -> str:
-    """``dual_encoder`` for models with text and image feature methods, else ``chat_vlm``."""
+    """``dual_encoder`` for models with text and image feature methods, ``text_encoder`` for sequence classifiers
+    (BERT-style cross-encoders), else ``chat_vlm``."""
     if hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
         return DUAL
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return TEXT
     return CHAT
 
 

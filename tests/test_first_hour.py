@@ -1,0 +1,161 @@
+"""What a newcomer copies runs as written: the model card's two snippets (with hf_mm_rerank, and with plain
+transformers + peft, which must give the same numbers), the recipes' help, data and output-folder checks, and a
+quiet first run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import args
+from images import color_rows
+from peft import LoraConfig
+
+from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CrossEncoder, CrossEncoderTrainer, HubPushCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def run_block(code: str, namespace: dict | None = None) -> tuple[dict, str]:
+    namespace = {} if namespace is None else namespace
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<card>", "exec"), namespace)  # noqa: S102  (the card's code, as a user runs it)
+    return namespace, out.getvalue()
+
+
+def _publish_base(hub, folder: str, repo: str) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+    return repo
+
+
+# (name, family of the tiny base, kind, from_pretrained settings)
+CARD_CASES = [
+    ("clip", "clip", "bi", {}),
+    ("siglip", "siglip", "bi", {"query_prompt": "query: "}),
+    ("qwen-embedder", "qwen2_vl", "bi", {"query_prompt": "Find the image.", "document_prompt": "Describe it."}),
+    ("qwen-yes-no", "qwen2_vl", "rerank", {"head": "yes_no", "instruction": "Match colours."}),
+    ("qwen-linear", "qwen2_vl", "rerank", {"head": "linear"}),
+    ("bert", "bert", "rerank", {"head": "classification"}),
+]
+
+
+@pytest.mark.parametrize(("name", "family", "kind", "settings"), CARD_CASES, ids=[c[0] for c in CARD_CASES])
+def test_card_snippets_run_and_agree(hub, tiny_path, tmp_path, name, family, kind, settings):
+    if family == "bert":
+        from test_cross_encoder import _bert_classifier
+
+        folder = str(_bert_classifier(tmp_path / "bert"))
+    else:
+        folder = tiny_path(family)
+    base = _publish_base(hub, folder, f"tiny/{name}-base")
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    callback = HubPushCallback(f"me/{name}", push_on="end", backoff=0.01)
+    training = args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    if kind == "bi":
+        model = BiEncoder.from_pretrained(base, lora_config=lora, **settings)
+        trainer = BiEncoderTrainer(model=model, args=training, train_dataset=Dataset.from_list(color_rows()),
+                                   callbacks=[callback])
+    else:
+        model = CrossEncoder.from_pretrained(base, lora_config=lora, **settings)
+        rows = ([{"query": f"q{i}", "document": f"d{i}", "label": float(i % 2)} for i in range(8)]
+                if family == "bert" else color_rows())
+        trainer = CrossEncoderTrainer(model=model, args=training, train_dataset=Dataset.from_list(rows),
+                                      callbacks=[callback])
+    trainer.train()
+    assert callback.wait(60) and callback.commit_url, [r.error for r in callback.records]
+    card = hub.files(f"me/{name}")["README.md"].decode()
+    library, plain = python_blocks(card)
+    assert "<base model>" not in plain and f'BASE = "{base}"' in plain
+    with_library, printed = run_block(library)
+    without, printed_plain = run_block(plain)
+    assert printed.strip() and printed_plain.strip()
+    if kind == "bi":
+        for side in ("query_embedding", "image_embedding"):
+            torch.testing.assert_close(without[side].float(), with_library[side].float(), atol=1e-5, rtol=1e-5)
+        assert abs(float(printed.strip()) - float(printed_plain.strip().split()[0])) < 1e-5
+    else:
+        assert without["score"] == pytest.approx(float(with_library["scores"][0]), abs=1e-5)
+    # The facts match the run.
+    if family == "qwen2_vl" and kind == "bi":
+        assert "**Pooling:** last token, L2-normalised" in card
+    if family == "bert":
+        assert "**Inputs:** text on either side" in card and '"family": "text_encoder"' in \
+            hub.files(f"me/{name}")["hf_mm_rerank_config.json"].decode()
+    adapted = sum(1 for n, _ in model.backbone.named_modules() if n.endswith(".lora_A"))
+    assert f"({adapted} modules)" in card
+
+
+# ----- recipes ------------------------------------------------------------------------------------------------
+def _bi_recipe():
+    from test_recipes import _recipe
+
+    return _recipe("train_bi_encoder")
+
+
+def test_a_file_builder_without_data_files_names_the_flag(tmp_path):
+    from test_recipes import CONFIGS
+
+    with pytest.raises(ValueError, match=r"--dataset_name json reads local files, and none were given\. Fix: pass "
+                                         r"--data_files"):
+        _bi_recipe().main(["--config", str(CONFIGS / "clip_vit_b32_lora.yaml"), "--output_dir", str(tmp_path / "o"),
+                           "--use_cpu", "true", "--bf16", "false"])
+
+
+def test_another_runs_output_dir_is_not_overwritten_unless_asked(tiny_path, tmp_path):
+    from test_recipes import CONFIGS, _json_data
+
+    out = tmp_path / "out"
+    argv = ["--config", str(CONFIGS / "clip_vit_b32_lora.yaml"), "--model_name_or_path", tiny_path("clip"),
+            "--data_files", _json_data(tmp_path / "data"), "--output_dir", str(out), "--max_steps", "2",
+            "--save_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--bf16", "false",
+            "--dtype", "float32", "--dataloader_num_workers", "0", "--eval_fraction", "0", "--eval_strategy", "no",
+            "--load_best_model_at_end", "false"]
+    _bi_recipe().main(argv)
+    first = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds another run's files .*--overwrite_output_dir true"):
+        _bi_recipe().main([*argv, "--learning_rate", "0.1"])
+    assert (out / "adapter_model.safetensors").read_bytes() == first  # untouched
+    _bi_recipe().main([*argv, "--max_steps", "4", "--resume_from_checkpoint", "true"])  # continuing is fine
+    _bi_recipe().main([*argv, "--overwrite_output_dir", "true", "--learning_rate", "0.1"])
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+
+
+def test_reranker_recipe_card_says_how_negatives_were_made(tiny_path, tmp_path):
+    from test_recipes import CONFIGS, _recipe
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"query": f"a {c} square", "positive": f"the colour {c}"} for c in ("red", "green", "blue", "black")] * 2
+    data.write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    out = tmp_path / "rr"
+    _recipe("train_cross_encoder").main([
+        "--config", str(CONFIGS / "qwen3_vl_reranker_2b_lora.yaml"), "--model_name_or_path", tiny_path("qwen2_vl"),
+        "--data_files", str(data), "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--num_negatives", "2", "--use_cpu", "true", "--bf16", "false", "--dtype", "float32",
+        "--dataloader_num_workers", "0", "--eval_fraction", "0", "--eval_strategy", "no", "--assistant_prefix", "",
+        "--load_best_model_at_end", "false"])
+    assert "| negatives per query | 2 negative(s) (random) |" in (out / "README.md").read_text()
+
+
+def test_first_imports_print_no_optional_kernel_notice():
+    code = "import hf_mm_rerank; from transformers import TrainingArguments, Trainer; import peft; print('ok')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "kernels-community" not in run.stderr + run.stdout, run.stderr[-2000:]
+    helped = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert "--config FILE.yaml" in helped.stdout and "kernels-community" not in helped.stderr
