@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .inputs import InputError, MMInput, to_input
+from .inputs import CELL_KINDS, InputError, MMInput, to_input
 from .processing import Featurizer
 
 ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
@@ -56,13 +56,30 @@ def _where(row: dict[str, Any], i: int) -> Any:
     return row.get(ROW_KEY, f"{i} of the batch")
 
 
-def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str, decode: bool = True) -> MMInput:
+def check_cell_types(cell_types: dict[str, str] | None) -> dict[str, str]:
+    """``{"column": "text" | "image" | "auto"}``: how string cells of a column are read (``negative`` also covers
+    ``negative_1 ... negative_k``)."""
+    cell_types = dict(cell_types or {})
+    bad = {column: kind for column, kind in cell_types.items() if kind not in CELL_KINDS}
+    if bad:
+        raise ValueError(f"cell_types={bad}: each column's kind must be one of {CELL_KINDS}.")
+    return cell_types
+
+
+def kind_of(cell_types: dict[str, str], column: str) -> str:
+    if column in cell_types:
+        return cell_types[column]
+    return cell_types.get("negative", "auto") if _NUMBERED.match(column) else "auto"
+
+
+def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str, decode: bool = True,
+              kind: str = "auto") -> MMInput:
     """One cell -> :class:`MMInput` within the featurizer's pixel budget; errors name the row and column.
-    ``decode=False`` checks image headers only (see :func:`to_input`)."""
+    ``decode=False`` checks image headers only; ``kind`` reads a string cell as text or image (see :func:`to_input`)."""
     if cell is None:
         raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
                          "(dataset.filter(lambda r: r[column] is not None)).")
-    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column, decode=decode)
+    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column, decode=decode, kind=kind)
     return featurizer.check(item, where, column)
 
 
@@ -71,12 +88,14 @@ class _RowReader:
     and fix) or ``"skip"`` (the row is dropped from its batch and reported in ``batch["skipped_rows"]``; the
     trainer logs and counts it). A batch whose every row is bad always raises."""
 
-    def __init__(self, model_or_featurizer: Any, mini_batch_size: int | None, bad_rows: str) -> None:
+    def __init__(self, model_or_featurizer: Any, mini_batch_size: int | None, bad_rows: str,
+                 cell_types: dict[str, str] | None = None) -> None:
         if bad_rows not in BAD_ROWS:
             raise ValueError(f"bad_rows={bad_rows!r}: use 'raise' (default) or 'skip'.")
         self.featurizer = featurizer_of(model_or_featurizer)
         self.mini_batch_size = mini_batch_size
         self.bad_rows = bad_rows
+        self.cell_types = check_cell_types(cell_types)
 
     def _read_rows(self, rows: list[dict[str, Any]], read: Any) -> tuple[list[Any], list[Any], list[tuple[Any, str]]]:
         """``read(row, where)`` for every row: (results, wheres, skipped)."""
@@ -118,8 +137,8 @@ class BiEncoderCollator(_RowReader):
     """
 
     def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None, bad_rows: str = "raise",
-                 ) -> None:
-        super().__init__(model_or_featurizer, mini_batch_size, bad_rows)
+                 cell_types: dict[str, str] | None = None) -> None:
+        super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         columns = list(rows[0].keys())
@@ -128,9 +147,7 @@ class BiEncoderCollator(_RowReader):
         featurizer = self.featurizer
 
         def read(row: dict[str, Any], where: Any) -> tuple[MMInput, MMInput, list[MMInput]]:
-            return (read_cell(featurizer, row["query"], where, "query"),
-                    read_cell(featurizer, row["positive"], where, "positive"),
-                    [read_cell(featurizer, cell, where, column) for cell, column in negative_cells(row, negatives)])
+            return read_bi_encoder_row(featurizer, row, where, negatives, self.cell_types)
 
         read_rows, wheres, skipped = self._read_rows(rows, read)
         batch: dict[str, Any] = {
@@ -186,13 +203,14 @@ class CrossEncoderCollator(_RowReader):
     """
 
     def __init__(self, model_or_featurizer: Any, *, mini_batch_size: int | None = None, bad_rows: str = "raise",
-                 ) -> None:
-        super().__init__(model_or_featurizer, mini_batch_size, bad_rows)
+                 cell_types: dict[str, str] | None = None) -> None:
+        super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
         read_rows, wheres, skipped = self._read_rows(
-            rows, lambda row, where: read_reranker_row(self.featurizer, row, where, layout, negatives, teacher))
+            rows, lambda row, where: read_reranker_row(self.featurizer, row, where, layout, negatives, teacher,
+                                                       cell_types=self.cell_types))
         pairs, targets, teachers, sizes = [], [], [], []
         for query, docs, row_targets, row_teachers in read_rows:
             sizes.append(len(docs))
@@ -210,16 +228,32 @@ class CrossEncoderCollator(_RowReader):
         return batch
 
 
+def read_bi_encoder_row(featurizer: Featurizer, row: dict[str, Any], where: Any, negatives: list[str],
+                        cell_types: dict[str, str], decode: bool = True) -> tuple[MMInput, MMInput, list[MMInput]]:
+    """One bi-encoder row: (query, positive, negatives); errors name the row and column."""
+    def read(cell: Any, column: str) -> MMInput:
+        return read_cell(featurizer, cell, where, column, decode, kind_of(cell_types, column))
+
+    return (read(row["query"], "query"), read(row["positive"], "positive"),
+            [read(cell, column) for cell, column in negative_cells(row, negatives)])
+
+
 def read_reranker_row(featurizer: Featurizer, row: dict[str, Any], where: Any, layout: str, negatives: list[str],
-                      teacher: list[str], decode: bool = True) -> tuple[MMInput, list[MMInput], list[float], list[float]]:
+                      teacher: list[str], decode: bool = True, cell_types: dict[str, str] | None = None,
+                      ) -> tuple[MMInput, list[MMInput], list[float], list[float]]:
     """One reranker row: (query, documents, targets, teacher scores); errors name the row and column."""
-    query = read_cell(featurizer, row["query"], where, "query", decode)
+    cell_types = cell_types or {}
+
+    def read(cell: Any, column: str) -> MMInput:
+        return read_cell(featurizer, cell, where, column, decode, kind_of(cell_types, column))
+
+    query = read(row["query"], "query")
     if layout == POINTWISE:
-        docs = [read_cell(featurizer, row["document"], where, "document", decode)]
+        docs = [read(row["document"], "document")]
         targets = [_label(row["label"], where)]
     else:
         cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
-        docs = [read_cell(featurizer, cell, where, column, decode) for cell, column in cells]
+        docs = [read(cell, column) for cell, column in cells]
         targets = [1.0] + [0.0] * (len(docs) - 1)
     return query, docs, targets, _teacher_scores(row, teacher, len(docs), where) if teacher else []
 

@@ -71,7 +71,7 @@ def _describe(value: Any) -> str:
 
 
 def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, column: str | None = None,
-             decode: bool = True) -> MMInput:
+             decode: bool = True, kind: str = "auto") -> MMInput:
     """Turn one cell into an :class:`MMInput`.
 
     Args:
@@ -80,6 +80,8 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         row, column: where the cell came from, for error messages.
         decode: False reads image headers only (format, size, PIL's pixel limit): ``image`` is then an unloaded
             PIL image. For fast scans (:func:`hf_mm_rerank.validate_dataset`), never for featurizing.
+        kind: how a ``str`` cell is read: ``"auto"`` (see :func:`looks_like_image_path`), ``"text"`` (always text)
+            or ``"image"`` (always a file path).
 
     Raises:
         InputError: the cell is of an unsupported kind, a path does not exist, or bytes are not an image.
@@ -95,7 +97,9 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         if text is None and image is None:
             raise InputError(f"{where}: received a dict with neither 'text' nor 'image'; give at least one.")
         return MMInput(text=text, image=image, source_size=source)
-    if isinstance(cell, str) and not looks_like_image_path(cell):
+    if kind not in CELL_KINDS:
+        raise ValueError(f"kind={kind!r}: use one of {CELL_KINDS}.")
+    if isinstance(cell, str) and (kind == "text" or kind == "auto" and not looks_like_image_path(cell)):
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=_check_text(cell, where))
@@ -115,8 +119,18 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
+CELL_KINDS = ("auto", "text", "image")
+
+
 def looks_like_image_path(value: str) -> bool:
-    return len(value) < 4096 and Path(value).suffix.lower() in IMAGE_SUFFIXES and "\n" not in value
+    """The one rule for a plain string cell: it is an image path when it ends in an image suffix and either names
+    an existing file or has no whitespace (a bare path: a missing one is then an error, not silently text).
+    Anything else is text: "show me the diagram in fig.png" is a sentence. URLs are never fetched. Per column,
+    ``cell_types={"column": "text" | "image"}`` on the collators overrides the rule; ``datasets.Image`` columns are
+    always images."""
+    if len(value) >= 4096 or "\n" in value or Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    return not any(c.isspace() for c in value) or os.path.isfile(value)
 
 
 def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input") -> Image.Image:
@@ -137,11 +151,15 @@ def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -
         image, source = value, value.size
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value)
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            raise InputError(f"{where}: received the URL '{value[:200]}'; URLs are never fetched. Fix: download the "
+                             "images and give local paths, or load the column with datasets.Image() (which can).")
         if not path.is_file():
             raise InputError(
                 f"{where}: received the image path '{value}', which does not exist. Fix: check the file; relative "
                 "paths are read from the working directory (the recipes: from the data file's folder, or "
-                "--image_root), or load the column with datasets.Image()."
+                "--image_root), or load the column with datasets.Image(). If the cell is text, say so with "
+                "cell_types={'<column>': 'text'} on the collator."
             )
         image, source = _open(path, where, max_pixels, decode)
     elif isinstance(value, (bytes, bytearray)):

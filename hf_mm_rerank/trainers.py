@@ -320,7 +320,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
-                 max_skipped_fraction: float = 0.05, **kwargs: Any) -> None:
+                 max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
         loss = loss if loss is not None else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -337,7 +337,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                         "batch (per_device_train_batch_size x processes), or negative columns.")
         if data_collator is None:
             data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
-                                   bad_rows=bad_rows)
+                                   bad_rows=bad_rows, cell_types=cell_types)
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
                     bad_rows, max_skipped_fraction)
 
@@ -356,7 +356,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         evaluator: e.g. :class:`RerankingEvaluator`; ``evaluate()`` returns its metrics as ``eval_*``.
         data_collator: default :class:`CrossEncoderCollator` (mini-batched when the loss has ``mini_batch_size``).
         model_card: extra model-card fields, as for :class:`BiEncoderTrainer`.
-        bad_rows, max_skipped_fraction: as for :class:`BiEncoderTrainer`.
+        bad_rows, max_skipped_fraction, cell_types: as for :class:`BiEncoderTrainer`.
 
     Example:
         >>> trainer = CrossEncoderTrainer(model=reranker, args=TrainingArguments("out"), train_dataset=ds,
@@ -367,7 +367,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
-                 max_skipped_fraction: float = 0.05, **kwargs: Any) -> None:
+                 max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
@@ -381,6 +381,6 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
             check_loss_fits(loss, name, layout, teacher)
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
-                                   bad_rows=bad_rows)
+                                   bad_rows=bad_rows, cell_types=cell_types)
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
                     bad_rows, max_skipped_fraction)

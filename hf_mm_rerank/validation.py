@@ -14,12 +14,12 @@ from .collators import (
     GROUPED,
     ROW_KEY,
     _same_count,
+    check_cell_types,
     check_columns,
     check_negative_counts,
     featurizer_of,
-    negative_cells,
     negative_columns,
-    read_cell,
+    read_bi_encoder_row,
     read_reranker_row,
     reranker_layout,
 )
@@ -64,7 +64,7 @@ class ValidationReport:
             raise InputError(str(self))
 
 
-def validate_dataset(dataset: Any, model: Any) -> ValidationReport:
+def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | None = None) -> ValidationReport:
     """Check every row of ``dataset`` the way ``model``'s trainer will read it, and report every bad row at once.
 
     Fast: text is checked in full, images by their headers only (format, size, PIL's pixel limit, the model's
@@ -73,6 +73,7 @@ def validate_dataset(dataset: Any, model: Any) -> ValidationReport:
     Args:
         dataset: a ``datasets.Dataset`` (one split) in the trainer's layout.
         model: the :class:`BiEncoder` or :class:`CrossEncoder` (or its featurizer) that will train on it.
+        cell_types: the collator's per-column reading of string cells (``{"query": "text"}``), if any.
 
     Example:
         >>> report = validate_dataset(train, model)
@@ -94,14 +95,14 @@ def validate_dataset(dataset: Any, model: Any) -> ValidationReport:
         where = row.get(ROW_KEY, i)
         try:
             if reranker:
-                _, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher, decode=False)
+                _, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher, decode=False,
+                                                  cell_types=cell_types)
                 items = docs
                 counts.append(len(docs) - 1)
             else:
-                items = [read_cell(featurizer, row["query"], where, "query", decode=False),
-                         read_cell(featurizer, row["positive"], where, "positive", decode=False)]
-                items += [read_cell(featurizer, cell, where, column, decode=False)
-                          for cell, column in negative_cells(row, negatives)]
+                query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives,
+                                                              check_cell_types(cell_types), decode=False)
+                items = [query, positive, *others]
                 counts.append(len(items) - 2)
             for item in items:
                 if item.image is not None and hasattr(item.image, "fp"):  # opened from its header: close the file

@@ -81,3 +81,40 @@ def test_bad_cells_name_row_and_column(cell, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         to_input(cell, row=3, column="positive")
     assert "row 3, column 'positive'" in str(info.value)
+
+
+# ----- the one rule for string cells ------------------------------------------------------------------------
+def test_string_cells_follow_one_rule(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from hf_mm_rerank import InputError, to_input
+
+    spaced = tmp_path / "my photo.png"
+    Image.new("RGB", (8, 8)).save(spaced)
+    assert to_input("show me the diagram in fig.png").text == "show me the diagram in fig.png"  # a sentence
+    assert to_input(str(spaced)).image is not None  # an existing file, whitespace or not
+    with pytest.raises(InputError, match=r"'img/missing\.png', which does not exist.*cell_types=\{'<column>': 'text'\}"):
+        to_input("img/missing.png", row=3, column="positive")  # a bare path that is missing: an error, not text
+    with pytest.raises(InputError, match="URLs are never fetched"):
+        to_input("https://example.com/cat.jpg")
+    assert to_input("fig.png", kind="text").text == "fig.png"
+    with pytest.raises(InputError, match="does not exist"):
+        to_input("my missing photo.png", kind="image")
+    assert os.path.isfile(spaced)
+
+
+def test_cell_types_override_per_column(tiny_path):
+    from images import solid
+
+    from hf_mm_rerank import BiEncoder, BiEncoderCollator, InputError
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    row = {"query": "fig.png", "positive": solid("red"), "negative_1": "chart.png"}
+    with pytest.raises(InputError, match="row 0 of the batch, column 'query': received the image path 'fig.png'"):
+        BiEncoderCollator(model)([row])
+    batch = BiEncoderCollator(model, cell_types={"query": "text", "negative": "text"})([row])
+    assert "text" in batch["query"][0] and "text" in batch["negative"][0]  # both read as text
+    with pytest.raises(ValueError, match="must be one of"):
+        BiEncoderCollator(model, cell_types={"query": "pixels"})
