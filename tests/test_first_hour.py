@@ -159,3 +159,26 @@ def test_first_imports_print_no_optional_kernel_notice():
     helped = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--help"],
                             capture_output=True, text=True, timeout=300)
     assert "--config FILE.yaml" in helped.stdout and "kernels-community" not in helped.stderr
+
+
+# ----- README ---------------------------------------------------------------------------------------------------
+def test_readme_python_blocks_run_as_written(hub, tiny_path, tmp_path, monkeypatch):
+    """Every Python block of README.md, in order (the Hub block continues the first), with the tiny models in place
+    of the Hub checkpoints it names, run in a fresh folder on the CPU against the loopback Hub."""
+    blocks = python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 3
+    swap = {"openai/clip-vit-base-patch32": tiny_path("clip"), "Qwen/Qwen3-VL-Reranker-2B": tiny_path("qwen3_vl")}
+    monkeypatch.chdir(tmp_path)
+    namespaces: list[dict] = []
+    printed = []
+    for block in blocks:
+        for hub_id, local in swap.items():
+            block = block.replace(f'"{hub_id}"', repr(local))
+        assert "bf16=True" not in block  # a CPU cannot run it
+        namespace, out = run_block(block, dict(namespaces[0]) if "Continues the minimal example" in block else {})
+        namespaces.append(namespace)
+        printed.append(out)
+    ndcg = [float(line) for line in printed[0].splitlines() if re.fullmatch(r"[0-9.]+", line.strip())]
+    assert len(ndcg) == 1 and 0 <= ndcg[0] <= 1 and "torch.Size([3," in printed[0]
+    assert (tmp_path / "out" / "final" / "README.md").is_file()
+    assert "index" in printed[1] and "adapter_model.safetensors" in hub.files("me/clip-lora")

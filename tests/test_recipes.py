@@ -185,3 +185,15 @@ def test_imagefolder_style_columns_are_renamed(tmp_path):
                                           positive_column="image", eval_fraction=0.25))
     assert set(train.column_names) == {"query", "positive"} and len(held) == 2
     assert os.path.isabs(train[0]["positive"]) and os.path.isfile(train[0]["positive"])
+
+
+def test_every_config_says_what_it_needs_and_the_readme_lists_it():
+    readme = (ROOT / "README.md").read_text()
+    for config in CONFIGS.glob("*.yaml"):
+        lines = config.read_text().splitlines()
+        assert lines[1].startswith("# Needs: "), f"{config.name}: second line must say what it needs"
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{config.name}` |")), None)
+        assert row is not None, f"README's config table lacks {config.name}"
+        settings = yaml.safe_load(config.read_text())
+        offline_cpu = not settings.get("bf16") and str(settings.get("model_name_or_path", "")).startswith("builtin:")
+        assert row.rstrip(" |").split("|")[-1].strip().startswith("yes" if offline_cpu else "no"), row
