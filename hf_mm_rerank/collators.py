@@ -144,10 +144,13 @@ class BiEncoderCollator(_RowReader):
         columns = list(rows[0].keys())
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
+        teacher = teacher_columns(columns)
         featurizer = self.featurizer
 
-        def read(row: dict[str, Any], where: Any) -> tuple[MMInput, MMInput, list[MMInput]]:
-            return read_bi_encoder_row(featurizer, row, where, negatives, self.cell_types)
+        def read(row: dict[str, Any], where: Any) -> tuple[MMInput, MMInput, list[MMInput], list[float]]:
+            query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, self.cell_types)
+            scores = _teacher_scores(row, teacher, 1 + len(others), where) if teacher else []
+            return query, positive, others, scores
 
         read_rows, wheres, skipped = self._read_rows(rows, read)
         batch: dict[str, Any] = {
@@ -158,6 +161,8 @@ class BiEncoderCollator(_RowReader):
             _same_count([len(r[2]) for r in read_rows], wheres, negatives[0])
             items = [item for r in read_rows for item in r[2]]
             batch["negative"] = featurizer.chunks(items, "document", self.mini_batch_size)
+        if teacher:  # [rows, 1 + k]: positive first (distillation losses)
+            batch["teacher"] = torch.tensor([r[3] for r in read_rows], dtype=torch.float32)
         if skipped:
             batch[SKIPPED_KEY] = skipped
         return batch
@@ -165,6 +170,14 @@ class BiEncoderCollator(_RowReader):
 
 _TEACHER = re.compile(r"^teacher_score_(\d+)$")
 POINTWISE, GROUPED = "pointwise", "grouped"
+
+
+def teacher_columns(columns: Sequence[str]) -> list[str]:
+    """``["teacher_scores"]`` (a list per row, positive first) or ``teacher_score_0 ... teacher_score_k``."""
+    if "teacher_scores" in columns:
+        return ["teacher_scores"]
+    numbered = sorted(int(m.group(1)) for m in map(_TEACHER.match, columns) if m)
+    return [f"teacher_score_{n}" for n in numbered]
 
 
 def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
@@ -183,10 +196,7 @@ def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
     if not negatives:
         raise ValueError(f"grouped reranker dataset: no negative column in {list(columns)}. Fix: add negative_1 ... "
                          "negative_k (mine_hard_negatives() builds them), or use pointwise rows query/document/label.")
-    if "teacher_scores" in columns:
-        return GROUPED, negatives, ["teacher_scores"]
-    numbered = sorted(int(m.group(1)) for c in columns if (m := _TEACHER.match(c)))
-    return GROUPED, negatives, [f"teacher_score_{n}" for n in numbered]
+    return GROUPED, negatives, teacher_columns(columns)
 
 
 class CrossEncoderCollator(_RowReader):

@@ -34,6 +34,7 @@ from .collators import (
     check_columns,
     negative_columns,
     reranker_layout,
+    teacher_columns,
 )
 from .distributed import average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
@@ -328,6 +329,10 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
                 check_rows(dataset, name)
+                if getattr(loss, "needs_teacher", False) and not teacher_columns(columns):
+                    raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
+                                     "teacher_scores / teacher_score_0..k column. Fix: dataset = "
+                                     "score_with_teacher(reranker, dataset).")
                 if not negative_columns(columns) and name == "train_dataset" and (
                         len(dataset) < 2 or args.per_device_train_batch_size * args.world_size < 2):
                     raise ValueError(

@@ -1,12 +1,14 @@
 """Training losses. Each is an ``nn.Module`` called as ``loss(model, batch)`` by the trainers.
 
 - bi-encoders (:mod:`.contrastive`): :class:`ContrastiveLoss`, :class:`CachedContrastiveLoss` (GradCache),
-  :class:`MatryoshkaLoss`;
+  :class:`MatryoshkaLoss`, and distillation from teacher scores (:mod:`.distillation`):
+  :class:`EmbeddingMarginMSELoss`, :class:`EmbeddingDistillKLLoss`;
 - rerankers (:mod:`.reranking`): :class:`BinaryCrossEntropyLoss`, :class:`ListwiseSoftmaxLoss`,
   :class:`LambdaLoss`, :class:`MarginMSELoss`, :class:`DistillKLLoss`.
 """
 
 from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
+from .distillation import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from .grad_cache import grad_cached
 from .reranking import (
     RERANKING_LOSSES,
@@ -24,6 +26,8 @@ __all__ = [
     "CachedContrastiveLoss",
     "ContrastiveLoss",
     "DistillKLLoss",
+    "EmbeddingDistillKLLoss",
+    "EmbeddingMarginMSELoss",
     "LambdaLoss",
     "ListwiseSoftmaxLoss",
     "MarginMSELoss",

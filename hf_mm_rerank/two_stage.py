@@ -1,0 +1,178 @@
+"""The two model types together: the embedder retrieves the top k, the reranker reorders them, and the reranker's
+judgement becomes teacher scores for distilling it back into the embedder.
+
+- :class:`RetrieveRerankEvaluator`: reranker metrics on the candidates a retriever really gives it, the retriever's
+  own metrics, and ``recall@top_k`` (the ceiling the reranker cannot pass);
+- :func:`retrieve_and_rerank`: inference, both stages batched;
+- :func:`score_with_teacher`: a dataset's rows get their reranker scores (``teacher_scores``), cached by
+  ``datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .distributed import shard_kwargs
+from .evaluation import RetrievalEvaluator, rank_by_score, ranking_metrics
+
+
+class RetrieveRerankEvaluator:
+    """Judges a reranker on the candidates a bi-encoder retrieves: encodes the corpus once, keeps each query's
+    ``top_k`` as its candidate list (cached across evaluations: the retriever does not change while a reranker
+    trains), and reports
+
+    - the reranked metrics (``ndcg@k``, ``mrr@k``, ``recall@k``, ``map@top_k``): relevant documents the retriever
+      missed count as misses, ranked nowhere, as in trec_eval;
+    - the retriever's metrics on the same queries, prefixed ``retriever_``;
+    - ``recall@{top_k}``: the share of relevant documents among the candidates, the ceiling of any reranking.
+
+    Plugs into ``CrossEncoderTrainer(evaluator=...)``. Text and image queries and documents; in a multi-process
+    run every rank encodes and scores a share, and all get the same metrics.
+
+    Args:
+        bi_encoder: the retriever (a :class:`BiEncoder`).
+        queries, corpus, relevant: as for :class:`RetrievalEvaluator`.
+        top_k: candidates per query handed to the reranker.
+        k_values: cut-offs of ndcg, mrr and recall.
+        batch_size: inputs per forward pass of the retriever; ``rerank_batch_size``: pairs per reranker pass.
+
+    Example:
+        >>> evaluator = RetrieveRerankEvaluator(embedder, queries, corpus, relevant, top_k=50)
+        >>> evaluator(reranker)   # {"ndcg@10": ..., "retriever_ndcg@10": ..., "recall@50": ..., ...}
+    """
+
+    def __init__(self, bi_encoder: Any, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
+                 relevant: Mapping[Hashable, Iterable[Hashable]], *, top_k: int = 100,
+                 k_values: Sequence[int] = (1, 5, 10), batch_size: int = 32, rerank_batch_size: int = 16,
+                 shard_across_ranks: bool = True) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k}: keep at least one candidate per query.")
+        self.retrieval = RetrievalEvaluator(queries, corpus, relevant, k_values=k_values, batch_size=batch_size,
+                                            map_at=top_k, shard_across_ranks=shard_across_ranks)
+        self.bi_encoder = bi_encoder
+        self.top_k = min(top_k, len(self.retrieval.doc_ids))
+        self.k_values = tuple(k_values)
+        self.rerank_batch_size = rerank_batch_size
+        self.shard_across_ranks = shard_across_ranks
+        self._candidates: list[list[int]] | None = None
+        self._retriever: dict[str, float] = {}
+
+    def candidates(self) -> list[list[int]]:
+        """Per query, the corpus indices of its ``top_k`` candidates, best first (computed once)."""
+        if self._candidates is None:
+            r = self.retrieval
+            shard = shard_kwargs(self.shard_across_ranks)
+            documents = self.bi_encoder.encode(r.corpus, side="document", batch_size=r.batch_size, **shard)
+            queries = self.bi_encoder.encode(r.queries, side="query", batch_size=r.batch_size, **shard)
+            self._candidates = rank_by_score(queries.float() @ documents.float().T, self.top_k)
+            rankings = [[r.doc_ids[i] for i in row] for row in self._candidates]
+            self._retriever = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
+            found = ranking_metrics(rankings, r.relevant, (self.top_k,), self.top_k)[f"recall@{self.top_k}"]
+            self._retriever[f"recall@{self.top_k}"] = found
+        return self._candidates
+
+    def __call__(self, reranker: Any) -> dict[str, float]:
+        r = self.retrieval
+        candidates = self.candidates()
+        pairs = [(query, r.corpus[j]) for query, row in zip(r.queries, candidates) for j in row]
+        scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
+        scores = scores.float().view(len(candidates), self.top_k)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices.tolist()  # ties: retrieval order
+        rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]
+        reranked = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
+        ceiling = self._retriever[f"recall@{self.top_k}"]
+        return {**reranked, **{f"retriever_{k}": v for k, v in self._retriever.items()}, f"recall@{self.top_k}": ceiling}
+
+
+def retrieve_and_rerank(bi_encoder: Any, reranker: Any, queries: Sequence[Any], corpus: Sequence[Any] | Mapping,
+                        *, top_k: int = 100, rerank_k: int | None = None, corpus_embeddings: torch.Tensor | None = None,
+                        batch_size: int = 32, rerank_batch_size: int = 16) -> list[list[dict[str, Any]]]:
+    """Retrieve each query's ``top_k`` documents with ``bi_encoder``, rerank the first ``rerank_k`` (default all)
+    with ``reranker``.
+
+    Returns, per query, ``[{"corpus_id", "score", "retrieval_score"}]``: the reranked candidates by reranker score
+    (ties keep the retrieval order), then any further retrieved ones in retrieval order with ``"score": None``.
+    ``corpus_id`` is the corpus key (a mapping) or index (a sequence). Pass ``corpus_embeddings`` (from
+    ``bi_encoder.encode(corpus, side="document")``) to reuse them across calls.
+    """
+    ids = list(corpus) if isinstance(corpus, Mapping) else list(range(len(corpus)))
+    documents = [corpus[i] for i in ids]
+    rerank_k = top_k if rerank_k is None else rerank_k
+    if not 0 < rerank_k <= top_k:
+        raise ValueError(f"rerank_k={rerank_k}: use 1 <= rerank_k <= top_k ({top_k}).")
+    if corpus_embeddings is None:
+        corpus_embeddings = bi_encoder.encode(documents, side="document", batch_size=batch_size)
+    elif corpus_embeddings.shape[0] != len(ids):
+        raise ValueError(f"corpus_embeddings has {corpus_embeddings.shape[0]} rows for {len(ids)} documents.")
+    query_embeddings = bi_encoder.encode(list(queries), side="query", batch_size=batch_size)
+    similarity = query_embeddings.float() @ corpus_embeddings.float().T
+    top_k = min(top_k, len(ids))
+    best = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :top_k].tolist()
+    pairs = [(query, documents[j]) for query, row in zip(queries, best) for j in row[:rerank_k]]
+    scores = reranker.score(pairs, batch_size=rerank_batch_size).float().tolist() if pairs else []
+    results, start = [], 0
+    for q, row in enumerate(best):
+        head = row[:rerank_k]
+        group = scores[start:start + len(head)]
+        start += len(head)
+        ranked = sorted(range(len(head)), key=lambda i: -group[i])  # sorted() is stable: ties keep retrieval order
+        out = [{"corpus_id": ids[head[i]], "score": group[i], "retrieval_score": float(similarity[q, head[i]])}
+               for i in ranked]
+        out += [{"corpus_id": ids[j], "score": None, "retrieval_score": float(similarity[q, j])} for j in row[rerank_k:]]
+        results.append(out)
+    return results
+
+
+def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, column: str | None = None) -> Any:
+    """``dataset`` with the reranker's scores of each row's documents: grouped rows (query, positive, negatives)
+    get ``teacher_scores`` (positive first), pointwise rows (query, document) get ``teacher_score``.
+
+    Text and image documents; batched through ``dataset.map``, whose cache (keyed by the dataset and the reranker's
+    weights) makes a rerun, or a resumed run, reuse the scores instead of scoring again.
+    """
+    from .collators import negative_cells, negative_columns
+    from .pipeline import undecoded_images
+
+    pointwise = "document" in dataset.column_names
+    column = column or ("teacher_score" if pointwise else "teacher_scores")
+    negatives = [] if pointwise else negative_columns(dataset.column_names)
+    source = undecoded_images(dataset)
+
+    def score(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        docs = [[row["document"]] if pointwise else [row["positive"], *(c for c, _ in negative_cells(row, negatives))]
+                for row in rows]
+        pairs = [(row["query"], doc) for row, group in zip(rows, docs) for doc in group]
+        flat = reranker.score(pairs, batch_size=batch_size).float().tolist()
+        out, start = [], 0
+        for group in docs:
+            out.append(flat[start] if pointwise else flat[start:start + len(group)])
+            start += len(group)
+        return {column: out}
+
+    fingerprint = hashlib.sha256(json.dumps([getattr(source, "_fingerprint", ""), column, _weights_id(reranker)])
+                                 .encode()).hexdigest()[:32]
+    scored = source.map(score, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
+                        desc="teacher scores")
+    for name, feature in dataset.features.items():  # image columns decode again as they did (metadata only)
+        if getattr(feature, "decode", None) is True:
+            scored = scored.cast_column(name, feature)
+    return scored
+
+
+def _weights_id(model: Any) -> str:
+    """An id of the model's weights: its saved checksums when loaded from a folder, else a hash of what it trains."""
+    spec = getattr(model, "spec", None)
+    if spec is not None and getattr(spec, "checksums", None):
+        return json.dumps([spec.base_model, spec.checksums, spec.settings], sort_keys=True, default=str)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name or "head" in name or not getattr(model, "is_peft", False):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

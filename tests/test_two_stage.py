@@ -1,0 +1,106 @@
+"""Retrieve, then rerank: the two-stage evaluator against a hand computation, retrieve_and_rerank against scoring
+every candidate by hand, and teacher scores from a reranker (images included, cached by datasets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from images import solid
+from test_reranking import _reranker
+
+from hf_mm_rerank import BiEncoder
+from hf_mm_rerank.two_stage import RetrieveRerankEvaluator, retrieve_and_rerank, score_with_teacher
+
+
+class Table:
+    """A bi-encoder / reranker stand-in with fixed embeddings and scores, for hand-computed expectations."""
+
+    def __init__(self, vectors=None, scores=None):
+        self.vectors, self.scores, self.calls = vectors or {}, scores or {}, 0
+
+    def encode(self, inputs, side="query", batch_size=32, **kwargs):
+        return torch.tensor([self.vectors[x] for x in inputs], dtype=torch.float32)
+
+    def score(self, pairs, batch_size=16, **kwargs):
+        self.calls += 1
+        return torch.tensor([self.scores[p] for p in pairs], dtype=torch.float32)
+
+
+# Two queries, five documents. The retriever ranks q1: d1 d2 d3 | d4 d5 and q2: d3 d2 d1 | ... ; with top_k=3
+# q1's relevant d4 is missed. The reranker reverses each candidate list.
+VECTORS = {"q1": [1.0, 0.0], "q2": [0.0, 1.0], "d1": [0.9, 0.1], "d2": [0.8, 0.2], "d3": [0.7, 0.75],
+           "d4": [0.1, 0.0], "d5": [0.0, 0.05]}
+RELEVANT = {"q1": {"d1", "d4"}, "q2": {"d1"}}
+
+
+def test_two_stage_metrics_equal_a_hand_computation():
+    retriever = Table(VECTORS)
+    reranker = Table(scores={("q1", "d1"): 0.1, ("q1", "d2"): 0.2, ("q1", "d3"): 0.3,
+                             ("q2", "d3"): 0.1, ("q2", "d2"): 0.2, ("q2", "d1"): 0.3})
+    queries, corpus = {"q1": "q1", "q2": "q2"}, {d: d for d in ("d1", "d2", "d3", "d4", "d5")}
+    evaluator = RetrieveRerankEvaluator(retriever, queries, corpus, RELEVANT, top_k=3, k_values=(1, 3))
+    metrics = evaluator(reranker)
+    # Retriever: q1 -> d1 d2 d3 (d1 at 1, d4 missed), q2 -> d3 d2 d1 (d1 at 3).
+    assert metrics["retriever_mrr@1"] == pytest.approx((1 + 0) / 2)
+    assert metrics["retriever_recall@3"] == pytest.approx((0.5 + 1) / 2)
+    # Reranked: q1 -> d3 d2 d1 (d1 at 3; d4 still missed), q2 -> d1 d2 d3 (d1 at 1).
+    assert metrics["mrr@3"] == pytest.approx((1 / 3 + 1) / 2)
+    assert metrics["recall@1"] == pytest.approx((0 + 1) / 2)
+    ndcg_q1 = (1 / 2) / (1 + 1 / 1.584962500721156)  # gain at rank 3 over the ideal (two relevant)
+    assert metrics["ndcg@3"] == pytest.approx((ndcg_q1 + 1) / 2)
+    assert metrics["map@3"] == pytest.approx(((1 / 3) / 2 + 1) / 2)  # d4 missed still counts in q1's denominator
+    assert metrics["recall@3"] == pytest.approx(0.75)  # the ceiling: the reranker can never find d4
+    assert metrics["recall@3"] >= metrics["recall@1"]
+    evaluator(reranker)
+    assert reranker.calls == 2  # scored twice, but the retriever's candidates were computed once
+    assert evaluator.candidates() == [[0, 1, 2], [2, 1, 0]]
+
+
+def test_retrieve_and_rerank_orders_like_scoring_by_hand(tiny_path):
+    embedder = BiEncoder.from_pretrained(tiny_path("clip"))
+    reranker = _reranker(tiny_path("qwen2_vl"), head="yes_no")
+    corpus = {name: solid(name) for name in ("red", "green", "blue", "yellow", "black")}
+    queries = ["a red square", "a blue square"]
+    results = retrieve_and_rerank(embedder, reranker, queries, corpus, top_k=4, rerank_k=3)
+    embeddings = embedder.encode(list(corpus.values()), side="document")
+    again = retrieve_and_rerank(embedder, reranker, queries, corpus, top_k=4, rerank_k=3,
+                                corpus_embeddings=embeddings)
+    assert again == results
+    names = list(corpus)
+    retrieval = embedder.encode(queries) @ embeddings.T
+    for q, query in enumerate(queries):
+        top = torch.sort(retrieval[q], descending=True, stable=True).indices[:4].tolist()
+        by_hand = reranker.score([(query, corpus[names[j]]) for j in top[:3]]).tolist()
+        expected = [names[top[i]] for i in sorted(range(3), key=lambda i: -by_hand[i])] + [names[top[3]]]
+        assert [r["corpus_id"] for r in results[q]] == expected
+        assert [r["score"] for r in results[q][:3]] == pytest.approx(sorted(by_hand, reverse=True), abs=1e-5)
+        assert results[q][3]["score"] is None
+        assert results[q][0]["retrieval_score"] == pytest.approx(float(retrieval[q, names.index(expected[0])]),
+                                                                 abs=1e-5)
+    with pytest.raises(ValueError, match="rerank_k"):
+        retrieve_and_rerank(embedder, reranker, queries, corpus, top_k=2, rerank_k=3)
+
+
+def test_teacher_scores_with_images_are_batched_and_cached(tiny_path, tmp_path):
+    reranker = _reranker(tiny_path("qwen2_vl"), head="yes_no")
+    rows = [{"query": f"a {c} square", "positive": solid(c), "negative_1": solid("black"), "negative_2": "text"}
+            for c in ("red", "green", "blue")]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "rows"))
+    data = load_from_disk(str(tmp_path / "rows"))
+    calls = []
+    real = reranker.score
+
+    def counting(pairs, **kwargs):
+        calls.append(len(pairs))
+        return real(pairs, **kwargs)
+
+    reranker.score = counting
+    scored = score_with_teacher(reranker, data, batch_size=2)
+    assert calls == [6, 3]  # batches of 2 rows x 3 documents, then the last row
+    expected = real([(r["query"], d) for r in rows for d in (r["positive"], r["negative_1"], r["negative_2"])])
+    got = torch.tensor([s for row in scored["teacher_scores"] for s in row])
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
+    assert scored.features["positive"].decode  # images decode as before
+    score_with_teacher(reranker, data, batch_size=2)
+    assert calls == [6, 3]  # the rerun reused the cached scores
