@@ -18,6 +18,7 @@ FAMILY = {"demo.yaml": None, "clip_vit_b32_lora.yaml": "clip", "siglip_full.yaml
           "qwen3_vl_embedding_2b_qlora.yaml": "qwen3_vl"}
 RERANKER_FAMILY = {"qwen3_vl_reranker_2b_lora.yaml": "qwen3_vl", "qwen2_vl_2b_qlora_yes_no.yaml": "qwen2_vl",
                    "text_cross_encoder.yaml": "bert"}
+DISTILL_FAMILY = {"qwen3_vl_distill_2b.yaml": ("qwen3_vl", "qwen3_vl")}  # (student, teacher)
 
 
 def _recipe(name: str = "train_bi_encoder"):
@@ -44,9 +45,10 @@ def _json_data(folder: Path) -> str:
 def test_every_config_names_its_launch_command():
     for config in CONFIGS.glob("*.yaml"):
         first = config.read_text().splitlines()[0]
-        recipe = "train_bi_encoder" if config.name in FAMILY else "train_cross_encoder"
+        recipe = ("train_bi_encoder" if config.name in FAMILY else "distill_reranker_to_bi_encoder"
+                  if config.name in DISTILL_FAMILY else "train_cross_encoder")
         assert first.startswith(f"# accelerate launch recipes/{recipe}.py --config") and config.name in first
-        assert config.name in FAMILY or config.name in RERANKER_FAMILY, f"add {config.name} to the recipe tests"
+        assert config.name in {**FAMILY, **RERANKER_FAMILY, **DISTILL_FAMILY}, f"add {config.name} to the recipe tests"
 
 
 @pytest.mark.parametrize("recipe, flags", [

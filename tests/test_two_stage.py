@@ -104,3 +104,37 @@ def test_teacher_scores_with_images_are_batched_and_cached(tiny_path, tmp_path):
     assert scored.features["positive"].decode  # images decode as before
     score_with_teacher(reranker, data, batch_size=2)
     assert calls == [6, 3]  # the rerun reused the cached scores
+
+
+# ----- the distillation recipe ---------------------------------------------------------------------------------
+def _distill_argv(tiny_path, tmp_path, out):
+    from test_recipes import CONFIGS, _json_data
+
+    return ["--config", str(CONFIGS / "qwen3_vl_distill_2b.yaml"), "--model_name_or_path", tiny_path("clip"),
+            "--teacher", tiny_path("qwen3_vl"), "--teacher_head", "yes_no", "--data_files",
+            _json_data(tmp_path / "data"), "--eval_fraction", "0.25", "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--num_negatives", "2", "--mini_batch_size", "3", "--top_k", "3",
+            "--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--dataloader_num_workers", "0",
+            "--eval_strategy", "no", "--save_strategy", "no", "--query_prompt", "", "--max_pixels", "4096"]
+
+
+def test_distill_recipe_runs_on_tiny_models(tiny_path, tmp_path, capsys):
+    from test_recipes import _recipe
+
+    report = _recipe("distill_reranker_to_bi_encoder").main(_distill_argv(tiny_path, tmp_path, tmp_path / "out"))
+    for stage in ("before", "after"):
+        assert {"eval_ndcg@10", "eval_retriever_ndcg@10", "eval_recall@3"} <= set(report[stage])
+        assert report[stage]["eval_recall@3"] >= report[stage]["eval_recall@1"] - 1e-9  # the ceiling
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "| negatives per query | in-batch + 2 negative(s) (mined by the student, scored by the teacher) |" in (
+        tmp_path / "out" / "README.md").read_text()
+    assert "Saved to" in capsys.readouterr().out
+
+
+def test_distill_recipe_under_the_two_process_command(tiny_path, tmp_path):
+    from test_scale_out import CPU_DDP, _launch
+
+    out = tmp_path / "ddp"
+    run = _launch("distill_reranker_to_bi_encoder", [*_distill_argv(tiny_path, tmp_path, out), *CPU_DDP], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("Saved to") == 1 and "2 x CPU" in (out / "README.md").read_text()

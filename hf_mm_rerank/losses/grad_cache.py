@@ -59,7 +59,7 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
             state = _RandomState(device)
             # With grad on, the chunk's graph is freed at once; it tells whether the chunk trains anything.
             output = inner(chunk)
-            if output.requires_grad:
+            if _reaches_parameters(output):
                 plan.append(_Chunk(index, chunk, state, start, start + output.shape[0]))
             parts.append(output.detach())
             start += output.shape[0]
@@ -70,6 +70,25 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
         torch.autograd.graph.register_multi_grad_hook(
             [leaves[c] for c in columns], lambda grads: _second_pass(model, plan, grads, autocast))
     return leaves
+
+
+def _reaches_parameters(output: torch.Tensor) -> bool:
+    """Whether ``output``'s graph reaches a trainable parameter. ``requires_grad`` alone is not enough: with
+    gradient checkpointing, peft makes the input embeddings require grad, so a chunk through a frozen tower
+    requires grad too, and running it again (last, with DDP's gradient sync) would reduce nothing."""
+    if not output.requires_grad:
+        return False
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 @dataclass
