@@ -138,3 +138,24 @@ def test_distill_recipe_under_the_two_process_command(tiny_path, tmp_path):
     run = _launch("distill_reranker_to_bi_encoder", [*_distill_argv(tiny_path, tmp_path, out), *CPU_DDP], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("Saved to") == 1 and "2 x CPU" in (out / "README.md").read_text()
+
+
+def test_two_stage_evaluator_plugs_into_the_reranker_trainer(tiny_path, tmp_path):
+    from helpers import args
+    from images import COLORS, color_rows
+
+    from hf_mm_rerank import CrossEncoderTrainer
+
+    embedder = BiEncoder.from_pretrained(tiny_path("clip"))
+    reranker = _reranker(tiny_path("qwen2_vl"), head="yes_no")
+    queries = {c: f"a {c} square" for c in COLORS}
+    corpus = {**{c: solid(c) for c in COLORS}, "note": "a page of text about squares"}  # images and text
+    evaluator = RetrieveRerankEvaluator(embedder, queries, corpus, {c: {c} for c in COLORS}, top_k=4)
+    trainer = CrossEncoderTrainer(model=reranker, args=args(tmp_path, max_steps=1, per_device_train_batch_size=2),
+                                  train_dataset=Dataset.from_list(color_rows()), evaluator=evaluator)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert {"eval_ndcg@10", "eval_retriever_ndcg@10", "eval_recall@4"} <= set(after)
+    assert after["eval_retriever_ndcg@10"] == before["eval_retriever_ndcg@10"]  # the same cached candidates
+    assert after["eval_recall@1"] <= after["eval_recall@4"]
