@@ -232,6 +232,8 @@ class HubPushCallback(TrainerCallback):
                 if not self._repo_ready:
                     self._bounded(lambda: self._prepare_repo(api))
                     self._repo_ready = True
+                hub_base = {**getattr(self.trainer, "model_card_kwargs", {}), **self.card}.get("base_model")
+                self._bounded(lambda base=hub_base: point_base_at_hub(staging, base, api.repo_exists))
                 info = self._bounded(lambda parent=self._head: api.upload_folder(
                     repo_id=self.repo_id, folder_path=staging, revision=self.revision, parent_commit=parent,
                     commit_message=f"hf_mm_rerank: {record.label}"))
@@ -302,10 +304,29 @@ class HubPushCallback(TrainerCallback):
                          self.repo_id, self.wait_at_end, where)
 
 
+def point_base_at_hub(staging: str, hub_base: str | None, exists: Callable[[str], bool]) -> None:
+    """In a staged push: a base recorded as a local folder becomes ``hub_base`` (the Hub id the user named for it,
+    e.g. ``--card_base_model``) when that repo exists, so the pushed repo loads elsewhere and holds no local path."""
+    import json
+
+    from .model_card import hub_id
+    from .modeling.spec import CONFIG_NAME, set_json_field
+
+    if not hub_id(hub_base) or not exists(hub_base):
+        return
+    for name, key in ((CONFIG_NAME, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        path = os.path.join(staging, name)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                recorded = json.load(handle).get(key)
+            if recorded and not hub_id(recorded):  # a local folder (absolute, or inside the saved folder)
+                set_json_field(path, key, hub_base)
+
+
 def warn_if_local_base(model: Any, repo_id: str | None) -> None:
     """A pushed adapter whose base is a local folder loads nowhere else: say so, and how to load it anyway."""
     spec = getattr(model, "spec", None)
-    if spec is not None and spec.adapter and os.path.isabs(spec.base_model):
+    if spec is not None and spec.adapter and os.path.isabs(spec.base_model):  # (unless the card names its Hub id)
         logger.warning("hf_mm_rerank: %s will not load elsewhere as it is: its base model is the local folder %s, "
                        "which is not pushed. Train from the base's Hub id, or load the repo with from_pretrained(..., "
                        "base_model='<Hub id or folder of that base>').", repo_id or "the pushed repo", spec.base_model)

@@ -12,6 +12,7 @@ pixels and the two snippets agree to float precision (tests/test_first_hour.py r
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 QUERY = "a red square"
@@ -20,11 +21,18 @@ OTHER = 'Image.new("RGB", (224, 224), (20, 20, 220))'
 DOCUMENT_TEXT = "A red square on a white page."
 
 
-def usage_info(model: Any) -> dict[str, Any]:
+def usage_info(model: Any, output_dir: str | None = None) -> dict[str, Any]:
     """What the snippets need to know about ``model`` beyond the card's facts."""
     featurizer = model.featurizer
     info: dict[str, Any] = {"family": model.spec.family, "prompts": dict(featurizer.prompts),
                             "pooling": getattr(model, "pooling", None)}
+    base = str(model.spec.base_model or "")
+    if base.startswith("./") and model.is_peft:  # a base saved inside the model's own folder (the demo's)
+        info["base_inside"] = base[2:]
+    elif output_dir and model.is_peft and os.path.isabs(base):
+        inside = os.path.relpath(base, os.path.abspath(output_dir))
+        if not inside.startswith(".."):
+            info["base_inside"] = inside
     if model.kind == "bi_encoder" and model.spec.family == "dual_encoder":
         info["text_kwargs"] = {"padding": featurizer._padding(), "truncation": True,
                                "max_length": featurizer._max_length()}
@@ -47,6 +55,9 @@ def _base_lines(info: dict[str, Any]) -> list[str]:
     base = info["base_model"]
     if base:
         return [f'BASE = "{base}"']
+    inside = (info.get("usage") or {}).get("base_inside")
+    if inside:
+        return [f'BASE = os.path.join(MODEL, "{inside}")  # the base model is saved inside this folder']
     return ['BASE = "path/to/the/base/model"  # the base was a local folder when trained: pass it (or its Hub id) here']
 
 
@@ -93,6 +104,8 @@ def _load(info: dict[str, Any], auto: str) -> list[str]:
 
 def _imports(info: dict[str, Any], auto: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Import lines, standard library first, then the rest sorted by module."""
+    if (info.get("usage") or {}).get("base_inside") and not info["base_model"] and "import os" not in extra:
+        extra = ("import os", *extra)
     stdlib = [line for line in extra if line.startswith("import os")]
     others = ["import torch", "from PIL import Image", *(line for line in extra if line not in stdlib)]
     if info["adapter"]:

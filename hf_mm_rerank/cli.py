@@ -28,6 +28,8 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    parser.description = ("--config FILE.yaml gives defaults for any flag below (see recipes/configs/); flags on the "
+                          "command line override it.")
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="YAML file whose keys are any of the flags below (e.g. recipes/configs/demo.yaml); flags "
                              "given on the command line override it.")
@@ -68,13 +70,21 @@ def resume_point(args: TrainingArguments) -> bool | str | None:
 
 def check_output_dir(args: TrainingArguments, overwrite: bool) -> None:
     """Refuse to write into a non-empty ``output_dir`` (another run's results) unless asked, or resuming."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     folder = args.output_dir
     taken = os.path.isdir(folder) and any(os.scandir(folder))
+    checkpoint = get_last_checkpoint(folder) if taken else None
     if taken and not overwrite and not resume_point(args):
+        resume = " or --resume_from_checkpoint true to continue that run" if checkpoint else ""
         raise FileExistsError(
             f"--output_dir {folder} already holds another run's files ({', '.join(sorted(os.listdir(folder))[:5])}"
             f"{' ...' if len(os.listdir(folder)) > 5 else ''}). Fix: pass a new --output_dir, --overwrite_output_dir "
-            "true to write over it, or --resume_from_checkpoint true to continue that run.")
+            f"true to write over it{resume}.")
+    if resume_point(args) is True and checkpoint is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint true: {folder} has no checkpoint-* folder to resume from "
+                                "(was the run saving? --save_strategy steps --save_steps N). Fix: start without it, "
+                                "or pass a checkpoint folder.")
     from accelerate import PartialState
 
     PartialState().wait_for_everyone()  # no rank writes (e.g. the demo base) before every rank has looked
@@ -296,7 +306,7 @@ def print_report(before: dict[str, float], after: dict[str, float], output_dir: 
             lines.append(f"{name:<16}{row or cell.format(*table[name]):>{len(row) or 18}}")
         print("\n".join(lines))
     print(f"Saved to {output_dir} (metrics: {os.path.join(output_dir, 'metrics.json')}). Load it with "
-          f"{loader}.from_pretrained({output_dir!r})", flush=True)
+          f"{loader}.from_pretrained({os.path.abspath(output_dir)!r})", flush=True)
 
 
 def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = None, seed: int = 42,

@@ -85,12 +85,15 @@ def build_demo_base(path: str | Path, image_size: int = 64, seed: int = 0) -> st
     path = Path(path)
     if (path / "config.json").is_file():
         return str(path)
-    torch.manual_seed(seed)
-    text = BertModel.from_pretrained(text_path)
-    vision = ViTModel(ViTConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=3,
-                                image_size=image_size, patch_size=8))
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision.config, text.config, projection_dim=256)
-    model = VisionTextDualEncoderModel(config, vision_model=vision, text_model=text)
+    # Its own seed, without touching the global RNG: a run that builds the base and one that finds it built must
+    # initialise LoRA (and everything after) identically.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = BertModel.from_pretrained(text_path)
+        vision = ViTModel(ViTConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=4,
+                                    num_attention_heads=3, image_size=image_size, patch_size=8))
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(vision.config, text.config, projection_dim=256)
+        model = VisionTextDualEncoderModel(config, vision_model=vision, text_model=text)
     image_processor = ViTImageProcessor(size={"height": image_size, "width": image_size},
                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = VisionTextDualEncoderProcessor(image_processor=image_processor,

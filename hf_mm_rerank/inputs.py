@@ -103,7 +103,13 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=_check_text(cell, where))
-    image, source = _load(cell, max_pixels, where, decode)
+    try:
+        image, source = _load(cell, max_pixels, where, decode)
+    except InputError as error:
+        if kind == "image" and "cell_types" in str(error):  # the user said image: do not suggest text
+            raise InputError(str(error).split(" If the cell is text")[0] + " (cell_types reads this column as images)."
+                             ) from None
+        raise
     return MMInput(image=image, source_size=source)
 
 

@@ -163,7 +163,7 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         },
         "eval": {"before": before, "after": after},
         "versions": _versions(bool(spec.quantization)),
-        "usage": usage_info(model),
+        "usage": usage_info(model, args.output_dir),
         "license": None, "datasets": [], "language": None, "model_name": None, "dataset_name": None,
     }
     dropped = overrides.pop("dropped_rows", 0)

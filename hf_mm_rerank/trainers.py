@@ -40,7 +40,7 @@ from .distributed import average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 from .throughput import ThroughputCallback, batch_counts
-from .validation import SkipCounter, check_loss_fits, check_rows
+from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         """What both constructors do once their datasets and loss are checked: Trainer's own __init__ with our
         collator and prepared datasets, then callbacks, counters and the loss on the device."""
         self.loss, self.evaluator = loss, evaluator
+        check_cell_type_columns(getattr(data_collator, "cell_types", None), train_dataset, eval_dataset)
         collator_rule = getattr(data_collator, "bad_rows", bad_rows)
         if bad_rows == "skip" and collator_rule != "skip":
             raise ValueError("bad_rows='skip', but the data_collator passed raises on bad rows. Fix: build it with "
@@ -329,6 +330,10 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
                 check_rows(dataset, name)
+                if getattr(loss, "needs_groups", False) and not negative_columns(columns):
+                    raise ValueError(f"{name}: {type(loss).__name__} compares each query's candidates (positive and "
+                                     "negatives), and the rows have no negative column. Fix: mine them first "
+                                     "(mine_hard_negatives(bi_encoder, dataset)), then score_with_teacher(reranker, ...).")
                 if getattr(loss, "needs_teacher", False) and not teacher_columns(columns):
                     raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
                                      "teacher_scores / teacher_score_0..k column. Fix: dataset = "

@@ -69,10 +69,13 @@ class RetrieveRerankEvaluator:
             shard = shard_kwargs(self.shard_across_ranks)
             documents = self.bi_encoder.encode(r.corpus, side="document", batch_size=r.batch_size, **shard)
             queries = self.bi_encoder.encode(r.queries, side="query", batch_size=r.batch_size, **shard)
-            self._candidates = rank_by_score(queries.float() @ documents.float().T, self.top_k)
-            rankings = [[r.doc_ids[i] for i in row] for row in self._candidates]
+            depth = min(max(self.top_k, *self.k_values), len(r.doc_ids))  # the retriever is judged at every k
+            ranked = rank_by_score(queries.float() @ documents.float().T, depth)
+            self._candidates = [row[:self.top_k] for row in ranked]
+            rankings = [[r.doc_ids[i] for i in row] for row in ranked]
             self._retriever = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
-            found = ranking_metrics(rankings, r.relevant, (self.top_k,), self.top_k)[f"recall@{self.top_k}"]
+            candidates = [row[:self.top_k] for row in rankings]
+            found = ranking_metrics(candidates, r.relevant, (self.top_k,), self.top_k)[f"recall@{self.top_k}"]
             self._retriever[f"recall@{self.top_k}"] = found
         return self._candidates
 
@@ -135,10 +138,12 @@ def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, col
     Text and image documents; batched through ``dataset.map``, whose cache (keyed by the dataset and the reranker's
     weights) makes a rerun, or a resumed run, reuse the scores instead of scoring again.
     """
-    from .collators import negative_cells, negative_columns
+    from .collators import check_columns, negative_cells, negative_columns
     from .pipeline import undecoded_images
 
     pointwise = "document" in dataset.column_names
+    check_columns(dataset.column_names, ("query", "document") if pointwise else ("query", "positive"),
+                  "score_with_teacher dataset (grouped: query/positive/negative_1..k; pointwise: query/document)")
     column = column or ("teacher_score" if pointwise else "teacher_scores")
     negatives = [] if pointwise else negative_columns(dataset.column_names)
     source = undecoded_images(dataset)

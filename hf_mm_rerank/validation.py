@@ -173,3 +173,14 @@ def check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str])
     if getattr(loss, "needs_teacher", False) and not teacher:
         raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
                          "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")
+
+
+def check_cell_type_columns(cell_types: dict[str, str] | None, *datasets: Any) -> None:
+    """``cell_types`` may only name columns the datasets have (``negative`` also covers ``negative_1..k``)."""
+    columns = {c for d in datasets if d is not None for c in (getattr(d, "column_names", None) or [])}
+    if not cell_types or not columns:
+        return
+    unknown = sorted(c for c in cell_types if c not in columns and not (c == "negative" and negative_columns(columns)))
+    if unknown:
+        raise ValueError(f"cell_types names column(s) {unknown} that the dataset does not have (columns: "
+                         f"{sorted(columns)}). Fix: use the dataset's column names.")

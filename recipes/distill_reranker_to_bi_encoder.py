@@ -41,6 +41,7 @@ from hf_mm_rerank.cli import (
     resume_point,
 )
 from hf_mm_rerank.losses import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
+from hf_mm_rerank.model_card import hub_id
 
 logger = logging.getLogger(__name__)
 LOSSES = {"margin_mse": EmbeddingMarginMSELoss, "kl": EmbeddingDistillKLLoss}
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 3. Candidates mined by the student, scored by the teacher (every rank encodes and scores a share).
     grouped = mine_hard_negatives(student, train, num_negatives=m.num_negatives, batch_size=m.eval_batch_size)
+    if len(grouped) == 0:
+        raise ValueError(f"mining found {m.num_negatives} negatives for none of the {len(train)} training rows (each "
+                         "needs that many other documents). Fix: lower --num_negatives, or add rows.")
     grouped = score_with_teacher(teacher, grouped, batch_size=m.eval_batch_size)
     evaluation = RetrievalEvaluator.from_dataset(held_out, batch_size=m.eval_batch_size) if held_out else None
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                           mini_batch_size=m.mini_batch_size or None)
     trainer = BiEncoderTrainer(model=student, args=args, train_dataset=grouped, loss=loss, evaluator=evaluation,
                                callbacks=[ThroughputCallback(), *publish.callbacks(args)],
-                               model_card={**publish.card(), "negatives": "mined by the student, scored by the teacher"},
+                               model_card={**publish.card(), "negatives": "mined by the student, scored by "
+                                           f"{hub_id(m.teacher) or 'the teacher reranker'}"},
                                **data_args.row_rules())
     before = two_stage()
     trainer.train(resume_from_checkpoint=resume_point(args))

@@ -117,6 +117,10 @@ def test_distillation_moves_the_student_toward_the_teacher(tiny_path, tmp_path):
     trainer.train()
     after = _agreement(model, rows)
     assert after >= before + 0.5, (before, after)
+    with pytest.raises(ValueError, match=r"no negative column\. Fix: mine them first \(mine_hard_negatives"):
+        BiEncoderTrainer(model=model, args=args(tmp_path), loss=EmbeddingDistillKLLoss(),
+                         train_dataset=Dataset.from_list([{"query": r["query"], "positive": r["positive"],
+                                                           "teacher_scores": [1.0]} for r in rows]))
     with pytest.raises(ValueError, match="no teacher_scores / teacher_score_0..k column"):
         BiEncoderTrainer(model=model, args=args(tmp_path), loss=EmbeddingMarginMSELoss(),
                          train_dataset=Dataset.from_list([{k: v for k, v in r.items() if k != "teacher_scores"}

@@ -128,8 +128,11 @@ def test_another_runs_output_dir_is_not_overwritten_unless_asked(tiny_path, tmp_
             "--load_best_model_at_end", "false"]
     _bi_recipe().main(argv)
     first = (out / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds another run's files .*--overwrite_output_dir true"):
+    with pytest.raises(FileExistsError, match=r"already holds another run's files .*--overwrite_output_dir true to "
+                                              r"write over it or --resume_from_checkpoint true"):
         _bi_recipe().main([*argv, "--learning_rate", "0.1"])
+    with pytest.raises(FileNotFoundError, match="has no checkpoint-\\* folder to resume from"):
+        _bi_recipe().main([*argv, "--output_dir", str(tmp_path / "fresh"), "--resume_from_checkpoint", "true"])
     assert (out / "adapter_model.safetensors").read_bytes() == first  # untouched
     _bi_recipe().main([*argv, "--max_steps", "4", "--resume_from_checkpoint", "true"])  # continuing is fine
     _bi_recipe().main([*argv, "--overwrite_output_dir", "true", "--learning_rate", "0.1"])

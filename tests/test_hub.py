@@ -332,3 +332,24 @@ def test_a_local_staging_failure_is_reported_not_raised(hub, tiny_path, tmp_path
     assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "out" / "checkpoint-4")
     assert [r.label for r in callback.records] == ["step 2", "step 4"]
     assert all("No space left" in r.error for r in callback.records) and "could not stage step 2" in caplog.text
+
+
+def test_a_local_base_is_pushed_as_the_hub_id_the_card_names(hub, tiny_path, tmp_path):
+    import json
+
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("tiny/clip-base", exist_ok=True)
+    api.upload_folder(repo_id="tiny/clip-base", folder_path=tiny_path("clip"))  # the Hub copy of the local base
+    callback = HubPushCallback("me/portable", push_on="end", backoff=0.01)
+    trainer = _bi_trainer(tiny_path, tmp_path, callback, save_strategy="no")
+    trainer.model_card_kwargs["base_model"] = "tiny/clip-base"
+    trainer.train()
+    assert callback.wait(30) and callback.commit_url
+    files = hub.files("me/portable")
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "tiny/clip-base"
+    assert json.loads(files["hf_mm_rerank_config.json"])["base_model"] == "tiny/clip-base"
+    assert all(tiny_path("clip").encode() not in data for data in files.values())  # no local path pushed
+    reloaded = BiEncoder.from_pretrained("me/portable", is_trainable=False)
+    torch.testing.assert_close(reloaded.encode(PROBE), trainer.model.encode(PROBE), atol=1e-5, rtol=1e-5)

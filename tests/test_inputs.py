@@ -118,3 +118,18 @@ def test_cell_types_override_per_column(tiny_path):
     assert "text" in batch["query"][0] and "text" in batch["negative"][0]  # both read as text
     with pytest.raises(ValueError, match="must be one of"):
         BiEncoderCollator(model, cell_types={"query": "pixels"})
+    with pytest.raises(InputError, match=r"does not exist.*\(cell_types reads this column as images\)\.$"):
+        BiEncoderCollator(model, cell_types={"query": "image"})([{**row, "query": "a blue square"}])
+
+
+def test_cell_types_must_name_dataset_columns(tiny_path, tmp_path):
+    from datasets import Dataset
+    from helpers import args
+    from images import color_rows
+
+    from hf_mm_rerank import BiEncoder, BiEncoderTrainer
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    with pytest.raises(ValueError, match=r"cell_types names column\(s\) \['positve'\]"):
+        BiEncoderTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_list(color_rows()),
+                         cell_types={"positve": "text"})

@@ -163,6 +163,16 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert table[1].startswith("ndcg") and table[1].count("->") >= 3 and len(table) < 12  # compact
     assert f"Saved to {tmp_path / 'demo'}" in printed and "hf_mm_rerank.BiEncoder.from_pretrained(" in printed
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["after"] == report["after"]
+    # The card's two snippets, with this folder named where the card asks for it, print the same similarity.
+    from test_first_hour import python_blocks, run_block
+
+    card = (tmp_path / "demo" / "README.md").read_text()
+    numbers = []
+    for block in python_blocks(card):
+        assert 'MODEL = "path/to/this/folder"' in block
+        _, out = run_block(block.replace('"path/to/this/folder"', repr(str(tmp_path / "demo"))))
+        numbers.append(float(out.strip().splitlines()[-1].split()[0]))
+    assert len(numbers) == 2 and numbers[0] == pytest.approx(numbers[1], abs=1e-5)
     # The printed "after" metrics are those of the saved model, reloaded and evaluated on the same held-out rows.
     from hf_mm_rerank import BiEncoder, RetrievalEvaluator
     from hf_mm_rerank.cli import DataArguments, load_data
@@ -173,6 +183,16 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert report["after"]["eval_recall@10"] == pytest.approx(again["recall@10"], abs=1e-6)
     assert 0 < report["before"]["eval_ndcg@10"] < 1 and report["after"]["eval_ndcg@10"] != report["before"][
         "eval_ndcg@10"]  # two steps changed the model
+
+
+def test_building_the_demo_base_leaves_the_global_rng_alone(tmp_path):
+    import torch
+
+    from hf_mm_rerank.demo import build_demo_base
+
+    state = torch.random.get_rng_state()
+    build_demo_base(tmp_path / "base")
+    assert torch.equal(torch.random.get_rng_state(), state)  # a fresh and a reused base train identically
 
 
 def test_imagefolder_style_columns_are_renamed(tmp_path):

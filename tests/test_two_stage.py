@@ -55,6 +55,11 @@ def test_two_stage_metrics_equal_a_hand_computation():
     evaluator(reranker)
     assert reranker.calls == 2  # scored twice, but the retriever's candidates were computed once
     assert evaluator.candidates() == [[0, 1, 2], [2, 1, 0]]
+    # The retriever is judged at every cut-off, also beyond the candidates it hands over.
+    narrow = RetrieveRerankEvaluator(retriever, queries, corpus, RELEVANT, top_k=2, k_values=(1, 3))(reranker)
+    assert narrow["retriever_recall@3"] == pytest.approx(0.75) and narrow["recall@2"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['query'\]"):
+        score_with_teacher(reranker, Dataset.from_dict({"question": ["q1"], "positive": ["d1"]}))
 
 
 def test_retrieve_and_rerank_orders_like_scoring_by_hand(tiny_path):
@@ -126,7 +131,7 @@ def test_distill_recipe_runs_on_tiny_models(tiny_path, tmp_path, capsys):
         assert {"eval_ndcg@10", "eval_retriever_ndcg@10", "eval_recall@3"} <= set(report[stage])
         assert report[stage]["eval_recall@3"] >= report[stage]["eval_recall@1"] - 1e-9  # the ceiling
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert "| negatives per query | in-batch + 2 negative(s) (mined by the student, scored by the teacher) |" in (
+    assert "| negatives per query | in-batch + 2 negative(s) (mined by the student, scored by the teacher reranker) |" in (
         tmp_path / "out" / "README.md").read_text()
     assert "Saved to" in capsys.readouterr().out
 
