@@ -2,8 +2,10 @@
 
 They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups, launch checks),
 ``compute_loss``, ``prediction_step``, ``evaluate`` / ``evaluation_loop`` (run the evaluator),
-``_prepare_inputs`` (GradCache keeps mini-batches off the device), ``create_optimizer`` (learnable loss
-parameters, averaged across ranks), ``_save`` (honours the state dict Trainer gathers under FSDP / DeepSpeed),
+``_prepare_inputs`` (GradCache keeps mini-batches off the device), ``_get_dataloader`` (a generator per loader, so
+a resume replays the straight run's RNG), ``create_optimizer`` (learnable loss parameters, averaged across ranks),
+``_save`` (honours the state dict Trainer gathers under FSDP / DeepSpeed), ``_save_checkpoint`` (written aside,
+then renamed: :mod:`.checkpoints`), ``log`` (skipped-row counts),
 the checkpoint reloads (Trainer's own under FSDP / DeepSpeed) and ``_load_optimizer_and_scheduler`` (restores the
 loss parameters). Checkpointing, pushing, DDP and logging stay the Trainer's own.
 """
