@@ -26,6 +26,7 @@ from hf_mm_rerank import (
     MatryoshkaLoss,
     RerankingEvaluator,
     RetrievalEvaluator,
+    RetrieveRerankEvaluator,
     mine_hard_negatives,
 )
 from hf_mm_rerank.losses import BinaryCrossEntropyLoss, DistillKLLoss, LambdaLoss, ListwiseSoftmaxLoss
@@ -197,7 +198,10 @@ def sharded_inference(paths, out):
     pairs = Dataset.from_list([{"query": f"a {c} square", "positive": solid(c)} for c in names])
     mined = mine_hard_negatives(encoder, pairs, num_negatives=2, batch_size=3)
     negatives = [[row[f"negative_{j}"].tobytes() for j in (1, 2)] for row in mined]
-    return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives}
+    two_stage = RetrieveRerankEvaluator(encoder, queries, corpus, relevant, top_k=5, batch_size=3,
+                                        rerank_batch_size=5)(reranker)
+    return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives,
+            "two_stage": two_stage}
 
 
 SCENARIOS = {f.__name__: f for f in (
