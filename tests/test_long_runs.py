@@ -46,7 +46,7 @@ def test_sigkill_and_resume_equals_a_straight_run(tiny_path, tmp_path, kind, fam
 
 
 # ----- checkpoints that appear only when complete ---------------------------------------------------------
-def _clip_trainer(path, output_dir, **overrides):
+def _clip_trainer(path, output_dir, evaluator=None, **overrides):
     from datasets import Dataset
     from helpers import args
     from images import color_rows
@@ -60,7 +60,7 @@ def _clip_trainer(path, output_dir, **overrides):
                     per_device_train_batch_size=4)
     settings.update(overrides)
     return BiEncoderTrainer(model=model, args=args(output_dir, **settings),
-                            train_dataset=Dataset.from_list(color_rows(repeat=2)))
+                            train_dataset=Dataset.from_list(color_rows(repeat=2)), evaluator=evaluator)
 
 
 def _steps_run(trainer) -> list[int]:
@@ -154,3 +154,19 @@ def test_a_save_killed_midway_is_never_resumed_and_is_cleaned_up(tiny_path, tmp_
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "_partial"))) == \
         ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_rotation_and_best_checkpoint_see_only_renamed_folders(tiny_path, tmp_path, color_evaluator):
+    import json
+
+    out = tmp_path / "out"
+    trainer = _clip_trainer(tiny_path("clip"), out, evaluator=color_evaluator, max_steps=4, save_steps=1,
+                            save_total_limit=2, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                            metric_for_best_model="ndcg@10")
+    trainer.train()
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "_partial")))
+    best = trainer.state.best_model_checkpoint
+    assert "_partial" not in best and os.path.isdir(best) and os.path.basename(best) in kept
+    assert len(kept) <= 2 + 1 and "checkpoint-4" in kept  # the limit (plus the best), the newest always kept
+    recorded = json.loads((Path(best) / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert recorded == best  # the state written inside names the renamed folder, not the staging one
