@@ -208,7 +208,7 @@ def _classification_score(info: dict[str, Any]) -> list[str]:
     lines = ["import torch"] + (["from peft import PeftModel"] if info["adapter"] else []) + [
         f"from transformers import AutoTokenizer, {auto}", ""]
     load = (_load(info, auto) if info["adapter"] else [*_model_lines(info), f"model = {auto}.from_pretrained(MODEL).eval()"])
-    load = [line.replace("processor = AutoProcessor.from_pretrained(MODEL)", "") for line in load if "AutoProcessor" not in line]
+    load = [line for line in load if "AutoProcessor" not in line]  # a text classifier needs only its tokenizer
     return [*lines, *load, "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
             f"inputs = tokenizer(\"{QUERY}\", \"{DOCUMENT_TEXT}\", truncation=\"only_second\", return_tensors=\"pt\")",
             "with torch.no_grad():",

@@ -103,13 +103,7 @@ def to_input(cell: Any, *, max_pixels: int | None = None, row: Any = None, colum
         if not cell.strip():
             raise InputError(f"{where}: received an empty string. Fix: drop the row or give text or an image.")
         return MMInput(text=_check_text(cell, where))
-    try:
-        image, source = _load(cell, max_pixels, where, decode)
-    except InputError as error:
-        if kind == "image" and "cell_types" in str(error):  # the user said image: do not suggest text
-            raise InputError(str(error).split(" If the cell is text")[0] + " (cell_types reads this column as images)."
-                             ) from None
-        raise
+    image, source = _load(cell, max_pixels, where, decode, kind)
     return MMInput(image=image, source_size=source)
 
 
@@ -150,9 +144,10 @@ def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input
     return _load(value, max_pixels, where)[0]
 
 
-def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True,
+          kind: str = "auto") -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image shrunk to ``max_pixels``, the upright image's size before any shrinking); with ``decode=False``
-    (the image as opened from its header, its header size)."""
+    (the image as opened from its header, its header size). ``kind`` only words the missing-file error."""
     if isinstance(value, Image.Image):
         image, source = value, value.size
     elif isinstance(value, (str, os.PathLike)):
@@ -161,12 +156,12 @@ def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True) -
             raise InputError(f"{where}: received the URL '{value[:200]}'; URLs are never fetched. Fix: download the "
                              "images and give local paths, or load the column with datasets.Image() (which can).")
         if not path.is_file():
+            hint = (" (cell_types reads this column as images)." if kind == "image" else
+                    ". If the cell is text, say so with cell_types={'<column>': 'text'} on the collator.")
             raise InputError(
                 f"{where}: received the image path '{value}', which does not exist. Fix: check the file; relative "
                 "paths are read from the working directory (the recipes: from the data file's folder, or "
-                "--image_root), or load the column with datasets.Image(). If the cell is text, say so with "
-                "cell_types={'<column>': 'text'} on the collator."
-            )
+                f"--image_root), or load the column with datasets.Image(){hint}")
         image, source = _open(path, where, max_pixels, decode)
     elif isinstance(value, (bytes, bytearray)):
         image, source = _open(io.BytesIO(value), where, max_pixels, decode)
