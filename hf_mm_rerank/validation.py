@@ -89,19 +89,19 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
     else:
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
+    types = check_cell_types(cell_types)
     report = ValidationReport(rows=len(dataset))
     counts: list[int] = []
     for i, row in enumerate(undecoded_images(dataset)):
         where = row.get(ROW_KEY, i)
         try:
             if reranker:
-                _, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher, decode=False,
-                                                  cell_types=cell_types)
-                items = docs
+                query, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher,
+                                                      decode=False, cell_types=types)
+                items = [query, *docs]
                 counts.append(len(docs) - 1)
             else:
-                query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives,
-                                                              check_cell_types(cell_types), decode=False)
+                query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, types, decode=False)
                 items = [query, positive, *others]
                 counts.append(len(items) - 2)
             for item in items:
