@@ -3,6 +3,7 @@ import pickle
 import pytest
 import torch
 from datasets import Dataset
+from helpers import assert_rel_close
 from images import color_rows, solid
 from torch.utils.data import DataLoader
 
@@ -24,7 +25,7 @@ def test_batch_layout_and_negative_order(clip):
     assert negatives["image"]["pixel_values"].shape[0] == 6  # 3 rows x 2 negatives, row-major
     # Row 0's negatives come first: negative_1 of row 0 is row 1's colour (green).
     direct = clip.featurizer.processor.image_processor(images=[solid("green")], return_tensors="pt")
-    assert torch.allclose(negatives["image"]["pixel_values"][0], direct["pixel_values"][0])
+    assert_rel_close(negatives["image"]["pixel_values"][0], direct["pixel_values"][0])
 
 
 def test_mini_batches_split_every_column(clip):
@@ -75,21 +76,27 @@ def test_rejects_non_model():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("cap", [None, "below_budget"])
-def test_preshrinking_never_changes_the_patch_grid(tiny_path, family, cap):
-    """Whatever the collator does first (reduced-scale JPEG decoding, shrinking to the pixel budget), the image
-    reaches the model on the patch grid the processor picks for the original image under the same cap."""
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_preshrinking_never_changes_the_patch_grid(tiny_path, family, cap, fast_decode):
+    """Whatever the collator does first (with fast_decode: reduced-scale JPEG decoding, shrinking to the pixel
+    budget), the image reaches the model on the patch grid the processor picks for the original image under the
+    same cap."""
     import copy
     import io
 
     from PIL import Image
 
     from hf_mm_rerank import BiEncoder
+    from hf_mm_rerank.processing import ChatFeaturizer
 
-    model = BiEncoder.from_pretrained(tiny_path(family), max_pixels=None if cap else 28 * 28 * 12)
-    featurizer = model.featurizer
+    model = BiEncoder.from_pretrained(tiny_path(family), max_pixels=None if cap else 28 * 28 * 12,
+                                      fast_decode=fast_decode)
     if cap:  # the processor's own cap below the (default) visual-token budget
-        featurizer.processor = copy.deepcopy(featurizer.processor)
-        featurizer.processor.image_processor.size["longest_edge"] = 32 * 32 * 10
+        processor = copy.deepcopy(model.processor)
+        processor.image_processor.size["longest_edge"] = 32 * 32 * 10
+        model.featurizer = ChatFeaturizer(processor, fast_decode=fast_decode)
+    featurizer = model.featurizer
+    assert featurizer.max_pixels == (32 * 32 * 10 if cap else 28 * 28 * 12)
     reference = copy.deepcopy(featurizer.processor.image_processor)
     reference.size["longest_edge"] = min(reference.size["longest_edge"], featurizer.max_pixels)
     for width, height in [(640, 480), (300, 300), (1000, 200), (37, 500), (2000, 1500), (56, 56), (120, 3000),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from datasets import Dataset
-from helpers import args, losses
+from helpers import args, assert_rel_close, losses
 from images import COLORS, solid
 from peft import LoraConfig
 from safetensors.torch import load_file
@@ -54,7 +54,7 @@ def test_yes_no_score_is_the_last_position_logit_difference(tiny_path, family):
     with torch.no_grad():
         full = rr.base_model(**features).logits[:, -1]
     yes, no = rr.featurizer.tokenizer.convert_tokens_to_ids(["yes", "no"])
-    torch.testing.assert_close(rr.score(pairs), full[:, yes] - full[:, no], atol=1e-4, rtol=1e-4)
+    assert_rel_close(rr.score(pairs), full[:, yes] - full[:, no])
     assert rr.heads() is None  # no new parameters
 
 
@@ -81,7 +81,7 @@ def test_lora_trains_and_reloads_with_identical_scores(tiny_path, tmp_path, fami
     rr.save_pretrained(tmp_path / "saved")
     reloaded = CrossEncoder.from_pretrained(str(tmp_path / "saved"), is_trainable=False)
     assert reloaded.head_type == head
-    torch.testing.assert_close(reloaded.score(probe), scores, atol=1e-5, rtol=1e-5)
+    assert_rel_close(reloaded.score(probe), scores)
 
 
 def test_missing_head_fails_instead_of_reinitialising(tiny_path, tmp_path):
@@ -140,7 +140,7 @@ def test_text_cross_encoder_classification_head(tmp_path, bare):
     probe = [("is it red", f"the square is {c}") for c in NAMES]
     rr.save_pretrained(tmp_path / "saved")
     reloaded = CrossEncoder.from_pretrained(str(tmp_path / "saved"), is_trainable=False)
-    torch.testing.assert_close(reloaded.score(probe), rr.score(probe), atol=1e-5, rtol=1e-5)
+    assert_rel_close(reloaded.score(probe), rr.score(probe))
     with pytest.raises(ValueError, match="row 0, column 'document'.*text only"):
         rr.score([("is it red", solid("red"))])
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import args
+from helpers import args, assert_all_rel_close
 from images import COLORS, solid
 from peft import LoraConfig
 from torch import nn
@@ -90,8 +90,7 @@ def test_grad_cache_gives_the_same_gradients(tiny_path, loss_class):
         loss(model, batch).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+    assert_all_rel_close(grads[1], grads[0])
 
 
 def _agreement(model, rows) -> float:

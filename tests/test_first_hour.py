@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
-from helpers import args
+from helpers import args, assert_rel_close
 from images import color_rows
 from peft import LoraConfig
 
@@ -87,10 +86,10 @@ def test_card_snippets_run_and_agree(hub, tiny_path, tmp_path, name, family, kin
     assert printed.strip() and printed_plain.strip()
     if kind == "bi":
         for side in ("query_embedding", "image_embedding"):
-            torch.testing.assert_close(without[side].float(), with_library[side].float(), atol=1e-5, rtol=1e-5)
+            assert_rel_close(without[side].float(), with_library[side].float())
         assert abs(float(printed.strip()) - float(printed_plain.strip().split()[0])) < 1e-5
     else:
-        assert without["score"] == pytest.approx(float(with_library["scores"][0]), abs=1e-5)
+        assert_rel_close(without["score"], float(with_library["scores"][0]))
     # The facts match the run.
     if family == "qwen2_vl" and kind == "bi":
         assert "**Pooling:** last token, L2-normalised" in card
@@ -115,6 +114,47 @@ def test_a_file_builder_without_data_files_names_the_flag(tmp_path):
                                          r"--data_files"):
         _bi_recipe().main(["--config", str(CONFIGS / "clip_vit_b32_lora.yaml"), "--output_dir", str(tmp_path / "o"),
                            "--use_cpu", "true", "--bf16", "false"])
+
+
+def _tiny_bi_argv(tiny_path, tmp_path, data: str) -> list[str]:
+    return ["--model_name_or_path", tiny_path("clip"), "--data_files", data, "--output_dir", str(tmp_path / "o"),
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--dataloader_num_workers",
+            "0", "--eval_fraction", "0.25", "--report_to", "none"]
+
+
+def test_data_files_alone_are_read_by_their_suffix_never_ignored(tiny_path, tmp_path):
+    from test_recipes import _json_data
+
+    data = _json_data(tmp_path / "data")
+    jsonl = Path(data).with_suffix(".jsonl")
+    Path(data).rename(jsonl)  # no --dataset_name: the suffix says json (the emoji demo data must not be used)
+    report = _bi_recipe().main(_tiny_bi_argv(tiny_path, tmp_path, str(jsonl)))
+    queries = {line.split('"query": "')[1].split('"')[0] for line in jsonl.read_text().splitlines()}
+    assert report["after"] and (tmp_path / "o" / "README.md").is_file()
+    from hf_mm_rerank.cli import DataArguments, load_data
+
+    train, held_out = load_data(DataArguments(data_files=[str(jsonl)], eval_fraction=0.25))
+    assert set(train["query"]) | set(held_out["query"]) == queries  # the file's rows, not the emoji
+    odd = tmp_path / "rows.txt"
+    odd.write_text("a red square\n")
+    with pytest.raises(ValueError, match=r"--data_files .*rows\.txt: cannot tell how to read files ending in "
+                                         r"\['\.txt'\]\. Fix: pass --dataset_name json, csv or parquet"):
+        _bi_recipe().main(_tiny_bi_argv(tiny_path, tmp_path / "odd", str(odd)))
+
+
+def test_wrong_columns_name_the_recipe_flags(tiny_path, tmp_path):
+    import json
+
+    data = tmp_path / "wrong_cols.json"
+    data.write_text("\n".join(json.dumps({"caption": f"a {c} square", "image": "x.png"}) for c in ("red", "blue")))
+    with pytest.raises(ValueError, match=r"wrong_cols\.json: the rows have columns \['caption', 'image'\], without "
+                                         r"\['query', 'positive'\].*Fix: name your columns with --query_column <your "
+                                         r"query column> --positive_column <your positive column>"):
+        _bi_recipe().main(_tiny_bi_argv(tiny_path, tmp_path, str(data)))
+    with pytest.raises(ValueError, match=r"--data_dir .* without --dataset_name: say how to read it, e.g. "
+                                         r"--dataset_name imagefolder"):
+        _bi_recipe().main([*_tiny_bi_argv(tiny_path, tmp_path / "dir", str(data))[:2], "--data_dir", str(tmp_path),
+                           "--output_dir", str(tmp_path / "dir"), "--use_cpu", "true"])
 
 
 def test_another_runs_output_dir_is_not_overwritten_unless_asked(tiny_path, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_all_rel_close
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
@@ -41,8 +42,7 @@ def test_sigkill_and_resume_equals_a_straight_run(tiny_path, tmp_path, kind, fam
     a = torch.load(tmp_path / "straight" / "final.pt")
     b = torch.load(tmp_path / "resumed" / "final.pt")
     assert a.keys() == b.keys() and len(a) > 2
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), (name, (a[name] - b[name]).abs().max())
+    assert_all_rel_close(b, a)
 
 
 # ----- checkpoints that appear only when complete ---------------------------------------------------------

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_all_rel_close
 from images import color_rows
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss
@@ -89,8 +90,7 @@ def test_gradcache_gradients_equal_the_uncached_loss(tiny_path, family, dropout)
     cached_loss, cached = _grads(model, CachedContrastiveLoss(mini_batch_size=3), 3)
     assert plain and plain.keys() == cached.keys()
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
-    for name in plain:
-        assert torch.allclose(plain[name], cached[name], atol=1e-6, rtol=1e-4), name
+    assert_all_rel_close(cached, plain)
 
 
 def test_gradcache_with_matryoshka(tiny_path):
@@ -100,7 +100,7 @@ def test_gradcache_with_matryoshka(tiny_path):
     plain_loss, plain = _grads(model, MatryoshkaLoss(ContrastiveLoss(), dims=[64, 16]), None)
     cached_loss, cached = _grads(model, MatryoshkaLoss(CachedContrastiveLoss(mini_batch_size=2), dims=[64, 16]), 2)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
-    assert all(torch.allclose(plain[n], cached[n], atol=1e-6, rtol=1e-4) for n in plain)
+    assert_all_rel_close(cached, plain)
 
 
 def test_cached_loss_under_no_grad_returns_the_same_value(tiny_path):

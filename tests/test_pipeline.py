@@ -3,7 +3,7 @@
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from helpers import args
+from helpers import args, assert_rel_close
 from test_throughput import _jpeg
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer
@@ -104,7 +104,7 @@ def test_every_path_sees_the_same_upright_pixels(tiny_path, tmp_path):
         "cache_images": pixels_of(list(cached.cast_column("positive", ImageFeature(decode=False))["positive"])),
         "encode(paths)": model.encode(paths, side="document"),
     }.items():
-        torch.testing.assert_close(embeddings, reference, atol=1e-6, rtol=0, msg=name)
+        assert_rel_close(embeddings, reference, msg=str(name))
     for query, negative in mined_negatives.items():  # mined negatives are other rows' positives, same pixels
         other = [i for i in range(3) if torch.allclose(pixels_of([negative])[0], reference[i], atol=1e-6)]
         assert other and other[0] != paths_of[query]

@@ -9,10 +9,9 @@ import os
 import shutil
 
 import pytest
-import torch
 from conftest import HUB_TOKEN
 from datasets import Dataset
-from helpers import args
+from helpers import args, assert_rel_close
 from images import color_rows, solid
 from peft import LoraConfig
 
@@ -42,9 +41,9 @@ def test_a_base_inside_the_saved_folder_moves_with_it(tiny_path, tmp_path, monke
     moved = tmp_path / "elsewhere" / "model"
     shutil.move(str(out), moved)
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert torch.allclose(BiEncoder.from_pretrained("model").encode(PROBE), expected, atol=1e-6)
+    assert_rel_close(BiEncoder.from_pretrained("model").encode(PROBE), expected)
     monkeypatch.chdir("/")
-    assert torch.allclose(BiEncoder.from_pretrained(str(moved)).encode(PROBE), expected, atol=1e-6)
+    assert_rel_close(BiEncoder.from_pretrained(str(moved)).encode(PROBE), expected)
 
 
 def test_a_base_elsewhere_is_absolute_and_a_missing_one_names_the_fix(tiny_path, tmp_path, monkeypatch):
@@ -58,7 +57,7 @@ def test_a_base_elsewhere_is_absolute_and_a_missing_one_names_the_fix(tiny_path,
     with pytest.raises(FileNotFoundError, match=f"local base model {tmp_path / 'base'}, which is not there.*base_model="):
         BiEncoder.from_pretrained(str(tmp_path / "model"))
     reloaded = BiEncoder.from_pretrained(str(tmp_path / "model"), base_model=str(tmp_path / "moved-base"))
-    assert torch.allclose(reloaded.encode(PROBE), expected, atol=1e-6)
+    assert_rel_close(reloaded.encode(PROBE), expected)
 
 
 def test_hub_options_reach_every_lookup_private_repo_on_a_branch(hub, tiny_path, tmp_path):
@@ -99,6 +98,9 @@ def test_pushing_a_model_with_a_local_base_warns(hub, tiny_path, tmp_path, caplo
     ("truncate head.safetensors", r"head.safetensors is not the file that was saved",
      r"head.safetensors is damaged or incomplete"),
     ("flip head.safetensors", r"head.safetensors is not the file that was saved.*verify_checksums=False", "loads"),
+    ("truncate tokenizer.json", r"tokenizer.json is damaged or incomplete .*Fix: copy or save the model again", None),
+    ("truncate tokenizer_config.json", r"tokenizer_config.json is damaged or incomplete", None),
+    ("truncate processor_config.json", r"processor_config.json is damaged or incomplete", None),
 ])
 def test_damaged_saves_name_the_file_and_the_fix(tiny_path, tmp_path, damage, message, unchecked):
     from test_cross_encoder import PLAIN_PROMPT

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
+from helpers import assert_rel_close
 from images import solid
 from test_reranking import _reranker
 
@@ -79,12 +80,18 @@ def test_retrieve_and_rerank_orders_like_scoring_by_hand(tiny_path):
         by_hand = reranker.score([(query, corpus[names[j]]) for j in top[:3]]).tolist()
         expected = [names[top[i]] for i in sorted(range(3), key=lambda i: -by_hand[i])] + [names[top[3]]]
         assert [r["corpus_id"] for r in results[q]] == expected
-        assert [r["score"] for r in results[q][:3]] == pytest.approx(sorted(by_hand, reverse=True), abs=1e-5)
+        assert_rel_close([r["score"] for r in results[q][:3]], sorted(by_hand, reverse=True))
         assert results[q][3]["score"] is None
         assert results[q][0]["retrieval_score"] == pytest.approx(float(retrieval[q, names.index(expected[0])]),
                                                                  abs=1e-5)
     with pytest.raises(ValueError, match="rerank_k"):
         retrieve_and_rerank(embedder, reranker, queries, corpus, top_k=2, rerank_k=3)
+    # Queries as {id: query}, as the evaluators take them: keyed results, the queries' texts encoded (not the keys).
+    keyed = retrieve_and_rerank(embedder, reranker, {"q-red": queries[0], "q-blue": queries[1]}, corpus, top_k=4,
+                                rerank_k=3)
+    assert keyed == {"q-red": results[0], "q-blue": results[1]}
+    with pytest.raises(TypeError, match="wrap a single query in a list"):
+        retrieve_and_rerank(embedder, reranker, "a red square", corpus)
 
 
 def test_teacher_scores_with_images_are_batched_and_cached(tiny_path, tmp_path):
@@ -105,7 +112,7 @@ def test_teacher_scores_with_images_are_batched_and_cached(tiny_path, tmp_path):
     assert calls == [6, 3]  # batches of 2 rows x 3 documents, then the last row
     expected = real([(r["query"], d) for r in rows for d in (r["positive"], r["negative_1"], r["negative_2"])])
     got = torch.tensor([s for row in scored["teacher_scores"] for s in row])
-    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
+    assert_rel_close(got, expected.float())
     assert scored.features["positive"].decode  # images decode as before
     score_with_teacher(reranker, data, batch_size=2)
     assert calls == [6, 3]  # the rerun reused the cached scores
