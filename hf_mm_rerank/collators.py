@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from .inputs import CELL_KINDS, InputError, MMInput, to_input
+from .inputs import CELL_KINDS, InputError, MMInput
 from .processing import Featurizer
 
 ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
 SKIPPED_KEY = "skipped_rows"  # in a batch built with bad_rows="skip": [(row, reason), ...] of the rows dropped
+ERROR_KEY = "_input_error"  # a batch that could not be built in a DataLoader worker: the InputError, raised by the step
 BAD_ROWS = ("raise", "skip")
 _NUMBERED = re.compile(r"^negative_(\d+)$")
 
@@ -79,8 +80,7 @@ def read_cell(featurizer: Featurizer, cell: Any, where: Any, column: str, decode
     if cell is None:
         raise InputError(f"row {where}, column '{column}': received None. Fix: drop or fill empty cells "
                          "(dataset.filter(lambda r: r[column] is not None)).")
-    item = to_input(cell, max_pixels=featurizer.max_pixels, row=where, column=column, decode=decode, kind=kind)
-    return featurizer.check(item, where, column)
+    return featurizer.read(cell, where, column, decode=decode, kind=kind)
 
 
 class _RowReader:
@@ -96,6 +96,21 @@ class _RowReader:
         self.mini_batch_size = mini_batch_size
         self.bad_rows = bad_rows
         self.cell_types = check_cell_types(cell_types)
+        self.defer_errors = False  # the trainers set it: see __call__
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch of ``rows``. With ``defer_errors`` (set by the trainers), a bad row met in a DataLoader worker
+        comes back as ``{ERROR_KEY: error}`` so the training step raises that one error itself: raised in the worker,
+        it would reach the user wrapped in the DataLoader's two tracebacks around its message."""
+        if not self.defer_errors or torch.utils.data.get_worker_info() is None:
+            return self.collate(rows)
+        try:
+            return self.collate(rows)
+        except InputError as error:
+            return {ERROR_KEY: error}
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _read_rows(self, rows: list[dict[str, Any]], read: Any) -> tuple[list[Any], list[Any], list[tuple[Any, str]]]:
         """``read(row, where)`` for every row: (results, wheres, skipped)."""
@@ -140,7 +155,7 @@ class BiEncoderCollator(_RowReader):
                  cell_types: dict[str, str] | None = None) -> None:
         super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         columns = list(rows[0].keys())
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
@@ -216,7 +231,7 @@ class CrossEncoderCollator(_RowReader):
                  cell_types: dict[str, str] | None = None) -> None:
         super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
         read_rows, wheres, skipped = self._read_rows(
             rows, lambda row, where: read_reranker_row(self.featurizer, row, where, layout, negatives, teacher,

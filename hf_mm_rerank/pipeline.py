@@ -1,6 +1,6 @@
 """Input-pipeline helpers that work on a whole ``datasets.Dataset`` before training.
 
-- :func:`cache_images`: decode and shrink every image once (to the model's pixel budget) and keep it as a
+- :func:`cache_images`: decode every image once and keep the size its processor resizes it to, as a
   lossless PNG column: later epochs, workers and runs (``datasets`` caches by fingerprint) skip full-size
   JPEG decoding, and the pixels the model sees are unchanged.
 - :func:`add_lengths`: a ``length`` column (text tokens + visual tokens per row) so that
@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .collators import featurizer_of
-from .inputs import looks_like_image_path, to_input
+from .inputs import looks_like_image_path
 
 IMAGE_COLUMNS_HINT = ("query", "positive", "document", "negative")
 
@@ -49,7 +49,9 @@ def undecoded_images(dataset: Any) -> Any:
 
 
 def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num_proc: int | None = None) -> Any:
-    """Return ``dataset`` with every image cell decoded, shrunk to the model's ``max_pixels`` and stored as PNG.
+    """Return ``dataset`` with every image cell replaced by the image the model's processor resizes it to, stored
+    as a lossless PNG, when that smaller image gives exactly the same pixels (checked per image; otherwise the cell
+    is kept). With ``fast_decode`` models: the image shrunk to the pixel budget, as the collator would.
 
     Args:
         dataset: a ``datasets.Dataset``; image columns are found from the features (``datasets.Image``).
@@ -70,12 +72,13 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
     def shrink(row: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for name in names:
-            item = to_input(row[name], max_pixels=featurizer.max_pixels, column=name)
-            if item.image is None:
-                out[name] = row[name]
+            item = featurizer.read(row[name], column=name)
+            small = featurizer.cache_form(item) if item.image is not None else None
+            if small is None:  # text, or no smaller image gives the same pixels: the cell stays as it is
+                out[name] = _as_image_cell(row[name])
                 continue
             buffer = io.BytesIO()
-            featurizer.fit(item).save(buffer, "PNG")  # chat VLMs: already on the processor's patch grid
+            small.save(buffer, "PNG")
             out[name] = {"bytes": buffer.getvalue(), "path": None}
         return out
 
@@ -83,6 +86,19 @@ def cache_images(dataset: Any, model: Any, columns: list[str] | None = None, num
     for name in names:
         features[name] = ImageFeature()
     return dataset.map(shrink, features=features, num_proc=num_proc, desc="hf_mm_rerank: caching shrunk images")
+
+
+def _as_image_cell(cell: Any) -> Any:
+    """A cell kept as it is, in the form a ``datasets.Image`` column stores (text stays text)."""
+    if isinstance(cell, Image.Image):
+        buffer = io.BytesIO()
+        cell.save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    if isinstance(cell, (bytes, bytearray)):
+        return {"bytes": bytes(cell), "path": None}
+    if isinstance(cell, str) and looks_like_image_path(cell):
+        return {"bytes": None, "path": cell}
+    return cell
 
 
 def add_lengths(dataset: Any, model: Any, column: str = "length", num_proc: int | None = None) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .inputs import InputError, MMInput
+from .inputs import InputError, MMInput, to_input
 
 SIDES = ("query", "document")
 # Default visual-token budget for chat VLMs when the user gives no max_pixels.
@@ -28,10 +28,11 @@ class Featurizer:
     supports_images = True
 
     def __init__(self, processor: Any, *, max_pixels: int | None = None, max_length: int | None = None,
-                 prompts: dict[str, str] | None = None) -> None:
+                 prompts: dict[str, str] | None = None, fast_decode: bool = False) -> None:
         self.processor = processor
         self.max_pixels = max_pixels
         self.max_length = max_length
+        self.fast_decode = bool(fast_decode)
         self.prompts = dict(prompts or {})
         unknown = set(self.prompts) - set(SIDES)
         if unknown:
@@ -40,6 +41,19 @@ class Featurizer:
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def decode_pixels(self) -> int | None:
+        """The pixel budget images are shrunk to while they are decoded: none by default (the processor resizes the
+        original itself, so the model sees what its processor makes); ``max_pixels`` with ``fast_decode``
+        (reduced-scale JPEG decoding and pre-shrinking in the workers: faster, pixels slightly different)."""
+        return self.max_pixels if self.fast_decode else None
+
+    def read(self, cell: Any, row: Any = None, column: str | None = None, *, decode: bool = True,
+             kind: str = "auto") -> MMInput:
+        """One cell -> :class:`MMInput` as this featurizer takes it; errors name the row and column."""
+        item = to_input(cell, max_pixels=self.decode_pixels, row=row, column=column, decode=decode, kind=kind)
+        return self.check(item, row, column)
 
     def __call__(self, items: list[MMInput], side: str = "query") -> dict[str, Any]:
         raise NotImplementedError
@@ -62,6 +76,35 @@ class Featurizer:
     def fit(self, item: MMInput) -> Any:
         """The image of ``item`` as this family's processor should receive it (the processor resizes it itself)."""
         return item.image
+
+    def image_kwargs(self) -> dict[str, Any]:
+        """What the image processor is called with beyond the images (the pixel budget of chat VLMs)."""
+        return {}
+
+    def cache_form(self, item: MMInput) -> Any:
+        """For :func:`~hf_mm_rerank.pipeline.cache_images`: a smaller image that this featurizer turns into exactly
+        the pixels it makes of ``item`` (the processor's own resized output, checked), or None (keep the cell)."""
+        if self.fast_decode:
+            return self.fit(item)
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            return None
+        raw = image_processor(images=[item.image], do_rescale=False, do_normalize=False, return_tensors="pt",
+                              **self.image_kwargs())
+        candidate = self._as_image(raw)
+        if candidate is None or candidate.size[0] * candidate.size[1] >= item.image.size[0] * item.image.size[1]:
+            return None
+        def pixels(image: Any) -> Any:
+            return image_processor(images=[image], return_tensors="pt", **self.image_kwargs())["pixel_values"]
+
+        return candidate if torch.equal(pixels(candidate), pixels(item.image)) else None
+
+    def _as_image(self, raw: Any) -> Any:
+        """The un-normalised processor output ``[1, 3, H, W]`` as a PIL image (None unless it is 8-bit values)."""
+        values = raw["pixel_values"]
+        if values.dim() != 4 or values.shape[:2] != (1, 3):
+            return None
+        return _uint8_image(values[0])
 
     def chunks(self, items: list[MMInput], side: str, size: int | None) -> list[dict[str, Any]]:
         """Featurize ``items`` as consecutive mini-batches of at most ``size`` (all at once when None)."""
@@ -89,7 +132,7 @@ class DualEncoderFeaturizer(Featurizer):
         if image_idx:
             image_processor = self.processor.image_processor
             features["image"] = dict(image_processor(images=[items[i].image for i in image_idx],
-                                                     return_tensors="pt"))
+                                                     return_tensors="pt", **self.image_kwargs()))
             features["image_index"] = torch.tensor(image_idx)
         return features
 
@@ -134,6 +177,11 @@ class ChatFeaturizer(Featurizer):
                 raise InputError(
                     f"row {row}, column '{column}': the image is {width}x{height} pixels, an aspect ratio over "
                     f"{MAX_ASPECT_RATIO}:1, which Qwen-VL processors refuse. Fix: crop or pad it, or drop the row.")
+            try:  # the processor's own sizing rule on the original size: whatever it refuses is named here
+                self.grid_size(width, height)
+            except ValueError as error:
+                raise InputError(f"row {row}, column '{column}': the image is {width}x{height} pixels, which the "
+                                 f"processor refuses ({error}). Fix: crop or pad it, or drop the row.") from None
         return item
 
     def messages(self, item: MMInput, side: str) -> list[dict[str, Any]]:
@@ -156,10 +204,10 @@ class ChatFeaturizer(Featurizer):
         return self.encode_texts(texts, [self.fit(item) for item in items if item.image is not None])
 
     def fit(self, item: MMInput) -> Any:
-        """Resize to the patch grid the processor picks for the *original* image under the pixel budget, so the
-        collator's pre-shrinking (and reduced-scale JPEG decoding) never changes ``image_grid_thw``; the
-        processor then keeps the size as it is."""
-        target = self.grid_size(*(item.source_size or item.image.size))
+        """The image as decoded: the processor resizes it under the pixel budget (its own filter, from the original).
+        With ``fast_decode`` the image was shrunk while decoding: it is resized to the patch grid the processor picks
+        for the *original* size, so ``image_grid_thw`` never changes, and the processor then leaves it as it is."""
+        target = self.grid_size(*(item.source_size or item.image.size)) if self.fast_decode else None
         if target is None or item.image.size == target:
             return item.image
         from PIL import Image
@@ -179,27 +227,57 @@ class ChatFeaturizer(Featurizer):
         return w, h
 
     def _patch_grid(self) -> tuple[int, int, int] | None:
-        """(patch x merge factor, min pixels, pixel cap) of a Qwen-VL-style image processor, else None."""
+        """(patch x merge factor, min pixels, pixel cap) of a Qwen-VL-style image processor, else None. A ``max_pixels``
+        given by the user is the cap, above the processor's own too (as vLLM's ``mm_processor_kwargs`` do)."""
         image_processor = getattr(self.processor, "image_processor", None)
         patch = getattr(image_processor, "patch_size", None)
         size = getattr(image_processor, "size", None) or {}
         if not patch or not size.get("longest_edge"):
             return None
         factor = patch * (getattr(image_processor, "merge_size", 1) or 1)
-        cap = min(int(size["longest_edge"]), self.max_pixels or int(size["longest_edge"]))
+        cap = int(self.max_pixels or size["longest_edge"])  # the budget given (or the default, never above the own cap)
         return factor, int(size.get("shortest_edge") or 0), cap
 
-    def encode_texts(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        extra = {}
-        grid = self._patch_grid() if images else None
-        if grid is not None:
+    def image_kwargs(self) -> dict[str, Any]:
+        grid = self._patch_grid()
+        if grid is None:
+            return {}
+        if self.fast_decode:
             # fit() already put every image on its patch grid: the processor must keep that size (its own resize
             # is not idempotent for extreme aspect ratios, where the grid is allowed over the pixel cap).
-            extra["images_kwargs"] = {"size": {"shortest_edge": grid[1], "longest_edge": 2**40}}
+            return {"do_resize": False}
+        return {"size": {"shortest_edge": grid[1], "longest_edge": grid[2]}}  # the budget, the processor's own way
+
+    def encode_texts(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
+        extra = {"images_kwargs": self.image_kwargs()} if images else {}
         return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
+
+    def _as_image(self, raw: Any) -> Any:
+        """Qwen-VL patches ``[grid_h * grid_w, C * T * P * P]`` (merge-ordered) back into the resized image."""
+        grid = raw.get("image_grid_thw")
+        image_processor = self.processor.image_processor
+        if grid is None or len(grid) != 1:
+            return super()._as_image(raw)
+        _, gh, gw = (int(v) for v in grid[0])
+        patch = image_processor.patch_size
+        merge = getattr(image_processor, "merge_size", 1) or 1
+        temporal = getattr(image_processor, "temporal_patch_size", 1) or 1
+        values = raw["pixel_values"].reshape(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)
+        values = values[:, :, :, :, :, 0].permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * patch, gw * patch)
+        return _uint8_image(values)
 
     def _truncate(self, text: str) -> str:
         return self.head_tokens(text, self.max_length) if self.max_length else text
+
+
+def _uint8_image(values: torch.Tensor) -> Any:
+    """``[3, H, W]`` 8-bit values as a PIL image, or None when they are not whole numbers in 0..255."""
+    from PIL import Image
+
+    values = values.detach().cpu()
+    if values.is_floating_point() and not torch.equal(values, values.round()) or values.min() < 0 or values.max() > 255:
+        return None
+    return Image.fromarray(values.to(torch.uint8).permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def default_max_pixels(processor: Any) -> int | None:

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..inputs import to_input
 from ..processing import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
 from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
@@ -58,7 +57,7 @@ class BiEncoder(AdapterModel):
             max_pixels = dual_default_max_pixels(processor)
         self.featurizer: Featurizer = featurizer_cls(
             processor, max_pixels=max_pixels, max_length=settings.get("max_length"),
-            prompts=settings.get("prompts"))
+            prompts=settings.get("prompts"), fast_decode=settings.get("fast_decode", False))
         settings["max_pixels"] = self.featurizer.max_pixels
 
     @classmethod
@@ -74,6 +73,7 @@ class BiEncoder(AdapterModel):
         document_prompt: str | None = None,
         max_pixels: int | None = None,
         max_length: int | None = None,
+        fast_decode: bool | None = None,
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
         base_model: str | None = None,
@@ -92,8 +92,13 @@ class BiEncoder(AdapterModel):
             pooling: ``"auto"``, ``"last"`` or ``"mean"`` (chat VLMs); dual encoders use their own heads.
             normalize: L2-normalise embeddings (default True).
             query_prompt, document_prompt: instruction per side (system turn for VLMs, prefix otherwise).
-            max_pixels: images above this many pixels are shrunk by the collator before processing.
+            max_pixels: chat VLMs: the processor's pixel budget per image (visual tokens x patch area; default 768
+                visual tokens, or the processor's own cap when lower), applied by the processor's own resize. Dual
+                encoders: with ``fast_decode``, the size images are pre-shrunk to before their processor resizes them.
             max_length: token limit for the text part of an input.
+            fast_decode: decode JPEGs at reduced scale and pre-shrink images in the DataLoader workers (faster on large
+                photos; pixels then differ slightly from what the model's processor makes of the original, see the
+                README's "Speed"). Default False: every image reaches the model exactly as its processor makes it.
             gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
             is_trainable: load a saved adapter trainable (default) or frozen for inference.
             base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id, or a local folder
@@ -107,7 +112,8 @@ class BiEncoder(AdapterModel):
             name_or_path, lora_config=lora_config, quantization_config=quantization_config,
             gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
             spec=spec)
-        given = {"pooling": pooling, "normalize": normalize, "max_pixels": max_pixels, "max_length": max_length}
+        given = {"pooling": pooling, "normalize": normalize, "max_pixels": max_pixels, "max_length": max_length,
+                 "fast_decode": fast_decode}
         prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
         if spec is None:
             settings = {"pooling": "auto", "normalize": True, "max_pixels": None, "max_length": None}
@@ -166,8 +172,7 @@ class BiEncoder(AdapterModel):
         rank must call it).
         """
         def featurize(chunk: Sequence[Any], start: int) -> dict[str, Any]:
-            budget, check = self.featurizer.max_pixels, self.featurizer.check
-            return self.featurizer([check(to_input(cell, max_pixels=budget, row=start + i, column=side), start + i,
-                                          side) for i, cell in enumerate(chunk)], side)
+            read = self.featurizer.read
+            return self.featurizer([read(cell, start + i, side) for i, cell in enumerate(chunk)], side)
 
         return self._run_batched(inputs, batch_size, featurize, shard_across_ranks)

@@ -16,7 +16,6 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from ..inputs import to_input
 from ..processing import (
     RERANK_PROMPT_DEFAULTS,
     ChatPairFeaturizer,
@@ -113,7 +112,8 @@ class CrossEncoder(AdapterModel):
 
     @staticmethod
     def _featurizer(processor: Any, settings: dict[str, Any]) -> Featurizer:
-        common = dict(max_pixels=settings.get("max_pixels"), max_length=settings.get("max_length"))
+        common = dict(max_pixels=settings.get("max_pixels"), max_length=settings.get("max_length"),
+                      fast_decode=settings.get("fast_decode", False))
         template = getattr(processor, "chat_template", None) or getattr(
             getattr(processor, "tokenizer", processor), "chat_template", None)
         if template is None:
@@ -158,6 +158,7 @@ class CrossEncoder(AdapterModel):
         no_token: str | None = None,
         max_pixels: int | None = None,
         max_length: int | None = None,
+        fast_decode: bool | None = None,
         gradient_checkpointing: bool = False,
         is_trainable: bool = True,
         base_model: str | None = None,
@@ -176,8 +177,10 @@ class CrossEncoder(AdapterModel):
             instruction, system_prompt, query_prefix, document_prefix, assistant_prefix: how a pair is
                 framed in the chat template (defaults follow Qwen3-VL-Reranker).
             yes_token, no_token: the tokens of the yes_no head (default ``"yes"`` / ``"no"``).
-            max_pixels: pixel budget per image; max_length: token limit per text part (the pair, for text
-                cross-encoders).
+            max_pixels: pixel budget per image (applied by the processor's own resize); max_length: token limit per
+                text part (the pair, for text cross-encoders).
+            fast_decode: reduced-scale JPEG decoding and pre-shrinking in the workers (faster, pixels slightly
+                different from the processor's; see :meth:`BiEncoder.from_pretrained`). Default False.
             gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
             is_trainable: load a saved adapter trainable (default) or frozen.
             base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id or local folder).
@@ -212,7 +215,8 @@ class CrossEncoder(AdapterModel):
             if head == "classification":
                 settings["num_labels"] = int(backbone.config.num_labels)
             spec = cls._new_spec(cls.kind, name_or_path, backbone, settings, quantization_config)
-        given = {"yes_token": yes_token, "no_token": no_token, "max_pixels": max_pixels, "max_length": max_length}
+        given = {"yes_token": yes_token, "no_token": no_token, "max_pixels": max_pixels, "max_length": max_length,
+                 "fast_decode": fast_decode}
         spec.settings.update({k: v for k, v in given.items() if v is not None})
         prompt = {"instruction": instruction, "system_prompt": system_prompt, "query_prefix": query_prefix,
                   "document_prefix": document_prefix, "assistant_prefix": assistant_prefix}
@@ -268,9 +272,7 @@ class CrossEncoder(AdapterModel):
     def _pair(self, pair: Any, row: int) -> tuple[Any, Any]:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"pair {row}: expected a (query, document) tuple, received {type(pair).__name__}.")
-        budget, check = self.featurizer.max_pixels, self.featurizer.check
-        return (check(to_input(pair[0], max_pixels=budget, row=row, column="query"), row, "query"),
-                check(to_input(pair[1], max_pixels=budget, row=row, column="document"), row, "document"))
+        return self.featurizer.read(pair[0], row, "query"), self.featurizer.read(pair[1], row, "document")
 
 
 def _classifier_modules(config: Any) -> list[str]:
