@@ -124,13 +124,23 @@ CELL_KINDS = ("auto", "text", "image")
 
 def looks_like_image_path(value: str) -> bool:
     """The one rule for a plain string cell: it is an image path when it ends in an image suffix and either names
-    an existing file or has no whitespace (a bare path: a missing one is then an error, not silently text).
-    Anything else is text: "show me the diagram in fig.png" is a sentence. URLs are never fetched. Per column,
+    an existing file or has no whitespace (a bare path: a missing one is then an error, not silently text). A bare
+    URL (``http://host/image?id=7``, suffix or not) and a bare path with a folder separator that exists (a folder, or
+    a file without a suffix) are read as images too, so they get an error or are decoded, never silently embedded as
+    text. Anything else is text: "show me the diagram in fig.png" is a sentence. URLs are never fetched. Per column,
     ``cell_types={"column": "text" | "image"}`` on the collators overrides the rule; ``datasets.Image`` columns are
     always images."""
-    if len(value) >= 4096 or "\n" in value or Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+    if len(value) >= 4096 or "\n" in value:
         return False
-    return not any(c.isspace() for c in value) or os.path.isfile(value)
+    bare = not any(c.isspace() for c in value)
+    if bare and (value.startswith(URL_SCHEMES) or ("/" in value or os.sep in value) and os.path.exists(value)):
+        return True
+    if Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    return bare or os.path.isfile(value)
+
+
+URL_SCHEMES = ("http://", "https://")
 
 
 def load_image(value: Any, *, max_pixels: int | None = None, where: str = "input") -> Image.Image:
@@ -152,9 +162,14 @@ def _load(value: Any, max_pixels: int | None, where: str, decode: bool = True,
         image, source = value, value.size
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value)
-        if isinstance(value, str) and value.startswith(("http://", "https://")):
+        if isinstance(value, str) and value.startswith(URL_SCHEMES):
             raise InputError(f"{where}: received the URL '{value[:200]}'; URLs are never fetched. Fix: download the "
-                             "images and give local paths, or load the column with datasets.Image() (which can).")
+                             "images and give local paths, or load the column with datasets.Image() (which can); if "
+                             "the cell is text, say so with cell_types={'<column>': 'text'}.")
+        if path.is_dir():
+            raise InputError(f"{where}: received '{value}', which is a folder, not an image file. Fix: give the path "
+                             "of an image file in it; if the cell is text, say so with cell_types={'<column>': 'text'} "
+                             "on the collator or trainer.")
         if not path.is_file():
             hint = (" (cell_types reads this column as images)." if kind == "image" else
                     ". If the cell is text, say so with cell_types={'<column>': 'text'} on the collator.")

@@ -92,17 +92,28 @@ class RetrieveRerankEvaluator:
         return {**reranked, **{f"retriever_{k}": v for k, v in self._retriever.items()}, f"recall@{self.top_k}": ceiling}
 
 
-def retrieve_and_rerank(bi_encoder: Any, reranker: Any, queries: Sequence[Any], corpus: Sequence[Any] | Mapping,
+def retrieve_and_rerank(bi_encoder: Any, reranker: Any, queries: Sequence[Any] | Mapping, corpus: Sequence[Any] | Mapping,
                         *, top_k: int = 100, rerank_k: int | None = None, corpus_embeddings: torch.Tensor | None = None,
-                        batch_size: int = 32, rerank_batch_size: int = 16) -> list[list[dict[str, Any]]]:
+                        batch_size: int = 32, rerank_batch_size: int = 16,
+                        ) -> list[list[dict[str, Any]]] | dict[Hashable, list[dict[str, Any]]]:
     """Retrieve each query's ``top_k`` documents with ``bi_encoder``, rerank the first ``rerank_k`` (default all)
     with ``reranker``.
 
     Returns, per query, ``[{"corpus_id", "score", "retrieval_score"}]``: the reranked candidates by reranker score
     (ties keep the retrieval order), then any further retrieved ones in retrieval order with ``"score": None``.
-    ``corpus_id`` is the corpus key (a mapping) or index (a sequence). Pass ``corpus_embeddings`` (from
-    ``bi_encoder.encode(corpus, side="document")``) to reuse them across calls.
+    ``queries`` and ``corpus`` are sequences or ``{id: input}`` mappings (as the evaluators take them): a mapping of
+    queries gives ``{query_id: results}``; ``corpus_id`` is the corpus key (a mapping) or index (a sequence). Pass
+    ``corpus_embeddings`` (from ``bi_encoder.encode(corpus, side="document")``) to reuse them across calls.
     """
+    if isinstance(queries, Mapping):  # keyed in, keyed out (encoding the keys would be silently wrong)
+        keys = list(queries)
+        ranked = retrieve_and_rerank(bi_encoder, reranker, [queries[k] for k in keys], corpus, top_k=top_k,
+                                     rerank_k=rerank_k, corpus_embeddings=corpus_embeddings, batch_size=batch_size,
+                                     rerank_batch_size=rerank_batch_size)
+        return dict(zip(keys, ranked))
+    if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
+        raise TypeError(f"queries: expected a list of queries or a {{query_id: query}} mapping, received "
+                        f"{type(queries).__name__}. Fix: wrap a single query in a list.")
     ids = list(corpus) if isinstance(corpus, Mapping) else list(range(len(corpus)))
     documents = [corpus[i] for i in ids]
     rerank_k = top_k if rerank_k is None else rerank_k

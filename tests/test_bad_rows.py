@@ -78,6 +78,16 @@ def test_aspect_ratio_beyond_the_processor_limit_is_named_and_199_to_1_passes(ti
         model.encode([Image.new("RGB", (2, 500))])
 
 
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_a_199_to_1_strip_with_a_real_pixel_budget_trains(tiny_path, fast_decode):
+    """19950x100 (ratio 199.5) at 768 visual tokens: the processor sizes it to 28 x 10948 (ratio 391). Resizing it
+    once, from the original (or not again, with fast_decode), keeps Qwen-VL's 200:1 check from refusing it."""
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"), max_pixels=768 * 28 * 28, fast_decode=fast_decode)
+    batch = _collate(model, positive=Image.new("RGB", (19950, 100), (200, 10, 10)))
+    assert batch["positive"][0]["image_grid_thw"].tolist() == [[1, 2, 782]]
+    assert model(batch["positive"]).shape == (1, 64)
+
+
 def test_chat_vlm_text_is_bounded_by_default(tiny_path):
     model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
     batch = _collate(model, query="word " * 20_000)  # 100,000 characters
@@ -118,3 +128,20 @@ def test_mixed_negative_counts_name_the_rows_before_training(tiny_path, tmp_path
     # Numbered negative columns with an empty cell reach the collator: it names the rows too.
     with pytest.raises(InputError, match=r"row 41, column 'negative_1': received None"):
         _collate(model, negative_1=None)
+
+
+def test_a_bad_row_met_in_a_dataloader_worker_reaches_the_user_as_that_one_error(tiny_path, tmp_path):
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"{i}.png"))
+        solid("red").save(paths[-1])
+    paths[5] = str(tmp_path / "gone.png")  # a missing file in row 5
+    rows = Dataset.from_dict({"query": [f"query {i}" for i in range(8)], "positive": paths})
+    trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=1, dataloader_num_workers=1),
+                               train_dataset=rows)
+    with pytest.raises(InputError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("row 5, column 'positive': received the image path") and "gone.png" in message
+    assert "DataLoader worker" not in message and "Traceback" not in message  # not the worker's wrapped traceback

@@ -99,6 +99,20 @@ def test_string_cells_follow_one_rule(tmp_path):
         to_input("img/missing.png", row=3, column="positive")  # a bare path that is missing: an error, not text
     with pytest.raises(InputError, match="URLs are never fetched"):
         to_input("https://example.com/cat.jpg")
+    # A bare URL without an image suffix, and a folder path, in an image column: named, never read as text.
+    for url in ("http://host/image?id=7", "https://example.com/cat.jpg"):
+        with pytest.raises(InputError, match=r"row 3, column 'positive': received the URL .*URLs are never fetched.*"
+                                             r"cell_types=\{'<column>': 'text'\}"):
+            to_input(url, row=3, column="positive")
+        assert to_input(url, kind="text").text == url
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(InputError, match=r"row 3, column 'positive': received '.*photos', which is a folder, not an "
+                                         r"image file\. Fix: give the path of an image file in it"):
+        to_input(str(tmp_path / "photos"), row=3, column="positive")
+    no_suffix = tmp_path / "photos" / "0001"
+    Image.new("RGB", (8, 6)).save(no_suffix, "PNG")
+    assert to_input(str(no_suffix)).image.size == (8, 6)  # an existing file without a suffix is an image
+    assert to_input("see https://example.com for details").text  # a sentence with a URL stays text
     assert to_input("fig.png", kind="text").text == "fig.png"
     with pytest.raises(InputError, match="does not exist"):
         to_input("my missing photo.png", kind="image")

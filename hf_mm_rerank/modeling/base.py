@@ -23,7 +23,15 @@ from torch import nn
 from transformers import AutoProcessor
 
 from ..distributed import sharded_inference
-from .backbone import apply_lora, detect_family, dtype_of, hub_kwargs_of, is_quantized, load_backbone
+from .backbone import (
+    apply_lora,
+    detect_family,
+    dtype_of,
+    hub_kwargs_of,
+    is_quantized,
+    load_backbone,
+    quiet_peft,
+)
 from .spec import (
     ADAPTER_WEIGHTS,
     HEAD_WEIGHTS,
@@ -155,7 +163,7 @@ class AdapterModel(nn.Module):
                     "quantization_config without lora_config: a 4/8-bit model cannot be fully fine-tuned. "
                     "Fix: pass lora_config=LoraConfig(...) (QLoRA), or drop quantization_config."
                 )
-        processor = AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
+        processor = load_processor(name_or_path, **hub_kwargs)
         return backbone, processor, spec
 
     @staticmethod
@@ -254,6 +262,32 @@ class AdapterModel(nn.Module):
         self.base_model.activation_checkpointing_disable()
 
 
+# The processor's own files (tokenizer, image/video processor, chat template): a damaged one is named on load.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
+def load_processor(name_or_path: str, **hub_kwargs: Any) -> Any:
+    """``AutoProcessor.from_pretrained`` whose failure on a damaged file names that file and the fix (the tokenizers
+    library reports a cut-short ``tokenizer.json`` as a bare JSON error at some line and column)."""
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, **hub_kwargs)
+    except Exception as error:
+        for name in PROCESSOR_FILES:
+            path = resolve_file(name_or_path, name, **hub_kwargs)
+            if path is None:
+                continue
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    json.load(handle)
+            except (ValueError, UnicodeDecodeError) as damage:
+                raise ValueError(f"{path} is damaged or incomplete ({damage}); it was probably cut short by a full "
+                                 "disk or an interrupted copy, so the processor cannot load. Fix: copy or save the "
+                                 "model again (save_pretrained writes the processor with it).") from None
+        raise error
+
+
 def _recorded_quantization(spec: ModelSpec, quantization_config: Any, name_or_path: str) -> Any:
     """The quantization to load an adapter's base with: the caller's, else the one it was trained with (an
     adapter trained on a 4-bit base gives other outputs on a full-precision one); ``False`` asks for full precision."""
@@ -282,16 +316,18 @@ def _load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gr
     from peft import PeftModel, prepare_model_for_kbit_training
 
     if is_quantized(backbone) and is_trainable:
-        backbone = prepare_model_for_kbit_training(
-            backbone, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        with quiet_peft():
+            backbone = prepare_model_for_kbit_training(
+                backbone, use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     path = resolve_file(name_or_path, ADAPTER_WEIGHTS, **hub_kwargs)
     if path is None:  # checked first: PEFT would take the folder for a Hub repo id and fail on that
         raise FileNotFoundError(f"{name_or_path}: {ADAPTER_WEIGHTS} is missing, so the adapter cannot be loaded. "
                                 "Fix: copy the whole folder written by save_pretrained(), or save it again.")
     state = read_weights(path)  # a damaged file is named here, not as a bare safetensors error
     try:
-        model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name_or_path}: adapter_config.json is not valid JSON ({exc}); the file is damaged or was "
                          "cut short. Fix: copy or save the model again.") from None
