@@ -74,23 +74,29 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
     launch checks, no token in pickled copies, raw columns kept, DataLoader workers picked from the CPU count."""
     args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
     check_launch(args)
+    say = logger.info if args.process_index == 0 else logger.debug  # each change said once, by the main process
     if type(args) is TrainingArguments:  # a subclass of the user's own keeps its type (its pickling is theirs)
         args.__class__ = _TrainingArgumentsWithoutSecrets
     if args.remove_unused_columns:
         # The default would drop our query/positive/negative columns (the model's forward does not name them).
-        logger.info("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
+        say("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
         args.remove_unused_columns = False
+    if args.ddp_find_unused_parameters is None:
+        # Every backward includes all trainable parameters (distributed.all_parameters_term), so DDP need not search
+        # the graph for unused ones each step (and warn from every rank that it found none).
+        args.ddp_find_unused_parameters = False
+    if args.dataloader_pin_memory and args.device.type == "cpu":
+        args.dataloader_pin_memory = False  # pinned memory only helps copies to an accelerator (torch warns on CPU)
     if args.dataloader_num_workers == 0 and os.environ.get("HF_MM_RERANK_AUTO_WORKERS", "1") != "0":
         # Image decoding and processing belong in DataLoader workers, beside the training step.
         args.dataloader_num_workers = auto_num_workers()
         args.dataloader_persistent_workers = True
-        logger.info("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the "
-                    "CPU count (set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).",
-                    args.dataloader_num_workers)
+        say("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the CPU count "
+            "(set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
         if args.device.type == "cpu":
             # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
             threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
             if torch.get_num_threads() > threads:
                 torch.set_num_threads(threads)
-                logger.info("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
+                say("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
     return args

@@ -140,6 +140,18 @@ def no_sync(model: nn.Module) -> Any:
     return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
 
 
+def all_parameters_term(model: nn.Module) -> torch.Tensor | None:
+    """``0 x`` one element of every trainable parameter of a DDP-wrapped ``model`` that does not search for unused
+    parameters (else None). Added to what a backward starts from, it makes every parameter take part in that backward,
+    also a tower the batch did not use (text-only rows, a GradCache chunk of images): DDP then needs no
+    ``find_unused_parameters=True`` (an extra graph traversal per step, and a warning from every rank), and the
+    gradients are unchanged."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel) or model.find_unused_parameters:
+        return None
+    touched = [p.reshape(-1)[:1] for p in model.module.parameters() if p.requires_grad and p.numel()]
+    return torch.cat(touched).sum() * 0.0 if touched else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (calls on it skip DDP's reducer and buffer broadcasts)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

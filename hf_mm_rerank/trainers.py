@@ -28,6 +28,7 @@ from .arguments import fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import (
+    ERROR_KEY,
     GROUPED,
     ROW_KEY,
     SKIPPED_KEY,
@@ -38,7 +39,7 @@ from .collators import (
     reranker_layout,
     teacher_columns,
 )
-from .distributed import average_gradients
+from .distributed import all_parameters_term, average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 from .throughput import ThroughputCallback, batch_counts
@@ -107,6 +108,9 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
             for name, count in batch_counts(inputs).items():
                 self.input_counts[name] += count
         loss = self.loss(model, inputs)
+        if model.training and not getattr(self.loss, "mini_batch_size", None):  # (GradCache adds it in its 2nd pass)
+            extra = all_parameters_term(model)
+            loss = loss if extra is None else loss + extra
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
@@ -116,6 +120,8 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         return loss.detach(), None, None
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        if ERROR_KEY in inputs:  # a bad row met in a DataLoader worker: raised here, as itself
+            raise inputs[ERROR_KEY]
         if getattr(self.loss, "mini_batch_size", None):
             return inputs  # GradCache: the model moves each mini-batch to the device when it embeds it
         return super()._prepare_inputs(inputs)
@@ -189,6 +195,8 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
             raise ValueError("bad_rows='skip', but the data_collator passed raises on bad rows. Fix: build it with "
                              "bad_rows='skip', or leave data_collator out.")
         self.bad_rows, self.skipped_rows = collator_rule, SkipCounter(max_skipped_fraction)
+        if hasattr(data_collator, "defer_errors"):
+            data_collator.defer_errors = True  # a bad row in a worker reaches the user as one error (_prepare_inputs)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=_prepare_dataset(train_dataset, model, args),
                          eval_dataset=_prepare_dataset(eval_dataset, model, args), **kwargs)

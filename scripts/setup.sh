@@ -9,8 +9,10 @@ PY="${PYTHON:-python3}"
 # Offline demo images: emoji glyphs from Debian's font package (root can install it; others are told how).
 if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >/dev/null \
-      || echo "warning: could not install fonts-noto-color-emoji; the demo needs it" >&2
+    APT_LOG="$(mktemp)"  # apt's own chatter (debconf notices) is shown only if the install fails
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >"$APT_LOG" 2>&1 \
+      || { cat "$APT_LOG" >&2; echo "warning: could not install fonts-noto-color-emoji; the demo needs it" >&2; }
+    rm -f "$APT_LOG"
   else
     echo "warning: run 'sudo apt-get install fonts-noto-color-emoji' for the demo data" >&2
   fi

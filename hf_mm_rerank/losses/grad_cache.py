@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import no_sync, unwrap
+from ..distributed import all_parameters_term, no_sync, unwrap
 
 
 class _RandomState:
@@ -106,11 +106,17 @@ def _second_pass(model: nn.Module, plan: list[_Chunk], grads: Sequence[torch.Ten
                  autocast: Callable[[], Any]) -> None:
     todo = [chunk for chunk in plan if grads[chunk.column] is not None]
     for i, chunk in enumerate(todo):
+        last = i == len(todo) - 1
         # Only the last backward may synchronise gradients across ranks (it sees those accumulated before).
-        with nullcontext() if i == len(todo) - 1 else no_sync(model):
+        with nullcontext() if last else no_sync(model):
             with chunk.state.replay(), torch.enable_grad(), autocast():
                 output = model(chunk.features)
-            torch.autograd.backward(output, grads[chunk.column][chunk.start:chunk.stop])
+                extra = all_parameters_term(model) if last else None  # the other chunks' parameters take part too
+            outputs, seeds = [output], [grads[chunk.column][chunk.start:chunk.stop]]
+            if extra is not None:
+                outputs.append(extra)
+                seeds.append(torch.ones_like(extra))
+            torch.autograd.backward(outputs, seeds)
 
 
 def _device_of(model: nn.Module) -> torch.device:

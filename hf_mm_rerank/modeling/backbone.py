@@ -9,9 +9,12 @@ Module selection is by module *type*, never by a name regex:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -150,6 +153,15 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model: a FutureWarning on
+    every run that the user cannot act on (peft's to fix). Wrapping calls go through here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: nn.Module, lora_config: Any, *, gradient_checkpointing: bool = False) -> nn.Module:
     """Wrap ``model`` with ``peft.get_peft_model``; default targets are the language model's linear layers."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -163,12 +175,13 @@ def apply_lora(model: nn.Module, lora_config: Any, *, gradient_checkpointing: bo
                 "Fix: set LoraConfig(target_modules=[...]) explicitly."
             )
         lora_config.target_modules = targets
-    if is_quantized(model):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    return get_peft_model(model, lora_config)
+    with quiet_peft():
+        if is_quantized(model):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        return get_peft_model(model, lora_config)
 
 
 def dtype_of(model: nn.Module) -> torch.dtype:
