@@ -48,7 +48,7 @@ def _model_lines(info: dict[str, Any]) -> list[str]:
     repo = info["repo_id"]
     if repo:
         return [f'MODEL = "{repo}"']
-    return ['MODEL = "path/to/this/folder"  # this folder (or its Hub id once pushed)']
+    return ['MODEL = "."  # this folder: run from inside it, or put its path (or its Hub id once pushed) here']
 
 
 def _base_lines(info: dict[str, Any]) -> list[str]:

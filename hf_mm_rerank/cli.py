@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .demo import DEMO_DATA
 from .distributed import check_launch
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class DataArguments:
 
     dataset_name: str = field(default="builtin:emoji", metadata={
         "help": "Hub dataset name, a loader (json, csv, parquet, imagefolder) with --data_files/--data_dir, "
-                "or builtin:emoji (offline demo data)."})
+                "or builtin:emoji (offline demo data). --data_files alone picks json/csv/parquet from the suffix."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     data_files: list[str] | None = field(default=None, metadata={"help": "Local data files (json/csv/parquet)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder for imagefolder-style datasets."})
@@ -167,17 +168,17 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
     """Return (train, eval) datasets with canonical column names; eval may be None."""
     from datasets import load_dataset
 
-    from .demo import DEMO_DATA, emoji_splits
+    from .demo import emoji_splits
 
-    if args.dataset_name == DEMO_DATA:
+    builder = _builder(args)
+    if builder == DEMO_DATA:
         train, held_out = emoji_splits()
-    elif args.dataset_name in FILE_BUILDERS and not (args.data_files or args.data_dir):
+    elif builder in FILE_BUILDERS and not (args.data_files or args.data_dir):
         raise ValueError(f"--dataset_name {args.dataset_name} reads local files, and none were given. Fix: pass "
                          "--data_files train.jsonl (JSON lines, CSV or Parquet rows; see README 'Dataset format'), "
                          "--data_dir for an image folder, or --dataset_name <Hub dataset id>.")
     else:
-        loaded = load_dataset(args.dataset_name, args.dataset_config, data_files=args.data_files,
-                              data_dir=args.data_dir)
+        loaded = load_dataset(builder, args.dataset_config, data_files=args.data_files, data_dir=args.data_dir)
         train = loaded[args.train_split]
         held_out = loaded[args.eval_split] if args.eval_split else None
         if held_out is None and args.eval_fraction > 0:
@@ -191,15 +192,52 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
     return train, held_out
 
 
+# The builder a data file's suffix names, for --data_files without --dataset_name.
+SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _builder(args: DataArguments) -> str:
+    """``--dataset_name``, or for local files given alone the builder their suffix names (never the demo data)."""
+    if args.dataset_name != DEMO_DATA or not (args.data_files or args.data_dir):
+        return args.dataset_name
+    if args.data_dir and not args.data_files:
+        raise ValueError(f"--data_dir {args.data_dir} without --dataset_name: say how to read it, e.g. --dataset_name "
+                         "imagefolder (or json / csv / parquet for files in that folder).")
+    suffixes = {os.path.splitext(f.removesuffix(".gz"))[1].lower() for f in args.data_files}
+    builders = {SUFFIX_BUILDERS.get(suffix) for suffix in suffixes}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(f"--data_files {' '.join(args.data_files)}: cannot tell how to read files ending in "
+                         f"{sorted(suffixes)}. Fix: pass --dataset_name json, csv or parquet (suffixes "
+                         f"{sorted(SUFFIX_BUILDERS)} are recognised by themselves).")
+    builder = builders.pop()
+    logger.info("hf_mm_rerank: reading --data_files with the '%s' builder (from their suffix).", builder)
+    return builder
+
+
 def _canonical(dataset: Any, args: DataArguments) -> Any:
     for old, new in ((args.query_column, "query"), (args.positive_column, "positive")):
         if old != new and old in dataset.column_names:
             dataset = dataset.rename_column(old, new)
+    _check_recipe_columns(dataset.column_names, args)
     root = args.image_root or (os.path.dirname(os.path.abspath(args.data_files[0])) if args.data_files else None)
     string_columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"]
     if root and string_columns:
         dataset = dataset.map(lambda row: {c: _rooted(row[c], root) for c in string_columns})
     return dataset
+
+
+def _check_recipe_columns(columns: list[str], args: DataArguments) -> None:
+    """Rows a recipe cannot train on are named with the recipe's own flags (before any model is loaded)."""
+    pointwise = {"query", "document", "label"} <= set(columns)
+    if {"query", "positive"} <= set(columns) or pointwise:
+        return
+    source = " ".join(args.data_files) if args.data_files else args.dataset_name
+    missing = [name for name in ("query", "positive") if name not in columns]
+    flags = " ".join(f"--{name}_column <your {name} column>" for name in missing)
+    raise ValueError(f"{source}: the rows have columns {list(columns)}, without {missing}. The recipes train on "
+                     "'query' + 'positive' columns (rerankers also on pointwise 'query' + 'document' + 'label'). "
+                     f"Fix: name your columns with {flags} (now --query_column {args.query_column} "
+                     f"--positive_column {args.positive_column}).")
 
 
 def _rooted(value: str | None, root: str) -> str | None:
@@ -226,6 +264,9 @@ class LoraArguments:
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, bfloat16, float16, float32."})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, flash_attention_2, eager."})
     max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image."})
+    fast_decode: bool = field(default=False, metadata={
+        "help": "Decode JPEGs at reduced scale and pre-shrink images in the workers: faster on large photos, pixels "
+                "slightly different from the processor's (default: exactly as the model's processor makes them)."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit for the text part."})
 
 
@@ -262,6 +303,21 @@ class PublishArguments:
         return [HubPushCallback(args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision,
                                 push_on=self.hub_push_on, token=args.hub_token, card=self.card(),
                                 wait_at_end=self.hub_wait_at_end, attempt_timeout=self.hub_attempt_timeout)]
+
+
+@contextlib.contextmanager
+def hub_model(name: str, flag: str = "--model_name_or_path") -> Any:
+    """Loading ``name`` for a recipe: a model that is neither a local folder nor in the Hub cache, with the Hub out of
+    reach, is named with its flag and the ways out (transformers' own error names no model)."""
+    try:
+        yield
+    except OSError as error:
+        if os.path.isdir(name) or "couldn't connect" not in str(error).lower() and "offline" not in str(error).lower():
+            raise
+        raise OSError(f"{flag} {name}: could not load this model: it is not a local folder, it is not in the Hub cache, "
+                      "and the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1). Fix: download it once where "
+                      f"the Hub is reachable (`hf download {name}`; later runs use the cache), pass a local folder, or "
+                      "use a config that runs offline (recipes/configs/demo.yaml, demo_reranker.yaml).") from None
 
 
 def build_lora(m: LoraArguments) -> Any:
@@ -328,7 +384,8 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
         from .mining import mine_hard_negatives
         from .modeling import BiEncoder
 
-        encoder = BiEncoder.from_pretrained(mining_model, is_trainable=False)
+        with hub_model(mining_model, "--mining_model"):
+            encoder = BiEncoder.from_pretrained(mining_model, is_trainable=False)
         if args is not None:
             encoder.to(args.device)
         return mine_hard_negatives(encoder, dataset.select_columns(["query", "positive"]), num_negatives=num_negatives)

@@ -34,6 +34,7 @@ from hf_mm_rerank.cli import (
     PublishArguments,
     build_lora,
     build_quantization,
+    hub_model,
     load_data,
     main_process_first,
     parse_with_config,
@@ -74,11 +75,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 2. Data, student and teacher.
     with main_process_first(args, "loading the data"):
         train, held_out = load_data(data_args, seed=args.seed)
-    student = BiEncoder.from_pretrained(
-        m.model_name_or_path, lora_config=build_lora(m), quantization_config=build_quantization(m, args),
-        query_prompt=m.query_prompt, max_pixels=m.max_pixels, max_length=m.max_length, dtype=m.dtype,
-        gradient_checkpointing=args.gradient_checkpointing)
-    teacher = CrossEncoder.from_pretrained(m.teacher, head=m.teacher_head, dtype=m.dtype, is_trainable=False)
+    with hub_model(m.model_name_or_path):
+        student = BiEncoder.from_pretrained(
+            m.model_name_or_path, lora_config=build_lora(m), quantization_config=build_quantization(m, args),
+            query_prompt=m.query_prompt, max_pixels=m.max_pixels, max_length=m.max_length, dtype=m.dtype,
+            fast_decode=m.fast_decode, gradient_checkpointing=args.gradient_checkpointing)
+    with hub_model(m.teacher, "--teacher"):
+        teacher = CrossEncoder.from_pretrained(m.teacher, head=m.teacher_head, dtype=m.dtype, is_trainable=False,
+                                               fast_decode=m.fast_decode)
     teacher.to(args.device).eval()
     student.to(args.device)
 

@@ -30,6 +30,7 @@ from hf_mm_rerank.cli import (
     PublishArguments,
     build_lora,
     build_quantization,
+    hub_model,
     load_data,
     main_process_first,
     parse_with_config,
@@ -64,10 +65,12 @@ def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
         with main_process_first(args, "building the demo base model"):
             path = build_demo_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
-    return BiEncoder.from_pretrained(
-        path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
-        query_prompt=m.query_prompt, document_prompt=m.document_prompt, max_pixels=m.max_pixels,
-        max_length=m.max_length, dtype=m.dtype, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
+    with hub_model(path):
+        return BiEncoder.from_pretrained(
+            path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
+            query_prompt=m.query_prompt, document_prompt=m.document_prompt, max_pixels=m.max_pixels,
+            max_length=m.max_length, fast_decode=m.fast_decode, dtype=m.dtype,
+            gradient_checkpointing=args.gradient_checkpointing, **kwargs)
 
 
 def build_loss(m: ModelArguments):

@@ -25,6 +25,7 @@ from hf_mm_rerank.cli import (
     add_negatives,
     build_lora,
     build_quantization,
+    hub_model,
     load_data,
     main_process_first,
     parse_with_config,
@@ -32,6 +33,7 @@ from hf_mm_rerank.cli import (
     resume_point,
     validated,
 )
+from hf_mm_rerank.demo import DEMO_RERANKER, build_demo_reranker_base
 from hf_mm_rerank.losses import RERANKING_LOSSES
 from hf_mm_rerank.model_card import hub_id
 from hf_mm_rerank.pipeline import cache_images
@@ -42,8 +44,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RerankerArguments(LoraArguments):
     model_name_or_path: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={
-        "help": "A chat VLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-Reranker), a text cross-encoder, or a "
-                "folder written by CrossEncoder.save_pretrained."})
+        "help": "A chat VLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-Reranker), a text cross-encoder, a "
+                "folder written by CrossEncoder.save_pretrained, or builtin:qwen2-vl-tiny (offline demo)."})
     head: str = field(default="auto", metadata={"help": "auto, yes_no, linear, mlp or classification."})
     instruction: str | None = field(default=None, metadata={"help": "Task instruction in the pair prompt."})
     system_prompt: str | None = field(default=None, metadata={"help": "System turn of the pair prompt."})
@@ -63,11 +65,17 @@ class RerankerArguments(LoraArguments):
 
 def build_model(m: RerankerArguments, args: TrainingArguments) -> CrossEncoder:
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
-    return CrossEncoder.from_pretrained(
-        m.model_name_or_path, head=m.head, lora_config=build_lora(m), quantization_config=build_quantization(m, args),
-        instruction=m.instruction, system_prompt=m.system_prompt, assistant_prefix=m.assistant_prefix,
-        yes_token=m.yes_token, no_token=m.no_token, max_pixels=m.max_pixels, max_length=m.max_length,
-        dtype=m.dtype, gradient_checkpointing=args.gradient_checkpointing, **kwargs)
+    path = m.model_name_or_path
+    if path == DEMO_RERANKER:
+        with main_process_first(args, "building the reranker demo's base model"):
+            path = build_demo_reranker_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
+    with hub_model(path):
+        return CrossEncoder.from_pretrained(
+            path, head=m.head, lora_config=build_lora(m),
+            quantization_config=build_quantization(m, args), instruction=m.instruction, system_prompt=m.system_prompt,
+            assistant_prefix=m.assistant_prefix, yes_token=m.yes_token, no_token=m.no_token, max_pixels=m.max_pixels,
+            max_length=m.max_length, fast_decode=m.fast_decode, dtype=m.dtype,
+            gradient_checkpointing=args.gradient_checkpointing, **kwargs)
 
 
 def build_loss(m: RerankerArguments):

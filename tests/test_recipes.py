@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ CONFIGS = ROOT / "recipes" / "configs"
 FAMILY = {"demo.yaml": None, "clip_vit_b32_lora.yaml": "clip", "siglip_full.yaml": "siglip",
           "qwen3_vl_embedding_2b_qlora.yaml": "qwen3_vl"}
 RERANKER_FAMILY = {"qwen3_vl_reranker_2b_lora.yaml": "qwen3_vl", "qwen2_vl_2b_qlora_yes_no.yaml": "qwen2_vl",
-                   "text_cross_encoder.yaml": "bert"}
+                   "text_cross_encoder.yaml": "bert", "demo_reranker.yaml": None}
 DISTILL_FAMILY = {"qwen3_vl_distill_2b.yaml": ("qwen3_vl", "qwen3_vl")}  # (student, teacher)
 
 
@@ -93,7 +94,7 @@ def _text_pairs(folder: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("config", list(RERANKER_FAMILY))
+@pytest.mark.parametrize("config", [c for c in RERANKER_FAMILY if RERANKER_FAMILY[c]])
 def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path, tmp_path, config):
     from test_cross_encoder import _bert_classifier
 
@@ -148,7 +149,7 @@ def test_yaml_values_keep_their_types(tmp_path):
         parse_with_config((DataArguments, TrainingArguments), ["--config", str(config)])
 
 
-def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     from hf_mm_rerank.demo import EMOJI_FONT
 
     if not os.path.isfile(EMOJI_FONT):
@@ -163,15 +164,20 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert table[1].startswith("ndcg") and table[1].count("->") >= 3 and len(table) < 12  # compact
     assert f"Saved to {tmp_path / 'demo'}" in printed and "hf_mm_rerank.BiEncoder.from_pretrained(" in printed
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["after"] == report["after"]
-    # The card's two snippets, with this folder named where the card asks for it, print the same similarity.
+    # The card's two snippets run as written from the card's own folder (moved elsewhere, base model and all) and
+    # print the same similarity.
     from test_first_hour import python_blocks, run_block
 
-    card = (tmp_path / "demo" / "README.md").read_text()
+    moved = tmp_path / "elsewhere" / "my-demo"
+    shutil.copytree(tmp_path / "demo", moved)
+    card = (moved / "README.md").read_text()
     numbers = []
+    monkeypatch.chdir(moved)
     for block in python_blocks(card):
-        assert 'MODEL = "path/to/this/folder"' in block
-        _, out = run_block(block.replace('"path/to/this/folder"', repr(str(tmp_path / "demo"))))
+        assert 'MODEL = "."' in block
+        _, out = run_block(block)
         numbers.append(float(out.strip().splitlines()[-1].split()[0]))
+    monkeypatch.chdir(ROOT)
     assert len(numbers) == 2 and numbers[0] == pytest.approx(numbers[1], abs=1e-5)
     # The printed "after" metrics are those of the saved model, reloaded and evaluated on the same held-out rows.
     from hf_mm_rerank import BiEncoder, RetrievalEvaluator
@@ -183,6 +189,36 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert report["after"]["eval_recall@10"] == pytest.approx(again["recall@10"], abs=1e-6)
     assert 0 < report["before"]["eval_ndcg@10"] < 1 and report["after"]["eval_ndcg@10"] != report["before"][
         "eval_ndcg@10"]  # two steps changed the model
+
+
+def test_reranker_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
+    """The offline reranker config: its base is built here, it trains, prints reranking metrics before and after,
+    and the saved reranker reloads from another folder and scores as it did, also through its card's snippets."""
+    out = tmp_path / "rr"
+    report = _recipe("train_cross_encoder").main([
+        "--config", str(CONFIGS / "demo_reranker.yaml"), "--output_dir", str(out), "--max_steps", "2",
+        "--max_train_samples", "32", "--max_eval_samples", "16", "--per_device_train_batch_size", "4",
+        "--dataloader_num_workers", "0"])
+    printed = capsys.readouterr().out
+    table = printed[printed.index("before -> after"):].splitlines()
+    assert table[1].split()[0] == "ndcg" and "base_mrr" in printed and f"Saved to {out}" in printed
+    assert {"eval_ndcg@10", "eval_mrr@10", "eval_map", "eval_base_map"} <= set(report["after"])
+    assert report["after"]["eval_ndcg@10"] != report["before"]["eval_ndcg@10"]  # two steps changed the model
+    assert (out / "_base_model" / "config.json").is_file() and (out / "model.safetensors").is_file()
+    from hf_mm_rerank import CrossEncoder
+
+    moved = tmp_path / "elsewhere" / "reranker"
+    shutil.copytree(out, moved)
+    monkeypatch.chdir(moved.parent)
+    reranker = CrossEncoder.from_pretrained("reranker")
+    assert reranker.head_type == "yes_no"
+    from test_first_hour import python_blocks, run_block
+
+    monkeypatch.chdir(moved)
+    library, plain = python_blocks((moved / "README.md").read_text())
+    with_library, _ = run_block(library)
+    without, _ = run_block(plain)
+    assert abs(without["score"] - float(with_library["scores"][0])) <= 1e-5 * max(1.0, abs(without["score"]))
 
 
 def test_building_the_demo_base_leaves_the_global_rng_alone(tmp_path):
