@@ -19,6 +19,8 @@ QUERY = "a red square"
 IMAGE = 'Image.new("RGB", (224, 224), (220, 20, 20))  # or Image.open("your_photo.jpg")'
 OTHER = 'Image.new("RGB", (224, 224), (20, 20, 220))'
 DOCUMENT_TEXT = "A red square on a white page."
+# peft imports bitsandbytes when it is installed, which on some CPUs logs a notice about an optional kernel package.
+PEFT_IMPORT = "from peft import PeftModel  # (with bitsandbytes installed, a notice about an optional CPU kernel is harmless)"
 
 
 def usage_info(model: Any, output_dir: str | None = None) -> dict[str, Any]:
@@ -109,7 +111,7 @@ def _imports(info: dict[str, Any], auto: str, extra: tuple[str, ...] = ()) -> li
     stdlib = [line for line in extra if line.startswith("import os")]
     others = ["import torch", "from PIL import Image", *(line for line in extra if line not in stdlib)]
     if info["adapter"]:
-        others.append("from peft import PeftModel")
+        others.append(PEFT_IMPORT)
     others.append(f"from transformers import AutoProcessor, {auto}")
     return [*stdlib, *([""] if stdlib else []), *sorted(others, key=lambda line: line.split()[1].lower()), ""]
 
@@ -205,7 +207,7 @@ def _chat_score(info: dict[str, Any], usage: dict[str, Any]) -> list[str]:
 
 def _classification_score(info: dict[str, Any]) -> list[str]:
     auto = "AutoModelForSequenceClassification"
-    lines = ["import torch"] + (["from peft import PeftModel"] if info["adapter"] else []) + [
+    lines = ["import torch"] + ([PEFT_IMPORT] if info["adapter"] else []) + [
         f"from transformers import AutoTokenizer, {auto}", ""]
     load = (_load(info, auto) if info["adapter"] else [*_model_lines(info), f"model = {auto}.from_pretrained(MODEL).eval()"])
     load = [line for line in load if "AutoProcessor" not in line]  # a text classifier needs only its tokenizer
