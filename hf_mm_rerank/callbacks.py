@@ -40,10 +40,20 @@ UPLOAD_EXCLUDES = " ".join(f'--exclude "{pattern}"' for pattern in ("*.pt", "*.p
 
 
 def loadable_files(directory: str) -> list[str]:
-    """Files of a saved model/checkpoint folder that a user needs to load it (no training state)."""
-    return sorted(name for name in os.listdir(directory)
-                  if os.path.isfile(os.path.join(directory, name))
-                  and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE))
+    """Files of a saved model/checkpoint folder that a user needs to load it (no training state), relative to it:
+    the top-level files and sentence-transformers' module folders (``1_Pooling/config.json``, ...)."""
+    from .st_format import st_paths
+
+    top = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))
+           and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE)]
+    return sorted(set(top) | set(st_paths(directory)))
+
+
+def copy_files(source: str, target: str, names: list[str]) -> None:
+    """Copy ``names`` (relative paths, maybe in subfolders) from ``source`` to ``target``."""
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
+        shutil.copy2(os.path.join(source, name), os.path.join(target, name))
 
 
 # Staging folders not yet removed; whatever a killed push thread leaves is removed when the interpreter exits.
@@ -64,8 +74,7 @@ def stage(directory: str) -> str:
     staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
     _LIVE_STAGING.add(staging)
     try:
-        for name in loadable_files(directory):
-            shutil.copy2(os.path.join(directory, name), os.path.join(staging, name))
+        copy_files(directory, staging, loadable_files(directory))
     except BaseException:
         _remove_staging(staging)
         raise
@@ -104,8 +113,14 @@ class HubPushCallback(TrainerCallback):
         wait_at_end: seconds ``on_train_end`` waits for queued pushes (default 2 minutes) before it logs what is
             still pending, and where its files are, and lets the run end (a hung Hub never holds a run long).
         card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
+        export: also push, at the end of training, the final model exported for serving engines (``"merged"``,
+            ``"classifier"`` or ``"sentence-transformers"``, see :func:`hf_mm_rerank.export.export`; checked before it
+            is pushed), with its own card, through the same retried, ordered pushes.
+        export_repo_id: where the export goes (default ``"<repo_id>-<export>"``, e.g. ``me/clip-lora-merged``); or
+        export_revision: a branch of ``repo_id`` instead of a repo of its own.
 
-    After training, ``records`` lists every push and ``commit_url`` is the last successful commit.
+    After training, ``records`` lists every push and ``commit_url`` is the last successful commit (the export's:
+    ``exports.records`` / ``exports.commit_url``).
 
     Example:
         >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
@@ -116,9 +131,16 @@ class HubPushCallback(TrainerCallback):
                  push_on: str = "save", token: str | None = None, endpoint: str | None = None,
                  max_retries: int = 4, backoff: float = 2.0,
                  attempt_timeout: float = 600.0, wait_at_end: float = 120.0, card: dict[str, Any] | None = None,
+                 export: str | None = None, export_repo_id: str | None = None, export_revision: str | None = None,
                  ) -> None:
+        from .export import FORMATS
+
         if push_on not in PUSH_ON:
             raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
+        if export is not None and export not in FORMATS:
+            raise ValueError(f"export={export!r}: use one of {FORMATS}.")
+        if export_repo_id and export_revision:
+            raise ValueError("pass export_repo_id (a repo of its own) or export_revision (a branch of repo_id), not both.")
         if "/" not in repo_id:
             raise ValueError(f"repo_id={repo_id!r}: use the full 'user_or_org/name' form.")
         self.repo_id, self.private, self.revision, self.push_on = repo_id, private, revision, push_on
@@ -133,6 +155,15 @@ class HubPushCallback(TrainerCallback):
         self._worker: threading.Thread | None = None
         self._repo_ready = False
         self._head: str | None = None  # the commit our next push must sit on
+        self._replace = False  # remove what the pushed folder does not hold (exports: a branch starts as a copy of main)
+        self.export = export
+        self.exports: HubPushCallback | None = None  # pushes the export (its repo or branch has its own history)
+        if export:
+            self.exports = HubPushCallback(
+                export_repo_id or (repo_id if export_revision else f"{repo_id}-{export}"), private=private,
+                revision=export_revision, push_on="end", token=token, endpoint=endpoint, max_retries=max_retries,
+                backoff=backoff, attempt_timeout=attempt_timeout, wait_at_end=wait_at_end)
+            self.exports._replace = True  # an export is the whole content of its repo or branch
 
     def __repr__(self) -> str:  # never show the token
         return f"HubPushCallback(repo_id={self.repo_id!r}, push_on={self.push_on!r}, revision={self.revision!r})"
@@ -165,11 +196,17 @@ class HubPushCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        target = self.trainer.accelerator.unwrap_model(self.trainer.model) if self.trainer else model
         if self.push_on == "end":
-            target = self.trainer.accelerator.unwrap_model(self.trainer.model) if self.trainer else model
             self._guarded(f"end of training (step {state.global_step})", lambda: _saved_copy(target))
+        if self.exports is not None:
+            self.exports._guarded(f"{self.export} export (step {state.global_step})",
+                                  lambda: _exported_copy(target, self.export))
         self.wait(self.wait_at_end)
         self._report()
+        if self.exports is not None:
+            self.exports.wait(self.wait_at_end)
+            self.exports._report()
 
     def _guarded(self, label: str, make_staging: Callable[[], str], source: str | None = None) -> None:
         """Stage and queue a push; a local failure here (disk full, ...) is reported, never raised."""
@@ -236,7 +273,7 @@ class HubPushCallback(TrainerCallback):
                 self._bounded(lambda base=hub_base: point_base_at_hub(staging, base, api.repo_exists))
                 info = self._bounded(lambda parent=self._head: api.upload_folder(
                     repo_id=self.repo_id, folder_path=staging, revision=self.revision, parent_commit=parent,
-                    commit_message=f"hf_mm_rerank: {record.label}"))
+                    commit_message=f"hf_mm_rerank: {record.label}", delete_patterns="*" if self._replace else None))
                 self._head = info.oid or self._head
                 record.commit_url, record.error = info.commit_url, None
                 logger.info("HubPushCallback: pushed %s to %s (%s).", record.label, self.repo_id, info.commit_url)
@@ -338,6 +375,28 @@ def _saved_copy(model: Any) -> str:
     try:
         model.save_pretrained(saved)
         return stage(saved)
+    finally:
+        shutil.rmtree(saved, ignore_errors=True)
+
+
+def _exported_copy(model: Any, format: str) -> str:
+    """The model's export (made from its saved folder, so a QLoRA adapter merges into a full-precision base), staged."""
+    from .export import export
+
+    saved = tempfile.mkdtemp(prefix="hf_mm_rerank_save_")
+    staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")
+    _LIVE_STAGING.add(staging)
+    try:
+        model.save_pretrained(saved)
+        report = export(saved, os.path.join(staging, "export"), format)
+        logger.info("HubPushCallback: %s", report)
+        for name in os.listdir(os.path.join(staging, "export")):
+            shutil.move(os.path.join(staging, "export", name), os.path.join(staging, name))
+        os.rmdir(os.path.join(staging, "export"))
+        return staging
+    except BaseException:
+        _remove_staging(staging)
+        raise
     finally:
         shutil.rmtree(saved, ignore_errors=True)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import Counter
 from typing import Any
 
@@ -255,11 +254,10 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies only its own modeling files to output_dir before uploading it; copy every loadable
         # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
-        from .callbacks import loadable_files
+        from .callbacks import copy_files, loadable_files
 
         if self.is_world_process_zero() and self._checkpoint_staging is None:  # (else pushed once renamed)
-            for name in loadable_files(checkpoint_folder):
-                shutil.copy2(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+            copy_files(checkpoint_folder, self.args.output_dir, loadable_files(checkpoint_folder))
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_best_model(self) -> None:

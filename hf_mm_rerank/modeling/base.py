@@ -6,7 +6,9 @@ Saved layout of a model folder (local or a Hub repo):
 - ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA, with any ``modules_to_save``), or the full
   backbone weights + ``config.json`` when fully fine-tuned or merged;
 - ``head.safetensors`` when the model has a trained head outside the backbone;
-- the processor files.
+- the processor files;
+- sentence-transformers' configuration (``modules.json``, ``config_sentence_transformers.json``,
+  ``sentence_bert_config.json`` and module folders), see :mod:`hf_mm_rerank.st_format`.
 """
 
 from __future__ import annotations
@@ -215,6 +217,9 @@ class AdapterModel(nn.Module):
                       os.path.join(directory, HEAD_WEIGHTS))
         if save_processor and self.processor is not None:
             self.processor.save_pretrained(directory)
+            from ..st_format import write_st_files
+
+            self.spec.sentence_transformers = write_st_files(self, directory)  # SentenceTransformer(folder) loads it
         self.spec.adapter = self.is_peft
         self.spec.save(directory)
 

@@ -28,6 +28,8 @@ class ModelSpec:
     quantization: dict[str, Any] | None = None
     version: str = __version__
     checksums: dict[str, str] = field(default_factory=dict)  # sha256 of each weight file, checked on load
+    # What sentence-transformers, reading the configuration saved beside the weights, does differently (if anything).
+    sentence_transformers: list[str] = field(default_factory=list)
 
     def save(self, directory: str) -> None:
         self.checksums = {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
