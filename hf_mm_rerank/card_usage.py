@@ -27,7 +27,8 @@ def usage_info(model: Any, output_dir: str | None = None) -> dict[str, Any]:
     """What the snippets need to know about ``model`` beyond the card's facts."""
     featurizer = model.featurizer
     info: dict[str, Any] = {"family": model.spec.family, "prompts": dict(featurizer.prompts),
-                            "pooling": getattr(model, "pooling", None)}
+                            "pooling": getattr(model, "pooling", None),
+                            "image_kwargs": featurizer.image_kwargs() if featurizer.supports_images else {}}
     base = str(model.spec.base_model or "")
     if base.startswith("./") and model.is_peft:  # a base saved inside the model's own folder (the demo's)
         info["base_inside"] = base[2:]
@@ -149,7 +150,7 @@ def _chat_embedding(info: dict[str, Any], usage: dict[str, Any]) -> list[str]:
              "        messages.insert(0, {\"role\": \"system\", \"content\": [{\"type\": \"text\", \"text\": system}]})",
              "    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
              "    images = [image] if any(part[\"type\"] == \"image\" for part in content) else None",
-             "    inputs = processor(text=[text], images=images, return_tensors=\"pt\")",
+             f"    inputs = processor(text=[text], images=images, return_tensors=\"pt\"{_image_kwargs(usage)})",
              "    with torch.no_grad():",
              "        hidden = model(**inputs, use_cache=False).last_hidden_state",
              f"    embedding = {pool}",
@@ -160,6 +161,12 @@ def _chat_embedding(info: dict[str, Any], usage: dict[str, Any]) -> list[str]:
              f"image_embedding = embed([{{\"type\": \"image\"}}], system={prompts.get('document', '')!r})",
              "print((query_embedding @ image_embedding.T).item())  # the same as with hf_mm_rerank"]
     return lines
+
+
+def _image_kwargs(usage: dict[str, Any]) -> str:
+    """The pixel budget the model was trained with, as the processor call's argument (empty when there is none)."""
+    kwargs = usage.get("image_kwargs") or {}
+    return f", images_kwargs={kwargs!r}" if kwargs else ""
 
 
 def _chat_score(info: dict[str, Any], usage: dict[str, Any]) -> list[str]:
@@ -184,7 +191,7 @@ def _chat_score(info: dict[str, Any], usage: dict[str, Any]) -> list[str]:
              "    messages.insert(0, {\"role\": \"system\", \"content\": [{\"type\": \"text\", \"text\": SYSTEM}]})",
              "text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "
              "ASSISTANT_PREFIX",
-             "inputs = processor(text=[text], images=[document], return_tensors=\"pt\")"]
+             f"inputs = processor(text=[text], images=[document], return_tensors=\"pt\"{_image_kwargs(usage)})"]
     if head == "yes_no":
         yes, no = usage.get("yes_no", ["yes", "no"])
         lines += [f"yes, no = (processor.tokenizer.encode(t, add_special_tokens=False)[0] for t in ({yes!r}, {no!r}))",

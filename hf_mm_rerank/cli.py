@@ -286,6 +286,15 @@ class PublishArguments:
     card_datasets: list[str] | None = field(default=None, metadata={"help": "Hub dataset ids named in the card."})
     card_base_model: str | None = field(default=None, metadata={
         "help": "Hub id of the base model, when it was loaded from a local folder."})
+    export: str | None = field(default=None, metadata={
+        "help": "At the end, also export the model for serving engines (checked by reloading it): merged, classifier "
+                "(rerankers) or sentence-transformers; written to --export_dir.",
+        "choices": ["merged", "classifier", "sentence-transformers"]})
+    export_dir: str | None = field(default=None, metadata={"help": "Where --export writes (default <output_dir>-<format>)."})
+    export_dtype: str | None = field(default=None, metadata={"help": "Weights dtype of the export (default: the base's)."})
+    hub_push_export: str | None = field(default=None, metadata={
+        "help": "With --hub_push_on and --export: push the export to a repo of its own (<hub_model_id>-<format>) or to a "
+                "branch named after the format of --hub_model_id.", "choices": ["repo", "branch"]})
 
     def card(self) -> dict[str, Any]:
         return {"license": self.card_license, "datasets": self.card_datasets, "base_model": self.card_base_model}
@@ -300,9 +309,24 @@ class PublishArguments:
         if args.push_to_hub:
             logger.warning("hf_mm_rerank: both --push_to_hub (Trainer's own pushes) and --hub_push_on (the callback) "
                            "push to %s: every save is uploaded twice. Use one of them.", args.hub_model_id)
+        if self.hub_push_export and not self.export:
+            raise ValueError("--hub_push_export needs --export merged|classifier|sentence-transformers.")
+        export = {"export": self.export, "export_revision": self.export if self.hub_push_export == "branch" else None} \
+            if self.hub_push_export else {}
         return [HubPushCallback(args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision,
                                 push_on=self.hub_push_on, token=args.hub_token, card=self.card(),
-                                wait_at_end=self.hub_wait_at_end, attempt_timeout=self.hub_attempt_timeout)]
+                                wait_at_end=self.hub_wait_at_end, attempt_timeout=self.hub_attempt_timeout, **export)]
+
+    def export_model(self, args: Any) -> Any:
+        """``--export``: the saved model exported (and checked) beside ``output_dir``; the main process only."""
+        if not self.export or args.process_index != 0:
+            return None
+        from .export import export
+
+        report = export(args.output_dir, self.export_dir or f"{args.output_dir.rstrip('/')}-{self.export}",
+                        self.export, dtype=self.export_dtype, overwrite=True)
+        print(report, flush=True)
+        return report
 
 
 @contextlib.contextmanager

@@ -164,6 +164,7 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         "eval": {"before": before, "after": after},
         "versions": _versions(bool(spec.quantization)),
         "usage": usage_info(model, args.output_dir),
+        "serving": [],
         "license": None, "datasets": [], "language": None, "model_name": None, "dataset_name": None,
     }
     dropped = overrides.pop("dropped_rows", 0)
@@ -177,6 +178,9 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         info["model_name"] = os.path.basename(os.path.normpath(args.output_dir)) or None
     info["base_model"] = hub_id(info["base_model"])  # an override may name the Hub original of a local copy
     info["datasets"] = [d for d in (info["datasets"] or []) if hub_id(d)]
+    from .serving import serving_lines
+
+    info["serving"] = serving_lines(model, info["repo_id"] or ".", info["base_model"] or "BASE")
     return info
 
 
@@ -243,7 +247,7 @@ def render_card(info: dict[str, Any]) -> str:
         head_text=info["head"], modalities=info["modalities"], head=info["head"], pooling=info["pooling"],
         normalize=info["normalize"], adapter=info["adapter"], usage_library=library, usage_plain=plain,
         training_rows=[(k, _fmt(v)) for k, v in info["training"].items()], lora_rows=lora_rows,
-        loss=info["loss"], eval_rows=eval_rows, versions=info["versions"],
+        loss=info["loss"], eval_rows=eval_rows, versions=info["versions"], serving=info.get("serving") or [],
         eval_text=f"On {info['dataset_name'] or 'the held-out evaluation set'}, before and after fine-tuning.")
     return str(card)
 

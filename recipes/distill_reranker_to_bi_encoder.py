@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     trainer.save_model()
     if trainer.is_world_process_zero():
         print_report(before, after, args.output_dir, "hf_mm_rerank.BiEncoder")
+    publish.export_model(args)  # --export: the model for serving engines, checked by reloading it
     return {"before": before, "after": after}
 
 

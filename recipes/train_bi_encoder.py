@@ -108,11 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     after = trainer.evaluate() if evaluator else {}
 
     # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it
-    #    when --push_to_hub); report.
+    #    when --push_to_hub); report; --export writes the serving form beside it.
     trainer.save_model()
     report = {"before": before, "after": after}
     if trainer.is_world_process_zero():
         print_report(before, after, args.output_dir, "hf_mm_rerank.BiEncoder")
+    publish.export_model(args)  # --export: the model for serving engines, checked by reloading it
     return report
 
 

@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     after = trainer.evaluate() if evaluator else {}
 
     # 5. Save the adapter (or full model), head, processor, config and card to output_dir (and push it
-    #    when --push_to_hub); report.
+    #    when --push_to_hub); report; --export writes the serving form beside it.
     trainer.save_model()
     if trainer.is_world_process_zero():
         print_report(before, after, args.output_dir, "hf_mm_rerank.CrossEncoder")
+    publish.export_model(args)  # --export: the model for serving engines, checked by reloading it
     return {"before": before, "after": after}
 
 

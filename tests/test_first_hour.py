@@ -225,3 +225,8 @@ def test_readme_python_blocks_run_as_written(hub, tiny_path, tmp_path, monkeypat
     assert len(ndcg) == 1 and 0 <= ndcg[0] <= 1 and "torch.Size([3," in printed[0]
     assert (tmp_path / "out" / "final" / "README.md").is_file()
     assert "index" in printed[1] and "adapter_model.safetensors" in hub.files("me/clip-lora")
+    # The sentence-transformers block loads the saved folder and prints BiEncoder's cosine similarity.
+    st = next(i for i, block in enumerate(blocks) if "SentenceTransformer(" in block)
+    similarity = float(re.findall(r"-?\d+\.\d+", printed[st])[0])
+    embeddings = namespaces[0]["embeddings"]
+    assert abs(similarity - float(embeddings[0] @ embeddings[1])) < 1e-4

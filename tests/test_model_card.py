@@ -114,4 +114,7 @@ def test_card_from_a_real_run_reports_training_and_evaluation(tiny_path, tmp_pat
     assert "| ndcg@10 |" in card and "a local checkpoint (not on the Hub)" in card and str(tmp_path) not in card
     assert "# out\n" in card  # titled after the output folder, not "hf_mm_rerank model"
     assert 'BASE = "path/to/the/base/model"  # the base was a local folder' in card
+    serving = card[card.index("## Serving"):card.index("## Training details")]  # the serving check, on save
+    assert "| sentence-transformers | this folder as it is | `from sentence_transformers import SentenceTransformer" \
+        in serving and "| TEI | not served |" in serving and "| vLLM |" in serving
     assert "| warmup steps | 0 |" in card

@@ -156,7 +156,8 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
         pytest.fail("fonts-noto-color-emoji is missing: scripts/setup.sh installs it")
     report = _recipe().main(["--config", str(CONFIGS / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
                              "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "32",
-                             "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0"])
+                             "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0",
+                             "--export", "sentence-transformers"])
     assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
     printed = capsys.readouterr().out
     table = printed[printed.index("before -> after"):].splitlines()
@@ -189,6 +190,26 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     assert report["after"]["eval_recall@10"] == pytest.approx(again["recall@10"], abs=1e-6)
     assert 0 < report["before"]["eval_ndcg@10"] < 1 and report["after"]["eval_ndcg@10"] != report["before"][
         "eval_ndcg@10"]  # two steps changed the model
+    # --export: the demo in sentence-transformers, in a fresh process from another folder, gives our embeddings.
+    assert "sentence-transformers export in" in printed and "reloaded with sentence-transformers" in printed
+    import torch
+    from helpers import assert_rel_close
+
+    held = [held_out[i] for i in range(4)]
+    trained = BiEncoder.from_pretrained(str(tmp_path / "demo"))
+    expected = torch.cat([trained.encode([r["query"] for r in held]),
+                          trained.encode([r["positive"] for r in held], side="document")])
+    code = ("import torch; from datasets import load_from_disk; from sentence_transformers import SentenceTransformer; "
+            f"st = SentenceTransformer({str(tmp_path / 'demo-sentence-transformers')!r}, device='cpu'); "
+            f"rows = load_from_disk({str(tmp_path / 'held')!r}); "
+            "got = torch.cat([st.encode_query(rows['query'], convert_to_tensor=True), "
+            "st.encode_document(list(rows['positive']), convert_to_tensor=True)]); "
+            f"torch.save(got, {str(tmp_path / 'got.pt')!r})")
+    held_out.select(range(4)).save_to_disk(str(tmp_path / "held"))
+    run = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path / "elsewhere"), capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert_rel_close(torch.load(tmp_path / "got.pt"), expected)
 
 
 def test_reranker_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,489 @@
+"""Exports for serving engines: a trained folder (adapter or full) rewritten in the form an engine loads.
+
+- ``merged``: full weights in the base's own architecture (LoRA merged, ``modules_to_save`` folded in; a QLoRA adapter
+  merged into a full-precision load of its base, in the dtype asked for), with its processor and chat template:
+  plain transformers loads it, with neither hf_mm_rerank nor peft installed;
+- ``classifier`` (rerankers): a ``*ForSequenceClassification`` checkpoint with one logit (yes/no heads: the score row
+  is the yes LM-head row minus the no row; linear heads: that layer; a 2-logit classifier: the difference of its
+  rows), the form vLLM, TEI and sentence-transformers serve without overrides;
+- ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.st_format`).
+
+Each export reloads itself with its target loader and compares with the trained model on probe inputs before it
+reports success; a mismatch raises :class:`ExportError` (nothing is left half-written at the destination).
+
+    python -m hf_mm_rerank.export outputs/demo outputs/demo-merged --format merged [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMATS = ("merged", "classifier", "sentence-transformers")
+TOLERANCE = 1e-5  # relative to the scale of the compared outputs
+
+
+class ExportError(RuntimeError):
+    """An export that could not be made, or whose reload does not reproduce the trained model."""
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export` wrote and measured."""
+
+    format: str
+    destination: str
+    loader: str  # what reloaded the export for the check
+    difference: float  # max-abs difference over max-abs value, export vs the trained model in full precision
+    quantized_difference: float | None = None  # the same against the 4/8-bit model it was trained as (QLoRA)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = (f"{self.format} export in {self.destination}: reloaded with {self.loader}, equal to the trained "
+                f"model to {self.difference:.1e} of the outputs' scale")
+        if self.quantized_difference is not None:
+            text += f" ({self.quantized_difference:.1e} from the 4/8-bit model it was trained as)"
+        return text + "".join(f"\n  note: {note}" for note in self.notes)
+
+
+def _load(source: Any, dtype: Any, **kwargs: Any) -> Any:
+    """The model class a folder was saved by, loaded from ``source`` (a folder, Hub id, or a model itself)."""
+    from .modeling import BiEncoder, CrossEncoder
+    from .modeling.spec import ModelSpec
+
+    if not isinstance(source, str):
+        return source
+    spec = ModelSpec.find(source, **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")})
+    if spec is None:
+        raise ExportError(f"{source} was not saved by hf_mm_rerank (no hf_mm_rerank_config.json): there is nothing "
+                          "to export. Fix: pass a folder written by save_pretrained / trainer.save_model.")
+    cls = BiEncoder if spec.kind == "bi_encoder" else CrossEncoder
+    extra = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(source, is_trainable=False, **extra, **kwargs)
+
+
+def export(source: Any, destination: str, format: str = "merged", *, dtype: str | torch.dtype | None = None,
+           verify: bool = True, overwrite: bool = False, **load_kwargs: Any) -> ExportReport:
+    """Write ``source`` (a saved folder / Hub repo, or a loaded :class:`BiEncoder` / :class:`CrossEncoder`) to
+    ``destination`` in ``format`` and check it.
+
+    Args:
+        format: ``"merged"``, ``"classifier"`` (rerankers) or ``"sentence-transformers"``.
+        dtype: weights dtype of the export (e.g. ``"bfloat16"``); default: the base checkpoint's own.
+        verify: reload the export with its target loader and compare on probe inputs (default). A mismatch raises.
+        overwrite: replace an existing ``destination``.
+        **load_kwargs: for a folder source: ``base_model``, ``token``, ``revision``, ``cache_dir``, ...
+
+    Example:
+        >>> export("outputs/demo", "outputs/demo-st", format="sentence-transformers")
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose one of {FORMATS}.")
+    if os.path.exists(destination) and not overwrite:
+        raise FileExistsError(f"{destination} exists. Fix: pick another destination, or pass overwrite=True "
+                              "(--overwrite).")
+    if isinstance(source, str) and os.path.isdir(source) and os.path.abspath(source) == os.path.abspath(destination):
+        raise ValueError("the destination is the source folder: write the export beside it.")
+    quantized = None
+    if isinstance(source, str):
+        model = _load(source, dtype, quantization_config=False, **load_kwargs)
+        from .modeling.spec import ModelSpec
+
+        if (ModelSpec.find(source) or model.spec).quantization:
+            quantized = _load(source, None, **load_kwargs)  # the model as trained: 4/8-bit base + adapter
+    else:
+        model = source
+        from .modeling.backbone import is_quantized
+
+        if is_quantized(model.base_model):
+            raise ExportError("this model runs on a 4/8-bit base, which cannot be merged: export its saved folder "
+                              "instead (export('folder', ...)), which reloads the base in full precision.")
+    if format == "classifier" and model.kind != "cross_encoder":
+        raise ExportError("format='classifier' is for rerankers (CrossEncoder); a BiEncoder exports as 'merged' or "
+                          "'sentence-transformers'.")
+    expected = probe_outputs(model)
+    reference_quantized = probe_outputs(quantized) if quantized is not None else None
+    parent = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        notes = _write(model, partial, format, dtype)
+        report = ExportReport(format, destination, "(not checked: verify=False)", float("nan"), notes=notes)
+        if verify:
+            got, report.loader = _reload(partial, format, model)
+            report.difference = _rel(got, expected)
+            if not report.difference <= TOLERANCE:
+                raise ExportError(f"the {format} export does not reproduce the trained model: reloaded with "
+                                  f"{report.loader}, its outputs differ by {report.difference:.2e} of their scale "
+                                  f"(allowed {TOLERANCE:g}). Nothing was written to {destination}.")
+            if reference_quantized is not None:
+                report.quantized_difference = _rel(got, reference_quantized)
+        _write_export_card(model, partial, report)
+        if os.path.exists(destination):
+            shutil.rmtree(destination)
+        os.replace(partial, destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return report
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = float(expected.abs().max()) or 1.0
+    return float((got.float() - expected.float()).abs().max()) / scale
+
+
+# ----- writing ----------------------------------------------------------------------------------------------
+def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
+    """Write the export into ``folder``; returns notes for the report and card."""
+    from .modeling.spec import ModelSpec
+
+    notes: list[str] = []
+    merged = _merged_copy(model)
+    if format == "classifier":
+        notes += _write_classifier(merged, folder, dtype)
+    else:
+        _write_full(merged, folder, dtype)
+    model.processor.save_pretrained(folder)
+    spec = ModelSpec(kind=model.kind, base_model=folder, family=model.spec.family, adapter=False,
+                     settings=dict(model.spec.settings))
+    if format == "classifier":
+        spec.settings = {**spec.settings, "head": "classification", "num_labels": 1}
+    if format == "sentence-transformers":
+        from .st_format import write_st_files
+
+        spec.sentence_transformers = write_st_files(merged, folder)
+        notes += spec.sentence_transformers
+    spec.base_model = os.path.abspath(folder)  # its own weights: saved as "./." (it moves with the folder)
+    spec.save(folder)
+    return notes
+
+
+def _merged_copy(model: Any) -> Any:
+    """``model`` with its adapter merged (a copy: the caller's model keeps its adapter)."""
+    import copy
+
+    if not model.is_peft:
+        return model
+    merged = copy.deepcopy(model)
+    merged.merge_and_unload()
+    return merged
+
+
+def _base_architecture(model: Any) -> str | None:
+    architectures = getattr(model.config, "architectures", None) or []
+    return architectures[0] if architectures else None
+
+
+def _full_model(model: Any, dtype: Any) -> Any:
+    """The merged weights in the base's own architecture: a bi-encoder's bare ``*Model`` (or a linear/mlp reranker's)
+    goes back inside its ``*ForConditionalGeneration`` with the base's own LM head, so engines find the architecture
+    they know."""
+    import transformers
+
+    from .modeling.backbone import CHAT
+
+    backbone = model.base_model
+    name = _base_architecture(backbone)
+    target = backbone
+    bare = model.spec.family == CHAT and (model.kind == "bi_encoder" or model.head_type in ("linear", "mlp"))
+    if bare and name and name != type(backbone).__name__ and hasattr(transformers, name):
+        target = getattr(transformers, name).from_pretrained(model.spec.base_model, dtype=backbone.dtype)
+        inner = getattr(target, target.base_model_prefix, None)
+        if type(inner) is not type(backbone):
+            raise ExportError(f"cannot place the merged {type(backbone).__name__} inside {name} (its base model is "
+                              f"{type(inner).__name__}).")
+        inner.load_state_dict(backbone.state_dict(), strict=True)
+    return target.to(_dtype(dtype)) if dtype is not None else target
+
+
+def _write_full(model: Any, folder: str, dtype: Any) -> None:
+    """:func:`_full_model` saved; the trained head of a linear/mlp reranker stays in ``head.safetensors``."""
+    _full_model(model, dtype).save_pretrained(folder)
+    heads = model.heads()
+    if heads is not None:
+        from safetensors.torch import save_file
+
+        from .modeling.spec import HEAD_WEIGHTS
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
+                  os.path.join(folder, HEAD_WEIGHTS))
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
+    """A one-logit ``*ForSequenceClassification``: the full model's weights as transformers saves them (its key
+    layout, which engines read), without the LM head, plus a ``score`` row."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    head = model.head_type
+    if head == "mlp":
+        raise ExportError("an mlp head (two layers with a GELU between) is not one score row, so it has no "
+                          "*ForSequenceClassification form. Fix: export format='sentence-transformers' (Dense modules "
+                          "keep both layers) or 'merged'.")
+    if head == "classification":
+        return _one_logit_classifier(model, folder, dtype)
+    if head == "yes_no":
+        lm_head = model.base_model.get_output_embeddings()
+        yes, no = model.yes_no_ids
+        row = (lm_head.weight[yes] - lm_head.weight[no]).detach().float()[None]
+        if getattr(lm_head, "bias", None) is not None and float((lm_head.bias[yes] - lm_head.bias[no]).abs()) > 0:
+            raise ExportError("the LM head has a bias, which a *ForSequenceClassification score row cannot hold.")
+    else:  # linear: that layer, without its bias (a score layer has none)
+        row = model.head.net[0].weight.detach().float()
+        bias = float(model.head.net[0].bias.detach())
+        if bias != 0.0:
+            raise ExportError(f"the linear head has a bias ({bias:.4g}) and *ForSequenceClassification score layers "
+                              "have none: every score would be shifted by that constant (rankings unchanged, values "
+                              "not). Fix: export format='sentence-transformers' (its Dense module keeps the bias).")
+    full = _full_model(model, dtype)
+    full.save_pretrained(folder, max_shard_size="100000GB")  # one file: the LM head is dropped from it below
+    weights = os.path.join(folder, "model.safetensors")
+    state = {k: v for k, v in load_file(weights).items() if not k.endswith("lm_head.weight")}
+    state["score.weight"] = row.to(next(iter(state.values())).dtype)
+    save_file(state, weights, metadata={"format": "pt"})
+    for leftover in ("generation_config.json",):
+        if os.path.isfile(os.path.join(folder, leftover)):
+            os.remove(os.path.join(folder, leftover))
+    config = json.load(open(os.path.join(folder, "config.json")))
+    name = config["architectures"][0]
+    for suffix in ("ForConditionalGeneration", "ForCausalLM"):
+        name = name[: -len(suffix)] + "ForSequenceClassification" if name.endswith(suffix) else name
+    pad = model.featurizer.tokenizer.pad_token_id
+    config.update({"architectures": [name], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                   "pad_token_id": pad})
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["pad_token_id"] = pad
+    with open(os.path.join(folder, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    if hasattr(transformers, name):
+        return []
+    inner = type(getattr(full, full.base_model_prefix)).__name__
+    return [f"transformers has no {name} class: vLLM serves this checkpoint (`vllm serve FOLDER --runner pooling`); "
+            f"the check here loaded its weights into transformers' {inner} plus the score row, the computation that "
+            "class runs"]
+
+
+def _one_logit_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
+    backbone = model.base_model
+    if backbone.config.num_labels == 2:  # score = logit[1] - logit[0] -> one logit
+        import copy
+
+        backbone = copy.deepcopy(backbone)
+        classifier = backbone.classifier if hasattr(backbone, "classifier") else backbone.score
+        layer = classifier.out_proj if hasattr(classifier, "out_proj") else classifier
+        with torch.no_grad():
+            weight = (layer.weight[1] - layer.weight[0])[None]
+            bias = (layer.bias[1] - layer.bias[0])[None] if layer.bias is not None else None
+            new = torch.nn.Linear(weight.shape[1], 1, bias=bias is not None).to(weight.dtype)
+            new.weight.copy_(weight)
+            if bias is not None:
+                new.bias.copy_(bias)
+        if hasattr(classifier, "out_proj"):
+            classifier.out_proj = new
+        elif hasattr(backbone, "classifier"):
+            backbone.classifier = new
+        else:
+            backbone.score = new
+        backbone.config.num_labels = 1
+        backbone.config.id2label, backbone.config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
+    if dtype is not None:
+        backbone = backbone.to(_dtype(dtype))
+    backbone.save_pretrained(folder)
+    return []
+
+
+# ----- checking ---------------------------------------------------------------------------------------------
+def probe_outputs(model: Any) -> torch.Tensor:
+    """The trained model's outputs on the probe inputs (the same ones the card's snippets use)."""
+    from PIL import Image
+
+    from .card_usage import DOCUMENT_TEXT, QUERY
+
+    red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
+    if model.kind == "bi_encoder":
+        queries, documents = [QUERY, "a blue circle"], [red, blue] if model.featurizer.supports_images else []
+        return torch.cat([model.encode(queries, side="query"), model.encode(documents, side="document")])
+    documents = [red, blue] if model.featurizer.supports_images else [DOCUMENT_TEXT, "A blue circle."]
+    return model.score([(QUERY, d) for d in documents])
+
+
+def _reload(folder: str, format: str, model: Any) -> tuple[torch.Tensor, str]:
+    if format == "sentence-transformers":
+        return _reload_sentence_transformers(folder, model), "sentence-transformers"
+    return _reload_plain(folder, format, model), "plain transformers (a subprocess without peft and hf_mm_rerank)"
+
+
+def _reload_sentence_transformers(folder: str, model: Any) -> torch.Tensor:
+    try:
+        import sentence_transformers
+    except ImportError:
+        raise ExportError("the sentence-transformers export is checked by loading it with sentence-transformers, "
+                          "which is not installed. Fix: pip install 'sentence-transformers>=6.2', or pass "
+                          "verify=False (--no_verify).") from None
+    from PIL import Image
+
+    from .card_usage import DOCUMENT_TEXT, QUERY
+
+    red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
+    if model.kind == "bi_encoder":
+        st = sentence_transformers.SentenceTransformer(folder, device="cpu")
+        queries = st.encode_query([QUERY, "a blue circle"], convert_to_tensor=True)
+        documents = st.encode_document([red, blue], convert_to_tensor=True) if model.featurizer.supports_images else \
+            queries[:0]
+        return torch.cat([queries, documents]).cpu()
+    st = sentence_transformers.CrossEncoder(folder, device="cpu")
+    documents = [red, blue] if model.featurizer.supports_images else [DOCUMENT_TEXT, "A blue circle."]
+    return st.predict([(QUERY, d) for d in documents], convert_to_tensor=True).cpu()
+
+
+_PLAIN_CHECK = r'''
+import sys
+sys.modules["peft"] = None; sys.modules["hf_mm_rerank"] = None  # neither may be needed
+import json, torch
+from PIL import Image
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer
+task = json.load(open(sys.argv[1]))
+folder, out = task["folder"], []
+red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
+if task["mode"] == "snippet":  # the card's own transformers code, run once per probe input
+    found = {name: [] for name in task["results"]}
+    for values in task["runs"]:
+        namespace = {}
+        code = task["code"].replace('MODEL = "."', f"MODEL = {folder!r}")
+        for name, value in values.items():
+            code = code.replace(name, value)
+        exec(compile(code, "<card>", "exec"), namespace)
+        for name in task["results"]:
+            found[name].append(torch.as_tensor(namespace[name]).float().reshape(-1))
+    out = [value for name in task["results"] for value in found[name]]
+elif task["mode"] == "classifier":
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for text in task["texts"]:
+        args = text if isinstance(text, list) else [text]
+        inputs = tokenizer(*args, return_tensors="pt", truncation="only_second" if len(args) == 2 else True)
+        with torch.no_grad():
+            out.append(model(**inputs).logits[0, :1].float())
+else:  # a *ForSequenceClassification transformers has no class for: its inner model plus the score row
+    from safetensors.torch import load_file
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    score = load_file(folder + "/model.safetensors")["score.weight"].float()
+    for text, image in zip(task["texts"], [red, blue]):
+        inputs = processor(text=[text], images=[image] if task["images"] else None, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**inputs, use_cache=False).last_hidden_state[0, -1].float()
+        out.append(hidden @ score[0])
+torch.save(torch.stack([o.reshape(-1) for o in out]).reshape(-1), task["result_file"])
+'''
+
+
+def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
+    """Run the export in a subprocess where peft and hf_mm_rerank cannot be imported."""
+    import transformers
+
+    task: dict[str, Any] = {"folder": os.path.abspath(folder)}
+    if format == "merged":
+        task.update(_snippet_task(model))
+    else:
+        name = json.load(open(os.path.join(folder, "config.json")))["architectures"][0]
+        texts = _pair_texts(model)
+        task.update({"mode": "classifier" if hasattr(transformers, name) else "inner", "texts": texts,
+                     "images": model.featurizer.supports_images})
+    with tempfile.TemporaryDirectory() as scratch:
+        task["result_file"] = os.path.join(scratch, "out.pt")
+        task_file = os.path.join(scratch, "task.json")
+        with open(task_file, "w") as handle:
+            json.dump(task, handle)
+        run = subprocess.run([sys.executable, "-c", _PLAIN_CHECK, task_file], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=scratch)
+        if run.returncode != 0:
+            raise ExportError(f"plain transformers could not load the {format} export: "
+                              f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+        result = torch.load(task["result_file"])
+    return result.view(4, -1) if model.kind == "bi_encoder" else result
+
+
+def _pair_texts(model: Any) -> list[Any]:
+    """The probe pairs as the reranker's featurizer renders them (a chat string, or a (query, document) text pair)."""
+    from .card_usage import DOCUMENT_TEXT, QUERY
+    from .inputs import MMInput
+
+    featurizer = model.featurizer
+    if not featurizer.supports_images:
+        return [[QUERY, DOCUMENT_TEXT], [QUERY, "A blue circle."]]
+    image = MMInput(image=_probe_image())
+    return [featurizer.render_pair(MMInput(text=QUERY), image)] * 2
+
+
+def _probe_image() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (224, 224), (220, 20, 20))
+
+
+def _snippet_task(model: Any) -> dict[str, Any]:
+    """The card's transformers snippet for the merged folder, with the probe inputs swapped in."""
+    from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
+
+    info = {"kind": model.kind, "adapter": False, "repo_id": None, "base_model": None, "quantization": None,
+            "head": model.spec.settings.get("head"), "normalize": getattr(model, "normalize", None),
+            "modalities": ["text", "image"] if model.featurizer.supports_images else ["text"],
+            "usage": usage_info(model)}
+    info["usage"].pop("base_inside", None)
+    code = plain_usage(info)
+    if model.kind == "bi_encoder":  # [query 1, query 2, image 1, image 2], as probe_outputs orders them
+        runs = [{}, {f'"{QUERY}"': '"a blue circle"', IMAGE: OTHER}]
+        return {"mode": "snippet", "code": code, "results": ["query_embedding", "image_embedding"], "runs": runs}
+    swap = {IMAGE: OTHER} if model.featurizer.supports_images else {f'"{DOCUMENT_TEXT}"': '"A blue circle."'}
+    return {"mode": "snippet", "code": code, "results": ["score"], "runs": [{}, swap]}
+
+
+def _write_export_card(model: Any, folder: str, report: ExportReport) -> None:
+    """A short card for the export: what it is, where it came from, how it was checked, how to serve it."""
+    from .serving import serving_lines
+
+    base = str(model.spec.base_model)
+    lines = [f"# {os.path.basename(os.path.normpath(report.destination))}", "",
+             f"The {report.format} export of an hf_mm_rerank {model.kind.replace('_', '-')} "
+             f"({'LoRA/QLoRA adapter merged' if model.is_peft else 'full weights'}"
+             f"{'' if base.startswith(('/', '.')) else f' on {base}'}).", "",
+             f"- **Checked:** {report}".replace("\n  note: ", "\n- **Note:** "), "", "## Serving", "",
+             *serving_lines(model, exported=report.format), ""]
+    with open(os.path.join(folder, "README.md"), "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> ExportReport:
+    parser = argparse.ArgumentParser(prog="python -m hf_mm_rerank.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a folder (or Hub repo) written by hf_mm_rerank's save_pretrained")
+    parser.add_argument("destination", help="the folder to write the export to")
+    parser.add_argument("--format", choices=FORMATS, default="merged")
+    parser.add_argument("--dtype", default=None, help="weights dtype of the export (float32, bfloat16, float16)")
+    parser.add_argument("--base_model", default=None, help="the adapter's base, instead of the recorded one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--no_verify", action="store_true", help="skip reloading and comparing the export")
+    options = parser.parse_args(argv)
+    kwargs = {"base_model": options.base_model} if options.base_model else {}
+    report = export(options.source, options.destination, options.format, dtype=options.dtype,
+                    verify=not options.no_verify, overwrite=options.overwrite, **kwargs)
+    print(report, flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

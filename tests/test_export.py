@@ -1,0 +1,136 @@
+"""Exports for serving engines: each reloads with its target loader (plain transformers in a subprocess without peft
+and hf_mm_rerank; sentence-transformers) and equals the trained model, or the export fails and leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_rel_close
+from images import solid
+from peft import LoraConfig
+from test_cross_encoder import PLAIN_PROMPT, _bert_classifier
+
+from hf_mm_rerank import BiEncoder, CrossEncoder
+from hf_mm_rerank.export import ExportError, export, probe_outputs
+
+LORA = dict(r=4, lora_alpha=8, init_lora_weights=False)
+
+
+def _saved(model, path) -> str:
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("clip", {"lora_config": LoraConfig(**LORA, modules_to_save=["visual_projection"])}),
+    ("qwen2_vl", {"lora_config": LoraConfig(**LORA), "query_prompt": "Find the image."}),
+], ids=["clip-with-modules_to_save", "qwen2_vl"])
+def test_merged_bi_encoder_loads_in_plain_transformers_in_the_base_architecture(tiny_path, tmp_path, family, settings):
+    model = BiEncoder.from_pretrained(tiny_path(family), **settings)
+    source = _saved(model, tmp_path / "trained")
+    report = export(source, str(tmp_path / "merged"), "merged")
+    assert report.difference <= 1e-5 and "without peft and hf_mm_rerank" in report.loader
+    out = tmp_path / "merged"
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    base_arch = json.loads((open(os.path.join(tiny_path(family), "config.json"))).read())["architectures"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == base_arch  # e.g. ...ForConditionalGeneration
+    assert (out / "preprocessor_config.json").is_file() or (out / "processor_config.json").is_file()
+    assert "## Serving" in (out / "README.md").read_text()
+    assert_rel_close(BiEncoder.from_pretrained(str(out)).encode(["a red square"]), model.encode(["a red square"]))
+
+
+def test_sentence_transformers_export_of_a_model_with_its_base_inside(tiny_path, tmp_path):
+    """The demo's layout (the base saved inside the folder, which sentence-transformers cannot find from elsewhere):
+    its export loads in sentence-transformers in a fresh process, from another working directory."""
+    import shutil
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_path("vtde"), folder / "_base_model")
+    model = BiEncoder.from_pretrained(str(folder / "_base_model"), lora_config=LoraConfig(**LORA))
+    model.save_pretrained(str(folder))
+    assert any("stored inside this folder" in note for note in BiEncoder.from_pretrained(str(folder)).spec
+               .sentence_transformers)
+    report = export(str(folder), str(tmp_path / "st"), "sentence-transformers")
+    assert report.loader == "sentence-transformers" and report.difference <= 1e-5
+    expected = model.encode(["a red square", solid("red")], side="document")
+    torch.save(expected, tmp_path / "expected.pt")
+    code = ("import sys, torch; from sentence_transformers import SentenceTransformer; from PIL import Image; "
+            f"st = SentenceTransformer({str(tmp_path / 'st')!r}, device='cpu'); "
+            "got = torch.cat([st.encode_document(['a red square'], convert_to_tensor=True), "
+            "st.encode_document([Image.new('RGB', (40, 30), (230, 20, 20))], convert_to_tensor=True)]); "
+            f"torch.save(got, {str(tmp_path / 'got.pt')!r})")
+    run = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path.parent), capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert_rel_close(torch.load(tmp_path / "got.pt"), expected)
+
+
+def test_classifier_exports_of_rerankers(tiny_path, tmp_path):
+    yes_no = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no", lora_config=LoraConfig(**LORA))
+    report = export(_saved(yes_no, tmp_path / "yes_no"), str(tmp_path / "yes_no-cls"), "classifier")
+    config = json.loads((tmp_path / "yes_no-cls" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2VLForSequenceClassification"] and config["num_labels"] == 1
+    assert report.difference <= 1e-5 and any("vLLM serves this checkpoint" in note for note in report.notes)
+    # A two-logit text cross-encoder becomes one logit (logit[1] - logit[0]), loaded by AutoModelForSequenceClassification.
+    bert = CrossEncoder.from_pretrained(_bert_classifier(tmp_path, bare=True), head="classification", num_labels=2,
+                                        lora_config=LoraConfig(**LORA))
+    report = export(_saved(bert, tmp_path / "bert"), str(tmp_path / "bert-cls"), "classifier")
+    assert report.difference <= 1e-5
+    assert len(json.loads((tmp_path / "bert-cls" / "config.json").read_text())["id2label"]) == 1
+    # Heads with no one-row form are refused with the reason, and nothing is written.
+    mlp = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="mlp", **PLAIN_PROMPT)
+    with pytest.raises(ExportError, match="an mlp head .* is not one score row"):
+        export(mlp, str(tmp_path / "mlp-cls"), "classifier")
+    linear = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="linear", **PLAIN_PROMPT)
+    with torch.no_grad():
+        linear.head.net[0].bias.fill_(0.25)
+    with pytest.raises(ExportError, match=r"the linear head has a bias \(0\.25\).*format='sentence-transformers'"):
+        export(linear, str(tmp_path / "linear-cls"), "classifier")
+    with torch.no_grad():
+        linear.head.net[0].bias.zero_()
+    assert export(linear, str(tmp_path / "linear-cls"), "classifier").difference <= 1e-5
+    assert not (tmp_path / "mlp-cls").exists()
+    with pytest.raises(ExportError, match="format='classifier' is for rerankers"):
+        export(BiEncoder.from_pretrained(tiny_path("clip")), str(tmp_path / "bi-cls"), "classifier")
+
+
+def test_a_qlora_export_equals_its_full_precision_base_plus_adapter(tiny_path, tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(**LORA),
+                                      quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    source = _saved(model, tmp_path / "qlora")
+    report = export(source, str(tmp_path / "merged"), "merged")
+    full = BiEncoder.from_pretrained(source, quantization_config=False)
+    assert_rel_close(BiEncoder.from_pretrained(str(tmp_path / "merged")).encode(["a red square"]),
+                     full.encode(["a red square"]))
+    assert report.difference <= 1e-5 and report.quantized_difference is not None and report.quantized_difference > 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"{report.quantized_difference:.1e} from the 4/8-bit model" in card
+
+
+def test_a_mismatching_export_is_an_error_and_leaves_nothing(tiny_path, tmp_path, monkeypatch):
+    import hf_mm_rerank.export as module
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(**LORA))
+    monkeypatch.setattr(module, "_reload", lambda folder, format, m: (probe_outputs(m) * 1.01, "a broken loader"))
+    with pytest.raises(ExportError, match=r"does not reproduce the trained model: reloaded with a broken loader, its "
+                                          r"outputs differ by 1\.0\de-02 of their scale"):
+        export(model, str(tmp_path / "out"), "merged")
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export(model, str(tmp_path), "merged", verify=False)
+
+
+def test_the_command_line(tiny_path, tmp_path):
+    source = _saved(BiEncoder.from_pretrained(tiny_path("siglip"), lora_config=LoraConfig(**LORA)), tmp_path / "s")
+    run = subprocess.run([sys.executable, "-m", "hf_mm_rerank.export", source, str(tmp_path / "out"), "--format",
+                          "sentence-transformers"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sentence-transformers export in" in run.stdout and "reloaded with sentence-transformers" in run.stdout
