@@ -91,8 +91,8 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
         # Image decoding and processing belong in DataLoader workers, beside the training step.
         args.dataloader_num_workers = auto_num_workers()
         args.dataloader_persistent_workers = True
-        say("hf_mm_rerank: dataloader_num_workers was 0; using %d persistent DataLoader workers from the CPU count "
-            "(set HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
+        say("hf_mm_rerank: dataloader_num_workers was 0; persistent DataLoader workers from the CPU count: %d (set "
+            "HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
         if args.device.type == "cpu":
             # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
             threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)

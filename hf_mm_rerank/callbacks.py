@@ -42,7 +42,7 @@ UPLOAD_EXCLUDES = " ".join(f'--exclude "{pattern}"' for pattern in ("*.pt", "*.p
 def loadable_files(directory: str) -> list[str]:
     """Files of a saved model/checkpoint folder that a user needs to load it (no training state), relative to it:
     the top-level files and sentence-transformers' module folders (``1_Pooling/config.json``, ...)."""
-    from .st_format import st_paths
+    from .modeling.st_format import st_paths
 
     top = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))
            and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE)]

@@ -66,6 +66,13 @@ def _base_lines(info: dict[str, Any]) -> list[str]:
 
 def library_usage(info: dict[str, Any]) -> str:
     lines = ["from PIL import Image", ""]
+    if info["kind"] == "multi_vector":
+        lines += ["from hf_mm_rerank import MultiVectorEncoder", "", *_model_lines(info),
+                  "model = MultiVectorEncoder.from_pretrained(MODEL)", f'query = "{QUERY}"', f"image = {IMAGE}",
+                  'query_tokens = model.encode([query], side="query")      # TokenEmbeddings: [1, T, D] + mask',
+                  'image_tokens = model.encode([image], side="document")',
+                  "print(model.score(query_tokens, image_tokens).item())  # MaxSim"]
+        return "\n".join(lines)
     if info["kind"] == "bi_encoder":
         lines += ["from hf_mm_rerank import BiEncoder", "", *_model_lines(info),
                   "model = BiEncoder.from_pretrained(MODEL)", f'query = "{QUERY}"', f"image = {IMAGE}",
@@ -85,6 +92,11 @@ def library_usage(info: dict[str, Any]) -> str:
 
 def plain_usage(info: dict[str, Any]) -> str:
     usage = info.get("usage") or {}
+    if info["kind"] == "multi_vector":
+        return "\n".join(["# The token vectors need hf_mm_rerank's token masks and projection; without it, load the",
+                          "# sentence-transformers configuration saved in this folder (see Serving):",
+                          "from sentence_transformers import MultiVectorEncoder", "", *_model_lines(info),
+                          "model = MultiVectorEncoder(MODEL)", f'print(model.encode_query(["{QUERY}"])[0].shape)'])
     if info["kind"] == "bi_encoder":
         body = _dual_embedding(info, usage) if usage.get("family") == "dual_encoder" else _chat_embedding(info, usage)
     elif info["head"] == "classification":

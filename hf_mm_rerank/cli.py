@@ -369,6 +369,18 @@ def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str,
     return {k: [round(before.get(k, float("nan")), 4), round(after[k], 4)] for k in keys}
 
 
+def run(main: Any) -> None:
+    """A recipe's entry point: an error of ours (a message with its fix) is printed as that one message, without a
+    traceback, and exits with status 2; anything else surfaces as it is."""
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        if "Fix:" not in str(error):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def print_report(before: dict[str, float], after: dict[str, float], output_dir: str, loader: str) -> None:
     """The metrics as one compact table (metric x cutoff, "before -> after"; all of them in
     ``output_dir/metrics.json``) and a last line saying where the model is and how to load it."""
@@ -383,8 +395,11 @@ def print_report(before: dict[str, float], after: dict[str, float], output_dir: 
         for name in names:
             values = [table.get(f"{name}@{c}") for c in cutoffs] if f"{name}@" in "|".join(table) else []
             row = "".join(f"{cell.format(*v) if v else '':>18}" for v in values)
-            lines.append(f"{name:<16}{row or cell.format(*table[name]):>{len(row) or 18}}")
+            lines.append(f"{name:<16}{row}" if row else f"{name:<16}{cell.format(*table[name]):>18}  (no cutoff)")
         print("\n".join(lines))
+    if not after:
+        print("No evaluation was run: pass --eval_fraction 0.1 (a held-out share of the rows) or --eval_split to see "
+              "metrics before and after training.")
     print(f"Saved to {output_dir} (metrics: {os.path.join(output_dir, 'metrics.json')}). Load it with "
           f"{loader}.from_pretrained({os.path.abspath(output_dir)!r})", flush=True)
 
@@ -398,7 +413,7 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
     other rows' positives drawn at random (Arrow-level: no image is decoded; the main process writes the
     ``datasets`` cache first).
     """
-    from .collators import negative_columns
+    from .schema import negative_columns
 
     if dataset is None or "document" in dataset.column_names or negative_columns(dataset.column_names):
         return dataset

@@ -6,51 +6,29 @@ All image decoding, resizing and processor work happens here, never in the train
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .inputs import CELL_KINDS, InputError, MMInput
-from .processing import Featurizer
+from .processing import Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
+from .schema import (  # noqa: F401  (also importable from here, their former home)
+    _NUMBERED,
+    GROUPED,
+    POINTWISE,
+    ROW_KEY,
+    check_columns,
+    check_negative_counts,
+    negative_cells,
+    negative_columns,
+    reranker_layout,
+    same_count,
+    teacher_columns,
+)
 
-ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
 SKIPPED_KEY = "skipped_rows"  # in a batch built with bad_rows="skip": [(row, reason), ...] of the rows dropped
 ERROR_KEY = "_input_error"  # a batch that could not be built in a DataLoader worker: the InputError, raised by the step
 BAD_ROWS = ("raise", "skip")
-_NUMBERED = re.compile(r"^negative_(\d+)$")
-
-
-def negative_columns(columns: Sequence[str]) -> list[str]:
-    """The negative columns of a bi-encoder dataset: ``negative`` or ``negative_1 ... negative_k``.
-
-    Raises:
-        ValueError: both forms are present, or the numbered columns have gaps.
-    """
-    numbered = sorted((int(m.group(1)), c) for c in columns if (m := _NUMBERED.match(c)))
-    if "negative" in columns and numbered:
-        raise ValueError(f"columns: found both 'negative' and {[c for _, c in numbered]}; use one form.")
-    if numbered and [n for n, _ in numbered] != list(range(1, len(numbered) + 1)):
-        raise ValueError(f"columns: negative columns must be negative_1 ... negative_k without gaps, got "
-                         f"{[c for _, c in numbered]}.")
-    return ["negative"] if "negative" in columns else [c for _, c in numbered]
-
-
-def check_columns(columns: Sequence[str], required: Sequence[str], what: str) -> None:
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{what}: missing column(s) {missing}; found {list(columns)}. Fix: rename your columns with "
-            f"dataset.rename_column(old, new) so the dataset has {list(required)}."
-        )
-
-
-def negative_cells(row: dict[str, Any], columns: list[str]) -> list[tuple[Any, str]]:
-    """A row's negatives as ``(cell, column)`` pairs: a ``negative`` cell holding a list, or one cell per column."""
-    if columns == ["negative"] and isinstance(row["negative"], (list, tuple)):
-        return [(cell, "negative") for cell in row["negative"]]
-    return [(row[c], c) for c in columns]
 
 
 def _where(row: dict[str, Any], i: int) -> Any:
@@ -131,14 +109,6 @@ class _RowReader:
         return results, wheres, skipped
 
 
-def featurizer_of(model_or_featurizer: Any) -> Featurizer:
-    featurizer = getattr(model_or_featurizer, "featurizer", model_or_featurizer)
-    if not isinstance(featurizer, Featurizer):
-        raise TypeError(f"expected a BiEncoder/CrossEncoder or a Featurizer, received "
-                        f"{type(model_or_featurizer).__name__}.")
-    return featurizer
-
-
 class BiEncoderCollator(_RowReader):
     """Builds ``{"query": chunks, "positive": chunks, "negative": chunks}`` from (query, positive[, negatives])
     rows; each ``chunks`` is a list of featurized mini-batches (one when ``mini_batch_size`` is None).
@@ -173,7 +143,7 @@ class BiEncoderCollator(_RowReader):
             "positive": featurizer.chunks([r[1] for r in read_rows], "document", self.mini_batch_size),
         }
         if negatives:
-            _same_count([len(r[2]) for r in read_rows], wheres, negatives[0])
+            same_count([len(r[2]) for r in read_rows], wheres, negatives[0])
             items = [item for r in read_rows for item in r[2]]
             batch["negative"] = featurizer.chunks(items, "document", self.mini_batch_size)
         if teacher:  # [rows, 1 + k]: positive first (distillation losses)
@@ -181,37 +151,6 @@ class BiEncoderCollator(_RowReader):
         if skipped:
             batch[SKIPPED_KEY] = skipped
         return batch
-
-
-_TEACHER = re.compile(r"^teacher_score_(\d+)$")
-POINTWISE, GROUPED = "pointwise", "grouped"
-
-
-def teacher_columns(columns: Sequence[str]) -> list[str]:
-    """``["teacher_scores"]`` (a list per row, positive first) or ``teacher_score_0 ... teacher_score_k``."""
-    if "teacher_scores" in columns:
-        return ["teacher_scores"]
-    numbered = sorted(int(m.group(1)) for m in map(_TEACHER.match, columns) if m)
-    return [f"teacher_score_{n}" for n in numbered]
-
-
-def reranker_layout(columns: Sequence[str]) -> tuple[str, list[str], list[str]]:
-    """Classify reranker rows: ``(layout, negative columns, teacher columns)``.
-
-    - pointwise: ``query``, ``document``, ``label`` in [0, 1], optional ``teacher_score``;
-    - grouped: ``query``, ``positive``, ``negative`` (a cell or a list) or ``negative_1 ... negative_k``,
-      optional ``teacher_scores`` (a list: positive first) or ``teacher_score_0 ... teacher_score_k``.
-    """
-    if "document" in columns:
-        check_columns(columns, ("query", "document", "label"), "pointwise reranker dataset")
-        return POINTWISE, [], ["teacher_score"] if "teacher_score" in columns else []
-    check_columns(columns, ("query", "positive"), "reranker dataset (pointwise: query/document/label; grouped: "
-                  "query/positive/negative_1..k)")
-    negatives = negative_columns(columns)
-    if not negatives:
-        raise ValueError(f"grouped reranker dataset: no negative column in {list(columns)}. Fix: add negative_1 ... "
-                         "negative_k (mine_hard_negatives() builds them), or use pointwise rows query/document/label.")
-    return GROUPED, negatives, teacher_columns(columns)
 
 
 class CrossEncoderCollator(_RowReader):
@@ -243,7 +182,7 @@ class CrossEncoderCollator(_RowReader):
             targets += row_targets
             teachers += row_teachers
         if len(set(sizes)) > 1:
-            _same_count([size - 1 for size in sizes], wheres, negatives[0])
+            same_count([size - 1 for size in sizes], wheres, negatives[0])
         batch = {"pairs": self.featurizer.chunks(pairs, "pair", self.mini_batch_size),
                  "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes[0]}
         if teacher:
@@ -281,33 +220,6 @@ def read_reranker_row(featurizer: Featurizer, row: dict[str, Any], where: Any, l
         docs = [read(cell, column) for cell, column in cells]
         targets = [1.0] + [0.0] * (len(docs) - 1)
     return query, docs, targets, _teacher_scores(row, teacher, len(docs), where) if teacher else []
-
-
-def _same_count(counts: list[int], rows: list[Any], column: str) -> None:
-    """Every row needs the same number of negatives: name the rows of each count when they differ."""
-    by_count: dict[int, list[Any]] = {}
-    for count, row in zip(counts, rows):
-        by_count.setdefault(count, []).append(row)
-    if len(by_count) > 1:
-        detail = "; ".join(f"{count} in rows {found[:5]}{' ...' if len(found) > 5 else ''}"
-                           for count, found in sorted(by_count.items()))
-        raise InputError(f"column '{column}': rows have different numbers of negatives ({detail}); every row needs "
-                         "the same count. Fix: pad or trim the negatives, or filter those rows out.")
-
-
-def check_negative_counts(dataset: Any) -> None:
-    """Find rows whose list-valued ``negative`` cell differs in length before training starts (Arrow, no decoding)."""
-    import pyarrow.compute as pc
-
-    data = getattr(dataset, "data", None)
-    if data is None or "negative" not in dataset.column_names:
-        return
-    column = data.column("negative")
-    if not hasattr(column.type, "value_type"):  # one negative per cell
-        return
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_pylist()
-    if len(set(lengths)) > 1:
-        _same_count(lengths, list(range(len(lengths))), "negative")
 
 
 def _label(value: Any, where: Any) -> float:

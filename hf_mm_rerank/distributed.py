@@ -56,11 +56,16 @@ def _padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather ``x`` across ranks keeping the local slice's gradient; returns (gathered, local offset).
 
-    Ranks may hold different row counts (a last, smaller batch): rows are padded, gathered and unpadded.
+    Ranks may hold different row counts (a last, smaller batch): rows are padded, gathered and unpadded. Token
+    embeddings ``[N, T, d]`` are padded to the longest T of any rank first.
     """
     rank, size = world()
     if size == 1:
         return x, 0
+    if x.dim() >= 3:  # token embeddings: every rank's tokens padded to the longest (zero vectors are not scored)
+        width = torch.tensor([x.shape[1]], device=x.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1]))
     padded, sizes = _padded(x)
     parts = _AllGather.apply(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import retrieval
 from .distributed import shard_kwargs
 from .pipeline import undecoded_images
 
@@ -90,7 +91,8 @@ def ranking_metrics(rankings: Sequence[Sequence[Hashable]],
 
 
 def rank_by_score(scores: torch.Tensor, depth: int) -> list[list[int]]:
-    """Indices of the ``depth`` best columns of each row, best first; equal scores keep column order."""
+    """Indices of the ``depth`` best columns of each row of a score matrix, best first; equal scores keep column
+    order (what :func:`hf_mm_rerank.retrieval.top_k` gives without holding the matrix)."""
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth].tolist()
 
 
@@ -109,6 +111,9 @@ class RetrievalEvaluator:
         shard_across_ranks: in a multi-process run, every rank encodes a share of the corpus and queries and
             gets all embeddings, so the metrics equal one process's. Every rank must then call the evaluator (as
             Trainer does); pass False to evaluate on one rank alone.
+        token_pooling: multi-vector models: pool each document's token vectors by this factor before scoring
+            (:func:`~hf_mm_rerank.retrieval.pool_tokens`); the metrics then include ``index_vectors``, the number of
+            vectors the corpus keeps.
 
     Example:
         >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
@@ -117,7 +122,8 @@ class RetrievalEvaluator:
 
     def __init__(self, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
-                 batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True) -> None:
+                 batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True,
+                 token_pooling: int | None = None) -> None:
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -137,6 +143,7 @@ class RetrievalEvaluator:
         self.batch_size = batch_size
         self.map_at = map_at
         self.shard_across_ranks = shard_across_ranks
+        self.token_pooling = token_pooling
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RetrievalEvaluator:
@@ -146,8 +153,8 @@ class RetrievalEvaluator:
         Queries and documents are keyed by content (text and pixels), so an image with five captions is one
         corpus document relevant to five queries, and a query on several rows is relevant to all their positives.
         """
-        from .collators import negative_cells, negative_columns
-        from .mining import fingerprint
+        from .inputs import fingerprint
+        from .schema import negative_cells, negative_columns
 
         negatives = negative_columns(dataset.column_names)
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
@@ -164,13 +171,24 @@ class RetrievalEvaluator:
         return cls(queries, corpus, relevant, **kwargs)
 
     def __call__(self, model: Any) -> dict[str, float]:
-        shard = shard_kwargs(self.shard_across_ranks)
-        documents = model.encode(self.corpus, side="document", batch_size=self.batch_size, **shard)
-        queries = model.encode(self.queries, side="query", batch_size=self.batch_size, **shard)
-        scores = queries.float() @ documents.float().T
         depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
-        rankings = [[self.doc_ids[i] for i in row] for row in rank_by_score(scores, depth)]
-        return ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)
+        metrics = ranking_metrics(self.rankings(model, depth), self.relevant, self.k_values, self.map_at)
+        if self.index_vectors is not None:
+            metrics["index_vectors"] = float(self.index_vectors)  # multi-vector: the corpus's stored vectors
+        return metrics
+
+    index_vectors: int | None = None
+
+    def rankings(self, model: Any, depth: int) -> list[list[Hashable]]:
+        """Per query, the ids of its ``depth`` best documents (the model's scorer, scored in corpus chunks). For
+        multi-vector models ``token_pooling=k`` pools each document's tokens first (:func:`retrieval.pool_tokens`)."""
+        documents = retrieval.encode(model, self.corpus, "document", self.batch_size, self.shard_across_ranks)
+        if isinstance(documents, retrieval.TokenEmbeddings):
+            documents = retrieval.pool_tokens(documents, self.token_pooling or 1)
+            self.index_vectors = documents.tokens()
+        queries = retrieval.encode(model, self.queries, "query", self.batch_size, self.shard_across_ranks)
+        _, best = retrieval.top_k(retrieval.scorer_of(model), queries, documents, depth)
+        return [[self.doc_ids[i] for i in row] for row in best.tolist()]
 
 
 class RerankingEvaluator:
@@ -229,7 +247,7 @@ class RerankingEvaluator:
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
         """Build from grouped rows (query, positive, negative / negative_1..k) or pointwise rows (query,
         document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
-        from .collators import negative_cells, negative_columns
+        from .schema import negative_cells, negative_columns
 
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
         if "document" in dataset.column_names:
@@ -242,11 +260,7 @@ class RerankingEvaluator:
     def __call__(self, model: Any) -> dict[str, float]:
         pairs = [(q, doc) for q, docs in zip(self.queries, self.candidates) for doc in docs]
         scores = model.score(pairs, batch_size=self.batch_size, **shard_kwargs(self.shard_across_ranks)).tolist()
-        rankings, start = [], 0
-        for docs in self.candidates:
-            group = scores[start:start + len(docs)]
-            rankings.append(sorted(range(len(docs)), key=lambda j: -group[j]))
-            start += len(docs)
+        rankings = retrieval.rank_groups(retrieval.split_groups(scores, [len(docs) for docs in self.candidates]))
         incoming = [list(range(len(docs))) for docs in self.candidates]
         return {**self._metrics(rankings, ""), **self._metrics(incoming, "base_")}
 
@@ -276,7 +290,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _pointwise_samples(dataset: Any) -> list[dict[str, Any]]:
-    from .mining import fingerprint
+    from .inputs import fingerprint
 
     groups: dict[str, dict[str, Any]] = {}
     for row in dataset:

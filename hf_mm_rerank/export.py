@@ -6,7 +6,7 @@
 - ``classifier`` (rerankers): a ``*ForSequenceClassification`` checkpoint with one logit (yes/no heads: the score row
   is the yes LM-head row minus the no row; linear heads: that layer; a 2-logit classifier: the difference of its
   rows), the form vLLM, TEI and sentence-transformers serve without overrides;
-- ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.st_format`).
+- ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.modeling.st_format`).
 
 Each export reloads itself with its target loader and compares with the trained model on probe inputs before it
 reports success; a mismatch raises :class:`ExportError` (nothing is left half-written at the destination).
@@ -159,7 +159,7 @@ def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     if format == "classifier":
         spec.settings = {**spec.settings, "head": "classification", "num_labels": 1}
     if format == "sentence-transformers":
-        from .st_format import write_st_files
+        from .modeling.st_format import write_st_files
 
         spec.sentence_transformers = write_st_files(merged, folder)
         notes += spec.sentence_transformers
@@ -436,8 +436,9 @@ def _probe_image() -> Any:
     return Image.new("RGB", (224, 224), (220, 20, 20))
 
 
-def _snippet_task(model: Any) -> dict[str, Any]:
-    """The card's transformers snippet for the merged folder, with the probe inputs swapped in."""
+def _snippet_task(model: Any, info_only: bool = False) -> dict[str, Any]:
+    """The card's transformers snippet for the merged folder, with the probe inputs swapped in (``info_only``: the
+    snippet's facts, for :func:`~hf_mm_rerank.card_usage.plain_usage`)."""
     from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
 
     info = {"kind": model.kind, "adapter": False, "repo_id": None, "base_model": None, "quantization": None,
@@ -445,6 +446,8 @@ def _snippet_task(model: Any) -> dict[str, Any]:
             "modalities": ["text", "image"] if model.featurizer.supports_images else ["text"],
             "usage": usage_info(model)}
     info["usage"].pop("base_inside", None)
+    if info_only:
+        return info
     code = plain_usage(info)
     if model.kind == "bi_encoder":  # [query 1, query 2, image 1, image 2], as probe_outputs orders them
         runs = [{}, {f'"{QUERY}"': '"a blue circle"', IMAGE: OTHER}]
@@ -454,18 +457,57 @@ def _snippet_task(model: Any) -> dict[str, Any]:
 
 
 def _write_export_card(model: Any, folder: str, report: ExportReport) -> None:
-    """A short card for the export: what it is, where it came from, how it was checked, how to serve it."""
+    """The export's card: what it is and where it came from (Hub ids only, never a local path), how it was checked,
+    the code that loads it (the code the check ran, for merged exports) and where it can be served."""
+    from .model_card import hub_id
     from .serving import serving_lines
 
-    base = str(model.spec.base_model)
-    lines = [f"# {os.path.basename(os.path.normpath(report.destination))}", "",
-             f"The {report.format} export of an hf_mm_rerank {model.kind.replace('_', '-')} "
-             f"({'LoRA/QLoRA adapter merged' if model.is_peft else 'full weights'}"
-             f"{'' if base.startswith(('/', '.')) else f' on {base}'}).", "",
-             f"- **Checked:** {report}".replace("\n  note: ", "\n- **Note:** "), "", "## Serving", "",
-             *serving_lines(model, exported=report.format), ""]
+    base = hub_id(str(model.spec.base_model))
+    method = ("LoRA" + (" (QLoRA, merged into the full-precision base)" if model.spec.quantization else " merged")
+              if model.is_peft else "fully fine-tuned")
+    checked = (f"reloaded with {report.loader}, equal to the trained model to {report.difference:.1e} of the outputs' "
+               "scale" + (f" ({report.quantized_difference:.1e} from the 4/8-bit model it was trained as)"
+                          if report.quantized_difference is not None else ""))
+    name = os.path.basename(os.path.normpath(report.destination))
+    lines = [f"# {name}", "",
+             f"The `{report.format}` export of an hf_mm_rerank {model.kind.replace('_', '-')} ({method}"
+             f"{f', base [{base}](https://huggingface.co/{base})' if base else ''}), made by "
+             f"`python -m hf_mm_rerank.export SOURCE {name} --format {report.format}`.", "",
+             f"- **Checked:** {checked}.", *(f"- **Note:** {note}" for note in report.notes), "",
+             "## Usage", "", "```python", _export_usage(model, report.format), "```", "",
+             "## Serving", "", *serving_lines(model, exported=report.format, notes=report.notes), ""]
     with open(os.path.join(folder, "README.md"), "w") as handle:
         handle.write("\n".join(lines))
+
+
+def _export_usage(model: Any, format: str) -> str:
+    """Code that loads the export where it is meant to be loaded (run from its folder, or put its path in MODEL)."""
+    from .card_usage import DOCUMENT_TEXT, IMAGE, QUERY, plain_usage
+
+    if format == "sentence-transformers":
+        image = model.featurizer.supports_images
+        if model.kind == "cross_encoder":
+            document = IMAGE if image else f'"{DOCUMENT_TEXT}"'
+            return "\n".join(["from PIL import Image" if image else "", "from sentence_transformers import CrossEncoder",
+                              "", 'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
+                              "model = CrossEncoder(MODEL)", f"document = {document}",
+                              f'print(model.predict([("{QUERY}", document)]))  # raw logits, as hf_mm_rerank\'s score()'
+                              ]).lstrip()
+        loader = "MultiVectorEncoder" if model.kind == "multi_vector" else "SentenceTransformer"
+        return "\n".join(["from PIL import Image", f"from sentence_transformers import {loader}", "",
+                          'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
+                          f"model = {loader}(MODEL)", f"image = {IMAGE}",
+                          f'query = model.encode_query(["{QUERY}"])', "document = model.encode_document([image])",
+                          "print(model.similarity(query, document))"])
+    if format == "classifier":
+        return "\n".join(["import torch", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                          'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
+                          "# vLLM: `vllm serve MODEL --runner pooling` (the /score and /rerank APIs); with transformers,",
+                          "# where it has this architecture (text models):",
+                          "model = AutoModelForSequenceClassification.from_pretrained(MODEL).eval()",
+                          "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
+                          "# inputs: each (query, document) pair rendered with the pair prompt in hf_mm_rerank_config.json"])
+    return plain_usage(_snippet_task(model, info_only=True))
 
 
 def main(argv: list[str] | None = None) -> ExportReport:

@@ -8,6 +8,7 @@ evaluators) goes through :func:`to_input`, so training and inference see the sam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -265,3 +266,14 @@ def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
     scale = math.sqrt(max_pixels / (width * height))
     size = (max(1, int(width * scale)), max(1, int(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def fingerprint(cell: Any) -> str:
+    """Content hash of a cell (text and pixels), so the same document in two places compares equal."""
+    item = to_input(cell)
+    digest = hashlib.md5()
+    if item.text is not None:
+        digest.update(b"T" + item.text.encode())
+    if item.image is not None:
+        digest.update(b"I" + repr(item.image.size).encode() + item.image.tobytes())
+    return digest.hexdigest()

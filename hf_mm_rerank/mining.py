@@ -6,7 +6,6 @@ Works when documents are images (or text + image), unlike sentence-transformers'
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -14,23 +13,11 @@ from typing import Any
 
 import torch
 
-from .distributed import shard_kwargs
-from .evaluation import rank_by_score
-from .inputs import to_input
+from . import retrieval
+from .inputs import fingerprint  # noqa: F401  (also importable from here, its former home)
 from .pipeline import undecoded_images
 
 logger = logging.getLogger(__name__)
-
-
-def fingerprint(cell: Any) -> str:
-    """Content hash of a cell (text and pixels), so the same document in two places compares equal."""
-    item = to_input(cell)
-    digest = hashlib.md5()
-    if item.text is not None:
-        digest.update(b"T" + item.text.encode())
-    if item.image is not None:
-        digest.update(b"I" + repr(item.image.size).encode() + item.image.tobytes())
-    return digest.hexdigest()
 
 
 def mine_hard_negatives(
@@ -85,12 +72,14 @@ def mine_hard_negatives(
     corpus = list(corpus)
     corpus_fp = [fingerprint(cell) for cell in corpus]
     positive_fp = [fingerprint(cell) for cell in positives]
-    encode = functools.partial(bi_encoder.encode, batch_size=batch_size, **shard_kwargs(shard_across_ranks))
-    docs = encode(corpus, side="document").float()
+    scorer = retrieval.scorer_of(bi_encoder)
+    encode = functools.partial(retrieval.encode, bi_encoder, batch_size=batch_size, shard=shard_across_ranks)
+    docs = encode(corpus, side="document")
     pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
-    query_emb = encode(queries, side="query").float()
-    scores = query_emb @ docs.T
-    positive_scores = (query_emb * pos).sum(-1)
+    query_emb = encode(queries, side="query")
+    depth = min(range_max or len(corpus), len(corpus))
+    candidate_scores, order = retrieval.top_k(scorer, query_emb, docs, depth)
+    positive_scores = scorer.pairwise(query_emb, pos)
     # Every positive of a query (it may sit on several rows, e.g. one image per caption) is excluded for each of
     # its rows, and so are the near-duplicates of any of them.
     query_fp = [fingerprint(cell) for cell in queries]
@@ -99,19 +88,18 @@ def mine_hard_negatives(
         rows_of.setdefault(fp, []).append(i)
     positives_of = {fp: {positive_fp[i] for i in rows} for fp, rows in rows_of.items()}
     duplicates = None
-    if duplicate_threshold is not None:
-        similarity = _normalized(pos) @ _normalized(docs).T
-        duplicates = torch.stack([similarity[rows_of[fp]].max(dim=0).values for fp in query_fp])
-    depth = min(range_max or len(corpus), len(corpus))
-    order = rank_by_score(scores, depth)
+    if duplicate_threshold is not None:  # closeness of each candidate to the nearest positive of the row's query
+        duplicates = torch.stack([scorer.closeness(pos[rows_of[fp]], docs[order[i]]).max(dim=0).values
+                                  for i, fp in enumerate(query_fp)])
+    order = order.tolist()
     rng = random.Random(seed)
     rows: dict[str, list[Any]] = {"query": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(num_negatives)}}
     skipped = 0
     for i, ranked in enumerate(order):
         own = positives_of[query_fp[i]]
-        eligible = [j for j in ranked[range_min:] if corpus_fp[j] not in own
-                    and (duplicates is None or duplicates[i, j] < duplicate_threshold)
-                    and (margin is None or scores[i, j] <= positive_scores[i] - margin)]
+        eligible = [j for rank, j in enumerate(ranked) if rank >= range_min and corpus_fp[j] not in own
+                    and (duplicates is None or duplicates[i, rank] < duplicate_threshold)
+                    and (margin is None or candidate_scores[i, rank] <= positive_scores[i] - margin)]
         if len(eligible) < num_negatives:
             skipped += 1
             continue
@@ -135,7 +123,7 @@ def mine_hard_negatives(
 
 
 def _check(dataset: Any, num_negatives: int, sampling: str, range_min: int, range_max: int | None) -> None:
-    from .collators import check_columns
+    from .schema import check_columns
 
     check_columns(list(dataset.column_names), ("query", "positive"), "mine_hard_negatives dataset")
     if num_negatives < 1:
@@ -157,21 +145,19 @@ def _distinct(cells: list[Any]) -> list[Any]:
 
 
 def _positive_embeddings(encode: Any, positives: list[Any], positive_fp: list[str], corpus_fp: list[str],
-                         docs: torch.Tensor) -> torch.Tensor:
+                         docs: Any) -> Any:
     """Reuse the corpus embedding of a positive that is in the corpus; encode the others."""
     where = {fp: j for j, fp in enumerate(corpus_fp)}
     missing = [i for i, fp in enumerate(positive_fp) if fp not in where]
-    out = torch.empty(len(positives), docs.shape[1])
-    found = [i for i in range(len(positives)) if i not in set(missing)]
-    if found:
-        out[found] = docs[[where[positive_fp[i]] for i in found]]
-    if missing:
-        out[missing] = encode([positives[i] for i in missing], side="document").float()
-    return out
-
-
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1)
+    if not missing:
+        return docs[[where[fp] for fp in positive_fp]]
+    encoded = encode([positives[i] for i in missing], side="document")
+    slot = {i: n for n, i in enumerate(missing)}
+    if isinstance(docs, torch.Tensor):
+        return torch.stack([encoded[slot[i]] if i in slot else docs[where[positive_fp[i]]]
+                            for i in range(len(positives))])
+    return retrieval.TokenEmbeddings.pack([encoded[slot[i]] if i in slot else docs[where[positive_fp[i]]]
+                                           for i in range(len(positives))])
 
 
 def _features(dataset: Any, num_negatives: int, corpus_is_positives: bool) -> Any:

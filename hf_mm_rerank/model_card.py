@@ -20,7 +20,11 @@ TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _METRIC = re.compile(r"^eval_(?!loss|runtime|samples_per_second|steps_per_second)(.+)$")
-PIPELINE_TAGS = {"bi_encoder": "feature-extraction", "cross_encoder": "text-ranking"}
+PIPELINE_TAGS = {"bi_encoder": "feature-extraction", "multi_vector": "visual-document-retrieval",
+                 "cross_encoder": "text-ranking"}
+KIND_TEXT = {"bi_encoder": "bi-encoder (embedding model)",
+             "multi_vector": "multi-vector bi-encoder (late interaction, MaxSim; ColPali-style)",
+             "cross_encoder": "cross-encoder (reranker)"}
 
 
 def hub_id(name: str | None) -> str | None:
@@ -103,11 +107,11 @@ def _negatives(dataset: Any, kind: str) -> str:
         return "n/a"
     if "document" in columns:
         return "pointwise rows (query, document, label)"
-    from .collators import negative_cells, negative_columns
+    from .schema import negative_cells, negative_columns
 
     negatives = negative_columns(columns)
     count = len(negative_cells(dataset[0], negatives)) if negatives else 0
-    prefix = "in-batch + " if kind == "bi_encoder" else ""
+    prefix = "in-batch + " if kind != "cross_encoder" else ""
     return f"{prefix}{count} negative(s)" if count else "in-batch only"
 
 
@@ -207,7 +211,7 @@ def _fmt(value: Any) -> str:
 def _metadata(info: dict[str, Any], relation: str, method: str) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
-    kind_tag = "embeddings" if info["kind"] == "bi_encoder" else "reranker"
+    kind_tag = {"bi_encoder": "embeddings", "multi_vector": "late-interaction"}.get(info["kind"], "reranker")
     tags = ["hf_mm_rerank", method.lower().replace(" ", "-"), "multimodal", *info["modalities"], kind_tag]
     task = PIPELINE_TAGS[info["kind"]]
     name = info["model_name"] or (info["repo_id"] or "hf_mm_rerank model").split("/")[-1]
@@ -228,10 +232,12 @@ def render_card(info: dict[str, Any]) -> str:
 
     method, relation = _method(info)
     library, plain = _usage(info)
-    kind_text = "bi-encoder (embedding model)" if info["kind"] == "bi_encoder" else "cross-encoder (reranker)"
-    summary = ("Embeds queries and documents (text, images, or both) into one vector space for retrieval."
-               if info["kind"] == "bi_encoder" else
-               "Reads a (query, document) pair (text, images, or both on each side) and outputs one relevance score.")
+    kind_text = KIND_TEXT[info["kind"]]
+    summary = {"bi_encoder": "Embeds queries and documents (text, images, or both) into one vector space for retrieval.",
+               "multi_vector": "Embeds queries and documents (text, images, or both) as one small vector per token or "
+                               "image patch; a query scores a document by MaxSim (late interaction).",
+               }.get(info["kind"], "Reads a (query, document) pair (text, images, or both on each side) and outputs "
+                                   "one relevance score.")
     lora = info["lora"]
     lora_rows = [("rank r", lora["r"]), ("alpha", lora["alpha"]), ("dropout", lora["dropout"]),
                  ("target modules", lora["targets"]), ("modules trained fully", _fmt(lora["modules_to_save"])),

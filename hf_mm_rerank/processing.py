@@ -112,6 +112,14 @@ class Featurizer:
         return [self(items[i:i + size], side) for i in range(0, len(items), size)]
 
 
+def featurizer_of(model_or_featurizer: Any) -> Featurizer:
+    featurizer = getattr(model_or_featurizer, "featurizer", model_or_featurizer)
+    if not isinstance(featurizer, Featurizer):
+        raise TypeError(f"expected a BiEncoder/CrossEncoder or a Featurizer, received "
+                        f"{type(model_or_featurizer).__name__}.")
+    return featurizer
+
+
 class DualEncoderFeaturizer(Featurizer):
     """CLIP, SigLIP, VisionTextDualEncoder: text and images go to separate towers.
 

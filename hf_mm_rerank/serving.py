@@ -10,7 +10,7 @@ sentence-transformers, by the test suite):
   ``*ForSequenceClassification`` (an export, or ``hf_overrides`` with ``classifier_from_token``); a trained score
   head outside the model needs the ``classifier`` export;
 - TEI serves text-only models from merged weights;
-- sentence-transformers reads the configuration written beside every save (:mod:`.st_format`).
+- sentence-transformers reads the configuration written beside every save (:mod:`.modeling.st_format`).
 """
 
 from __future__ import annotations
@@ -47,16 +47,22 @@ def adapter_facts(model: Any) -> dict[str, Any]:
 
 
 def serving_targets(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE",
-                    exported: str | None = None) -> list[ServingTarget]:
+                    exported: str | None = None, notes: list[str] | None = None) -> list[ServingTarget]:
     """The engines for ``model`` (saved at ``model_ref``, on ``base_ref``); ``exported`` names the export format when
-    ``model`` is described as that export."""
+    ``model`` is described as that export, whose sentence-transformers ``notes`` replace the saved folder's."""
     facts = adapter_facts(model)
     family, kind = model.spec.family, model.kind
     head = getattr(model, "head_type", None)
     out = "OUT"
-    targets = [_sentence_transformers(model, model_ref, exported)]
+    targets = [_sentence_transformers(model, model_ref, exported, notes)]
     # vLLM
-    if kind == "bi_encoder" and family == CHAT:
+    if kind == "multi_vector":
+        source = model_ref if exported == "merged" or not facts["adapter"] else out
+        targets.append(ServingTarget("vLLM", "as is" if source == model_ref else "export",
+                                     _with_export(model_ref, out, "merged", source, f"vllm serve {source} --runner pooling"),
+                                     "late-interaction models are served merged, not as LoRA (token embeddings: the "
+                                     "`token_embed` task); hf_mm_rerank has not run this"))
+    elif kind == "bi_encoder" and family == CHAT:
         pooling = "" if model.pooling == "last" else " --pooler-config '{\"pooling_type\": \"MEAN\"}'"
         prompt = model.featurizer.prompts.get("query")
         note = (f"send queries as chat messages with the system turn {prompt!r} (the embeddings API takes `messages`)"
@@ -112,16 +118,17 @@ def _with_export(model_ref: str, out: str, format: str, source: str, command: st
     return f"{EXPORT.format(model=model_ref, out=out, format=format)} && {command}"
 
 
-def _sentence_transformers(model: Any, model_ref: str, exported: str | None) -> ServingTarget:
-    notes = list(model.spec.sentence_transformers or [])
+def _sentence_transformers(model: Any, model_ref: str, exported: str | None,
+                           notes: list[str] | None = None) -> ServingTarget:
+    notes = list(model.spec.sentence_transformers or []) if notes is None else list(notes)
     if exported in ("merged", "classifier"):
         return ServingTarget("sentence-transformers", "export",
                              f"{EXPORT.format(model=model_ref, out='OUT', format='sentence-transformers')}",
                              "this export has no sentence-transformers configuration")
-    loader = "SentenceTransformer" if model.kind == "bi_encoder" else "CrossEncoder"
+    loader = {"bi_encoder": "SentenceTransformer", "multi_vector": "MultiVectorEncoder"}.get(model.kind, "CrossEncoder")
     how = (f"from sentence_transformers import {loader}; model = {loader}({model_ref!r})" if model_ref != "MODEL" else
            f"from sentence_transformers import {loader}; model = {loader}(MODEL)")
-    if model.kind == "bi_encoder":
+    if model.kind != "cross_encoder":
         how += "; model.encode_query([...]); model.encode_document([...])"
     else:
         how += "; model.predict([(query, document), ...])  # raw logits, as hf_mm_rerank's score()"
@@ -129,10 +136,10 @@ def _sentence_transformers(model: Any, model_ref: str, exported: str | None) -> 
 
 
 def serving_lines(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE",
-                  exported: str | None = None) -> list[str]:
+                  exported: str | None = None, notes: list[str] | None = None) -> list[str]:
     """The card's "Serving" section as markdown lines."""
     lines = ["| engine | takes | how |", "|---|---|---|"]
-    for target in serving_targets(model, model_ref, base_ref, exported):
+    for target in serving_targets(model, model_ref, base_ref, exported, notes):
         status = {"as is": "this folder as it is", "export": "an export", "no": "not served"}[target.status]
         how = f"`{target.how}`" if target.how else ""
         note = f" ({target.note})" if target.note else ""

@@ -26,21 +26,11 @@ from transformers.trainer_utils import IntervalStrategy
 from .arguments import fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
-from .collators import (
-    ERROR_KEY,
-    GROUPED,
-    ROW_KEY,
-    SKIPPED_KEY,
-    BiEncoderCollator,
-    CrossEncoderCollator,
-    check_columns,
-    negative_columns,
-    reranker_layout,
-    teacher_columns,
-)
+from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
 from .distributed import all_parameters_term, average_gradients
-from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, RerankingLoss
+from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
+from .schema import GROUPED, ROW_KEY, check_columns, negative_columns, reranker_layout, teacher_columns
 from .throughput import ThroughputCallback, batch_counts
 from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
@@ -332,7 +322,8 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
-        loss = loss if loss is not None else ContrastiveLoss()
+        if loss is None:  # token embeddings train by MaxSim
+            loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = _columns(dataset) if dataset is not None else None
             if columns is not None:

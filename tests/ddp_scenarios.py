@@ -24,6 +24,9 @@ from hf_mm_rerank import (
     CrossEncoder,
     CrossEncoderTrainer,
     MatryoshkaLoss,
+    MaxSimContrastiveLoss,
+    MaxSimPairwiseLoss,
+    MultiVectorEncoder,
     RerankingEvaluator,
     RetrievalEvaluator,
     RetrieveRerankEvaluator,
@@ -132,6 +135,21 @@ def qlora_gradient_checkpointing(paths, out):
                            gradient_checkpointing=True)
 
 
+def multi_vector_maxsim(paths, out):
+    """Late interaction (Qwen2-VL, LoRA + token projection): MaxSim InfoNCE with cross-rank documents whose token
+    counts differ between ranks (texts of different lengths), padded and masked in the gather."""
+    model = MultiVectorEncoder.from_pretrained(paths["qwen2_vl"], lora_config=LoraConfig(r=8), query_augmentation=2)
+    rows = [{**row, "query": row["query"] + " please" * (i % 3)} for i, row in enumerate(color_rows(repeat=3))]
+    return _bi_encoder_run(paths, out, MaxSimContrastiveLoss(temperature=0.1), rows, model=model)
+
+
+def multi_vector_cached_pairwise(paths, out):
+    """Late interaction on a dual encoder with GradCache and the pairwise loss over hard negatives."""
+    model = MultiVectorEncoder.from_pretrained(paths["clip"], lora_config=LoraConfig(r=8))
+    return _bi_encoder_run(paths, out, MaxSimPairwiseLoss(mini_batch_size=3, temperature=0.1), color_rows(repeat=3),
+                           model=model)
+
+
 def _grouped_rows(teacher: bool = False) -> list[dict]:
     names = list(COLORS)
     rows = [{"query": f"a {c} square", "positive": solid(c), "negative_1": solid(names[(i + 1) % 8]),
@@ -200,12 +218,16 @@ def sharded_inference(paths, out):
     negatives = [[row[f"negative_{j}"].tobytes() for j in (1, 2)] for row in mined]
     two_stage = RetrieveRerankEvaluator(encoder, queries, corpus, relevant, top_k=5, batch_size=3,
                                         rerank_batch_size=5)(reranker)
+    late = MultiVectorEncoder.from_pretrained(paths["qwen2_vl"])
+    multi_vector = RetrievalEvaluator(queries, corpus, relevant, batch_size=3)(late)
+    tokens = late.encode(list(corpus.values()), side="document", batch_size=3, shard_across_ranks=True)
     return {"retrieval": retrieval, "embeddings": embeddings, "reranking": reranking, "negatives": negatives,
-            "two_stage": two_stage}
+            "two_stage": two_stage, "multi_vector": multi_vector, "token_embeddings": tokens.embeddings}
 
 
 SCENARIOS = {f.__name__: f for f in (
     contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder, qlora_gradient_checkpointing,
+    multi_vector_maxsim, multi_vector_cached_pairwise,
     listwise_reranker, yes_no_lambda, mlp_distill, classification_bce, sharded_inference)}
 
 

@@ -79,4 +79,6 @@ def test_sharded_evaluation_and_mining_equal_one_process(two_ranks, paths, tmp_p
         assert rank["reranking"] == pytest.approx(single["reranking"], abs=1e-9)
         assert rank["negatives"] == single["negatives"]
         assert rank["two_stage"] == pytest.approx(single["two_stage"], abs=1e-9)  # retrieve, then rerank
+        assert rank["multi_vector"] == pytest.approx(single["multi_vector"], abs=1e-9)  # MaxSim evaluation
+        assert_rel_close(rank["token_embeddings"], single["token_embeddings"])
         assert {"ndcg@10", "retriever_ndcg@10", "recall@5"} <= set(single["two_stage"])

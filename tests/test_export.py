@@ -40,7 +40,9 @@ def test_merged_bi_encoder_loads_in_plain_transformers_in_the_base_architecture(
     base_arch = json.loads((open(os.path.join(tiny_path(family), "config.json"))).read())["architectures"]
     assert json.loads((out / "config.json").read_text())["architectures"] == base_arch  # e.g. ...ForConditionalGeneration
     assert (out / "preprocessor_config.json").is_file() or (out / "processor_config.json").is_file()
-    assert "## Serving" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Serving" in card and "## Usage" in card and "from_pretrained(MODEL)" in card
+    assert str(tmp_path) not in card and "/trained" not in card  # no local path in a card
     assert_rel_close(BiEncoder.from_pretrained(str(out)).encode(["a red square"]), model.encode(["a red square"]))
 
 

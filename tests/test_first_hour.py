@@ -142,6 +142,17 @@ def test_data_files_alone_are_read_by_their_suffix_never_ignored(tiny_path, tmp_
         _bi_recipe().main(_tiny_bi_argv(tiny_path, tmp_path / "odd", str(odd)))
 
 
+def test_a_recipe_error_reaches_the_user_as_one_message(tmp_path):
+    odd = tmp_path / "rows.txt"
+    odd.write_text("a red square\n")
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "train_bi_encoder.py"), "--data_files", str(odd),
+                          "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("error: --data_files ") and "Fix: pass --dataset_name" in \
+        run.stderr
+
+
 def test_wrong_columns_name_the_recipe_flags(tiny_path, tmp_path):
     import json
 

@@ -1,7 +1,8 @@
 """Training losses. Each is an ``nn.Module`` called as ``loss(model, batch)`` by the trainers.
 
 - bi-encoders (:mod:`.contrastive`): :class:`ContrastiveLoss`, :class:`CachedContrastiveLoss` (GradCache),
-  :class:`MatryoshkaLoss`, and distillation from teacher scores (:mod:`.distillation`):
+  :class:`MatryoshkaLoss`, late interaction (:mod:`.late_interaction`): :class:`MaxSimContrastiveLoss`,
+  :class:`MaxSimPairwiseLoss`, and distillation from teacher scores (:mod:`.distillation`):
   :class:`EmbeddingMarginMSELoss`, :class:`EmbeddingDistillKLLoss`;
 - rerankers (:mod:`.reranking`): :class:`BinaryCrossEntropyLoss`, :class:`ListwiseSoftmaxLoss`,
   :class:`LambdaLoss`, :class:`MarginMSELoss`, :class:`DistillKLLoss`.
@@ -10,6 +11,7 @@
 from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
 from .distillation import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from .grad_cache import grad_cached
+from .late_interaction import MaxSimContrastiveLoss, MaxSimPairwiseLoss
 from .reranking import (
     RERANKING_LOSSES,
     BinaryCrossEntropyLoss,
@@ -32,6 +34,8 @@ __all__ = [
     "ListwiseSoftmaxLoss",
     "MarginMSELoss",
     "MatryoshkaLoss",
+    "MaxSimContrastiveLoss",
+    "MaxSimPairwiseLoss",
     "RerankingLoss",
     "gather_with_grad",
     "grad_cached",

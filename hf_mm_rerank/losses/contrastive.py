@@ -30,6 +30,8 @@ class ContrastiveLoss(nn.Module):
             the start value of a trained log-scale, whose temperature is kept >= 1/100 like CLIP's.
         symmetric: add the document->query direction (positives scored against all queries).
         gather_across_devices: gather embeddings from all ranks so negatives span the global batch.
+        normalize_by_query_length: for token embeddings (:class:`~hf_mm_rerank.MultiVectorEncoder`), MaxSim divided
+            by the number of scored query tokens.
 
     Example:
         >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
@@ -39,11 +41,12 @@ class ContrastiveLoss(nn.Module):
     mini_batch_size: int | None = None
 
     def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False, symmetric: bool = False,
-                 gather_across_devices: bool = True) -> None:
+                 gather_across_devices: bool = True, normalize_by_query_length: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, received {temperature}.")
         self.symmetric = symmetric
+        self.normalize_by_query_length = normalize_by_query_length
         self.gather_across_devices = gather_across_devices
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
@@ -67,22 +70,70 @@ class ContrastiveLoss(nn.Module):
         query, positive, *negative = model(*sides)
         return (objective or self.objective)(query, positive, negative[0] if negative else None)
 
+    def similarity(self, query: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+        """``[Q, C]``: dot products of ``[N, D]`` embeddings, or MaxSim of ``[N, T, d]`` token embeddings."""
+        return similarity(query, documents, self.normalize_by_query_length)
+
     def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
-        """The loss from embeddings: query ``[B, D]``, positive ``[B, D]``, negative ``[B*k, D]`` or None."""
+        """The loss from embeddings: query ``[B, D]``, positive ``[B, D]``, negative ``[B*k, D]`` or None (token
+        embeddings ``[B, T, d]`` alike, scored by MaxSim)."""
         gather = self.gather_across_devices
-        documents = positive if negative is None else torch.cat([positive, negative])
+        documents = positive if negative is None else cat_rows([positive, negative])
         # Each rank's positives lead its own block of the gathered documents: targets start at that block.
         all_documents, block_start = gather_with_grad(documents) if gather else (documents, 0)
         scale = self.scale.to(query.device)
         labels = torch.arange(query.shape[0], device=query.device) + block_start
-        loss = F.cross_entropy(scale * query.float() @ all_documents.float().T, labels)
+        loss = self.classify(scale * self.similarity(query, all_documents), labels)
         if self.symmetric:
             all_queries, offset = gather_with_grad(query) if gather else (query, 0)
-            back = scale * positive.float() @ all_queries.float().T
-            loss = (loss + F.cross_entropy(back, torch.arange(positive.shape[0], device=query.device) + offset)) / 2
+            back = scale * self.similarity(positive, all_queries)
+            loss = (loss + self.classify(back, torch.arange(positive.shape[0], device=query.device) + offset)) / 2
         # This rank's share of the global batch (1 when ranks hold equal rows): DDP's gradient average is then the
         # gradient of the mean over every query, also when the last batch leaves ranks with unequal rows.
         return loss * (documents.shape[0] * world()[1] / all_documents.shape[0]) if gather else loss
+
+
+    def classify(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of scaled scores ``[B, C]`` whose targets are ``labels``: softmax cross-entropy (InfoNCE)."""
+        return F.cross_entropy(logits, labels)
+
+
+def cat_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along rows; token embeddings ``[N, T, d]`` of different T are zero-padded (zeros are unscored)."""
+    if parts[0].dim() < 3:
+        return torch.cat(list(parts))
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
+
+
+def similarity(query: torch.Tensor, documents: torch.Tensor, normalize_by_query_length: bool = False) -> torch.Tensor:
+    """``[Q, C]`` scores: dot products, or for token embeddings (zero vectors: not scored) MaxSim, optionally over
+    the number of scored query tokens."""
+    if query.dim() < 3:
+        return query.float() @ documents.float().T
+    from ..retrieval import maxsim
+
+    q_mask, d_mask = query.abs().amax(-1) > 0, documents.abs().amax(-1) > 0
+    scores = maxsim(query, q_mask, documents, d_mask)
+    return scores / q_mask.sum(1, keepdim=True).clamp(min=1) if normalize_by_query_length else scores
+
+
+def candidate_scores(query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                     normalize_by_query_length: bool = False) -> torch.Tensor:
+    """``[rows, 1 + k]``: each query against its own positive and its k negatives (row-major ``[rows * k, ...]``);
+    dot products, or MaxSim for token embeddings (optionally over the number of scored query tokens)."""
+    rows = query.shape[0]
+    if query.dim() < 3:
+        candidates = torch.cat([positive.unsqueeze(1), negative.view(rows, -1, negative.shape[-1])], dim=1)
+        return torch.einsum("bd,bkd->bk", query.float(), candidates.float())
+    from ..retrieval import grouped_maxsim
+
+    documents = cat_rows([positive, negative])
+    candidates = torch.cat([documents[:rows].unsqueeze(1), documents[rows:].view(rows, -1, *documents.shape[1:])], 1)
+    scores = grouped_maxsim(query, candidates)
+    if normalize_by_query_length:
+        scores = scores / (query.abs().amax(-1) > 0).sum(1, keepdim=True).clamp(min=1)
+    return scores
 
 
 class CachedContrastiveLoss(ContrastiveLoss):

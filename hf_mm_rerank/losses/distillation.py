@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import batch_share
-from .contrastive import ContrastiveLoss
+from .contrastive import ContrastiveLoss, candidate_scores
 from .grad_cache import grad_cached
 
 
@@ -47,12 +47,9 @@ class _EmbeddingDistillation(ContrastiveLoss):
             loss = loss + self.contrastive_weight * self.objective(query, positive, negative)
         return loss
 
-    @staticmethod
-    def student_scores(query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    def student_scores(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """``[rows, 1 + k]`` similarities of each query to its own positive and k negatives."""
-        rows = query.shape[0]
-        candidates = torch.cat([positive.unsqueeze(1), negative.view(rows, -1, negative.shape[-1])], dim=1)
-        return torch.einsum("bd,bkd->bk", query.float(), candidates.float())
+        return candidate_scores(query, positive, negative, self.normalize_by_query_length)
 
     def distil(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

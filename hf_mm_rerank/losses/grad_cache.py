@@ -60,11 +60,11 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
             # With grad on, the chunk's graph is freed at once; it tells whether the chunk trains anything.
             output = inner(chunk)
             if _reaches_parameters(output):
-                plan.append(_Chunk(index, chunk, state, start, start + output.shape[0]))
+                plan.append(_Chunk(index, chunk, state, start, start + output.shape[0], tuple(output.shape[1:])))
             parts.append(output.detach())
             start += output.shape[0]
             del output  # free this chunk's graph before the next chunk runs
-        leaves[column] = torch.cat(parts).requires_grad_(training)
+        leaves[column] = _cat(parts).requires_grad_(training)
     if training:
         autocast = _autocast_state(device)
         torch.autograd.graph.register_multi_grad_hook(
@@ -100,6 +100,15 @@ class _Chunk:
     state: _RandomState
     start: int
     stop: int
+    shape: tuple[int, ...] = ()  # an output row's shape (token embeddings: [T, d], T differing between chunks)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Chunk outputs as one tensor; token embeddings ``[n, T, d]`` zero-padded to the longest T (zeros: unscored)."""
+    if parts[0].dim() < 3:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
 
 
 def _second_pass(model: nn.Module, plan: list[_Chunk], grads: Sequence[torch.Tensor | None],
@@ -112,7 +121,10 @@ def _second_pass(model: nn.Module, plan: list[_Chunk], grads: Sequence[torch.Ten
             with chunk.state.replay(), torch.enable_grad(), autocast():
                 output = model(chunk.features)
                 extra = all_parameters_term(model) if last else None  # the other chunks' parameters take part too
-            outputs, seeds = [output], [grads[chunk.column][chunk.start:chunk.stop]]
+            seed = grads[chunk.column][chunk.start:chunk.stop]
+            if seed.dim() >= 3:  # this chunk's own tokens (the leaves were padded to the longest chunk)
+                seed = seed[:, :chunk.shape[0]]
+            outputs, seeds = [output], [seed]
             if extra is not None:
                 outputs.append(extra)
                 seeds.append(torch.ones_like(extra))

@@ -3,6 +3,7 @@
 from .base import AdapterModel
 from .bi_encoder import BiEncoder
 from .cross_encoder import CrossEncoder
+from .multi_vector import MultiVectorEncoder
 from .spec import ModelSpec
 
-__all__ = ["AdapterModel", "BiEncoder", "CrossEncoder", "ModelSpec"]
+__all__ = ["AdapterModel", "BiEncoder", "CrossEncoder", "ModelSpec", "MultiVectorEncoder"]

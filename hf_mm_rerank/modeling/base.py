@@ -8,7 +8,7 @@ Saved layout of a model folder (local or a Hub repo):
 - ``head.safetensors`` when the model has a trained head outside the backbone;
 - the processor files;
 - sentence-transformers' configuration (``modules.json``, ``config_sentence_transformers.json``,
-  ``sentence_bert_config.json`` and module folders), see :mod:`hf_mm_rerank.st_format`.
+  ``sentence_bert_config.json`` and module folders), see :mod:`hf_mm_rerank.modeling.st_format`.
 """
 
 from __future__ import annotations
@@ -142,13 +142,20 @@ class AdapterModel(nn.Module):
     @classmethod
     def _load_parts(cls, name_or_path: str, *, lora_config: Any, quantization_config: Any,
                     gradient_checkpointing: bool, is_trainable: bool, model_kwargs: dict[str, Any],
-                    auto_class: Any = None, spec: ModelSpec | None = None) -> tuple[nn.Module, Any, ModelSpec | None]:
+                    auto_class: Any = None, spec: ModelSpec | None = None,
+                    prepare: Callable[[nn.Module, str | None], None] | None = None,
+                    processor_from: str | None = None) -> tuple[nn.Module, Any, ModelSpec | None]:
+        """Backbone (with its adapter or a new one), processor and spec. ``prepare(backbone, weights)`` adds modules
+        of the model's own to the bare backbone before any adapter (``weights``: the folder whose full weights hold
+        their trained values, or None when an adapter restores them)."""
         hub_kwargs = hub_kwargs_of(model_kwargs)
         if spec is not None and spec.adapter:
             quantization_config = _recorded_quantization(spec, quantization_config, name_or_path)
             base_kwargs = {k: v for k, v in model_kwargs.items() if k != "revision"}  # the revision is the adapter's
             backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
                                      **base_kwargs)
+            if prepare is not None:
+                prepare(backbone, None)
             backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs,
                                      spec.base_model)
             if lora_config is not None:
@@ -158,6 +165,8 @@ class AdapterModel(nn.Module):
             quantization_config = quantization_config or None  # False: full precision, as for a fresh base
             backbone = load_backbone(name_or_path, quantization_config=quantization_config, auto_class=auto_class,
                                      **model_kwargs)
+            if prepare is not None:
+                prepare(backbone, name_or_path if spec is not None else None)
             if lora_config is not None:
                 backbone = apply_lora(backbone, lora_config, gradient_checkpointing=gradient_checkpointing)
             elif is_quantized(backbone):
@@ -165,7 +174,7 @@ class AdapterModel(nn.Module):
                     "quantization_config without lora_config: a 4/8-bit model cannot be fully fine-tuned. "
                     "Fix: pass lora_config=LoraConfig(...) (QLoRA), or drop quantization_config."
                 )
-        processor = load_processor(name_or_path, **hub_kwargs)
+        processor = load_processor(processor_from or name_or_path, **hub_kwargs)
         return backbone, processor, spec
 
     @staticmethod
@@ -217,7 +226,7 @@ class AdapterModel(nn.Module):
                       os.path.join(directory, HEAD_WEIGHTS))
         if save_processor and self.processor is not None:
             self.processor.save_pretrained(directory)
-            from ..st_format import write_st_files
+            from .st_format import write_st_files
 
             self.spec.sentence_transformers = write_st_files(self, directory)  # SentenceTransformer(folder) loads it
         self.spec.adapter = self.is_peft

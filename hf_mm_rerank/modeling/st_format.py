@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .modeling.backbone import DUAL
+from .backbone import DUAL
 
 ST_MODULES = {
     "transformer": "sentence_transformers.base.modules.transformer.Transformer",
@@ -26,6 +26,7 @@ ST_MODULES = {
     "normalize": "sentence_transformers.base.modules.normalize.Normalize",
     "dense": "sentence_transformers.base.modules.dense.Dense",
     "logit_score": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore",
+    "multi_vector_mask": "sentence_transformers.multi_vector_encoder.modules.multi_vector_mask.MultiVectorMask",
 }
 ST_CONFIG_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 IDENTITY = "torch.nn.modules.linear.Identity"
@@ -60,7 +61,7 @@ class _Layout:
 def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """``({relative path: JSON object or tensors}, [what sentence-transformers does differently])`` for ``model`` (a
     :class:`BiEncoder` or :class:`CrossEncoder`) saved in ``directory``."""
-    from .modeling.spec import base_reference
+    from .spec import base_reference
 
     layout, limits = _Layout(), []
     featurizer, spec = model.featurizer, model.spec
@@ -74,7 +75,9 @@ def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any],
     if spec.quantization:
         limits.append("trained on a 4/8-bit base: sentence-transformers loads the base in full precision, as the "
                       "merged export does (the card states the measured difference)")
-    if model.kind == "bi_encoder":
+    if model.kind == "multi_vector":
+        config = _multi_vector(model, layout, limits)
+    elif model.kind == "bi_encoder":
         config = _bi_encoder(model, layout, limits)
     else:
         config = _cross_encoder(model, layout, limits)
@@ -109,6 +112,40 @@ def _bi_encoder(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any
         layout.add("normalize", {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
     return {"model_type": "SentenceTransformer", "prompts": prompts, "default_prompt_name": None,
             "similarity_fn_name": "cosine" if model.normalize else "dot"}
+
+
+def _multi_vector(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any]:
+    """Transformer -> Dense (the token projection) -> MultiVectorMask -> Normalize, sentence-transformers 6's
+    MultiVectorEncoder layout."""
+    featurizer = model.featurizer
+    prompts = {"query": featurizer.prompts.get("query", ""), "document": featurizer.prompts.get("document", "")}
+    if model.spec.family == DUAL:
+        limits.append("a dual encoder's per-token towers have no sentence-transformers form (its Transformer module "
+                      "reads the towers' pooled features): use hf_mm_rerank to encode")
+        return {"model_type": "MultiVectorEncoder", "prompts": prompts, "similarity_fn_name": "maxsim"}
+    if featurizer.template == "colpali":
+        limits.append("template='colpali' (raw text queries, a fixed visual prompt) is rendered through the chat "
+                      "template by sentence-transformers")
+    if featurizer.scored_tokens == "content":
+        limits.append("scored_tokens='content' leaves the chat template's tokens out of MaxSim; sentence-transformers "
+                      "scores every attended token (save with scored_tokens='all' for equal scores)")
+    if featurizer.query_augmentation:
+        limits.append("query augmentation tokens are appended here; sentence-transformers' query expansion does not "
+                      "combine with chat backbones")
+    layout.add("transformer", {
+        "transformer_task": "feature-extraction", "modality_config": _chat_modalities("last_hidden_state"),
+        "module_output_name": "token_embeddings", "processing_kwargs": _chat_processing(featurizer)})
+    projection = model._projection("custom_text_proj")
+    if hasattr(projection, "modules_to_save"):  # peft's wrapper: the trained copy
+        projection = projection.modules_to_save[next(iter(projection.modules_to_save))]
+    state = {k: v.detach().float().cpu().contiguous() for k, v in projection.state_dict().items()}
+    layout.add("dense", _dense_config(projection.in_features, projection.out_features, True, IDENTITY,
+                                      "token_embeddings", "token_embeddings"),
+               {"linear.weight": state["weight"], "linear.bias": state["bias"]})
+    layout.add("multi_vector_mask", {"skiplist_words": [], "skiplist_tasks": ["document"], "keep_only_token_ids": None})
+    layout.add("normalize", {"module_input_name": "token_embeddings", "module_output_name": "token_embeddings"})
+    return {"model_type": "MultiVectorEncoder", "prompts": prompts, "default_prompt_name": None,
+            "similarity_fn_name": "maxsim"}
 
 
 def _cross_encoder(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Late-interaction losses for :class:`~hf_mm_rerank.MultiVectorEncoder` (token embeddings ``[N, T, d]``, zero
+vectors unscored), scored by MaxSim.
+
+- :class:`MaxSimContrastiveLoss`: InfoNCE over in-batch and hard negatives (colpali-engine's ``ColbertLoss`` without
+  negatives; sentence-transformers' ``MultiVectorMultipleNegativesRankingLoss``), other GPUs' documents included;
+- :class:`MaxSimPairwiseLoss`: ``softplus((s_negative - s_positive) / temperature)`` against the hardest in-batch
+  negative (colpali-engine's ``ColbertPairwiseCELoss``), and with explicit negatives the mean over them mixed with that
+  in-batch term (``ColbertPairwiseNegativeCELoss``).
+
+Both take ``mini_batch_size`` (GradCache: token embeddings cached per mini-batch, the same gradients) and
+``normalize_by_query_length`` (scores over the number of scored query tokens, colpali-engine's default). Distillation
+from a reranker uses :class:`~hf_mm_rerank.losses.EmbeddingMarginMSELoss` / ``EmbeddingDistillKLLoss``, which score
+token embeddings by MaxSim too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import batch_share, gather_with_grad
+from .contrastive import ContrastiveLoss, Objective, candidate_scores, similarity
+from .grad_cache import grad_cached
+
+
+class MaxSimContrastiveLoss(ContrastiveLoss):
+    """MaxSim InfoNCE: each query against every positive and hard negative of the (global) batch.
+
+    Args:
+        temperature: softmax temperature over the (normalised) MaxSim scores (default 0.02, colpali-engine's).
+        normalize_by_query_length: divide each score by the query's number of scored tokens (default True).
+        mini_batch_size: GradCache mini-batch size (None: one forward for the whole batch).
+        **kwargs: as :class:`ContrastiveLoss` (``symmetric``, ``learnable_temperature``, ``gather_across_devices``).
+
+    Example:
+        >>> trainer = BiEncoderTrainer(model=multi_vector_model, args=args, train_dataset=pages,
+        ...                            loss=MaxSimContrastiveLoss(mini_batch_size=8))
+    """
+
+    def __init__(self, temperature: float = 0.02, *, normalize_by_query_length: bool = True,
+                 mini_batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(temperature, normalize_by_query_length=normalize_by_query_length, **kwargs)
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, received {mini_batch_size}.")
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
+        if not self.mini_batch_size:
+            return super().forward(model, batch, objective)
+        leaves = grad_cached(model, batch, [c for c in ("query", "positive", "negative") if batch.get(c)])
+        return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"))
+
+
+class MaxSimPairwiseLoss(MaxSimContrastiveLoss):
+    """Pairwise softplus on MaxSim: ``softplus((s_neg - s_pos) / temperature)``, against each query's hardest in-batch
+    negative; with explicit negatives, ``(1 - in_batch_weight)`` x the mean over them ``+ in_batch_weight`` x the
+    in-batch term.
+
+    Args:
+        temperature: default 0.02 (colpali-engine's for the loss with negatives; its in-batch-only loss uses 1.0).
+        in_batch_weight: weight of the in-batch term when rows have negatives (default 0.5).
+        **kwargs: as :class:`MaxSimContrastiveLoss`.
+    """
+
+    def __init__(self, temperature: float = 0.02, *, in_batch_weight: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(temperature, **kwargs)
+        if not 0 <= in_batch_weight <= 1:
+            raise ValueError(f"in_batch_weight={in_batch_weight}: use a weight in [0, 1].")
+        self.in_batch_weight = in_batch_weight
+
+    def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        rows = query.shape[0]
+        all_positives, offset = gather_with_grad(positive) if self.gather_across_devices else (positive, 0)
+        scores = similarity(query, all_positives, self.normalize_by_query_length)
+        own = torch.arange(rows, device=scores.device) + offset
+        positive_scores = scores[torch.arange(rows, device=scores.device), own]
+        others = scores.clone()
+        others[torch.arange(rows, device=scores.device), own] = float("-inf")
+        scale = self.scale.to(scores.device)
+        loss = F.softplus((others.max(dim=1).values - positive_scores) * scale).mean()
+        if negative is not None:
+            grouped = candidate_scores(query, positive, negative, self.normalize_by_query_length)
+            explicit = F.softplus((grouped[:, 1:] - grouped[:, :1]) * scale).mean()
+            loss = (1 - self.in_batch_weight) * explicit + self.in_batch_weight * loss
+        return loss * batch_share(rows, scores.device)
