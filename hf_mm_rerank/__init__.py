@@ -54,6 +54,7 @@ _EXPORTS = {
     "RerankingEvaluator": "evaluation",
     "RetrievalEvaluator": "evaluation",
     "ThroughputCallback": "throughput",
+    "Tokens": "processing",
     "CheckpointWriteError": "checkpoints",
     "ValidationReport": "validation",
     "validate_dataset": "validation",

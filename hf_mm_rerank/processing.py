@@ -22,10 +22,33 @@ DEFAULT_TEXT_TOKENS = 8192
 MAX_ASPECT_RATIO = 200
 
 
+class Tokens(int):
+    """A mini-batch size counted in tokens (text + visual) instead of inputs, e.g. ``CachedContrastiveLoss(
+    mini_batch_size=Tokens(4096))``: each GradCache mini-batch holds consecutive inputs up to that many tokens (at
+    least one input), so a mini-batch is bounded by what it costs, whatever the image sizes."""
+
+    def __repr__(self) -> str:
+        return f"Tokens({int(self)})"
+
+
+def pack(costs: list[int], budget: int) -> list[range]:
+    """Consecutive groups of ``costs`` whose sums stay within ``budget`` (an input over it alone is a group)."""
+    groups, start, total = [], 0, 0
+    for i, cost in enumerate(costs):
+        if i > start and total + cost > budget:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += cost
+    if costs:
+        groups.append(range(start, len(costs)))
+    return groups
+
+
 class Featurizer:
     """Base class. Subclasses implement :meth:`__call__` for one backbone family."""
 
     supports_images = True
+    image_tokens = 1  # the tokens one image costs (dual encoders: set from the vision tower's patch grid)
 
     def __init__(self, processor: Any, *, max_pixels: int | None = None, max_length: int | None = None,
                  prompts: dict[str, str] | None = None, fast_decode: bool = False) -> None:
@@ -81,6 +104,39 @@ class Featurizer:
         """What the image processor is called with beyond the images (the pixel budget of chat VLMs)."""
         return {}
 
+    @property
+    def compact_pixels(self) -> bool:
+        """Whether pixels travel as 8-bit values (``uint8``, a quarter of float32) and are normalised by
+        :meth:`normalize_pixels` on the model's device: only for processors whose own arithmetic that replicates
+        exactly (transformers' torchvision backend, which rescales and normalises in one fused step)."""
+        from transformers.image_processing_backends import TorchvisionBackend
+
+        image_processor = getattr(self.processor, "image_processor", None)
+        return (isinstance(image_processor, TorchvisionBackend) and bool(getattr(image_processor, "do_rescale", False))
+                and bool(getattr(image_processor, "do_normalize", False)))
+
+    def processor_image_kwargs(self) -> dict[str, Any]:
+        """:meth:`image_kwargs` plus, with :attr:`compact_pixels`, 8-bit output (no rescale, no normalisation yet)."""
+        return {**self.image_kwargs(), **({"do_rescale": False, "do_normalize": False} if self.compact_pixels else {})}
+
+    def normalize_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """8-bit pixels (images ``[B, C, H, W]`` or Qwen-VL patches ``[N, C * T * P * P]``) rescaled and normalised as
+        the image processor does (its fused mean / (1 / rescale) and std / (1 / rescale), then ``(x - mean) / std``),
+        on their device; other pixels pass through, cast to ``dtype``."""
+        if pixels.dtype != torch.uint8:
+            return pixels.to(dtype)
+        image_processor = self.processor.image_processor
+        scale = 1.0 / image_processor.rescale_factor
+        mean = torch.tensor(image_processor.image_mean, device=pixels.device) * scale
+        std = torch.tensor(image_processor.image_std, device=pixels.device) * scale
+        values = pixels.to(torch.float32)
+        if values.dim() == 4:
+            values = values.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
+        else:  # patches: each row holds C channel blocks of T * P * P values
+            shape = values.shape
+            values = values.view(shape[0], mean.numel(), -1).sub_(mean[None, :, None]).div_(std[None, :, None]).view(shape)
+        return values.to(dtype)
+
     def cache_form(self, item: MMInput) -> Any:
         """For :func:`~hf_mm_rerank.pipeline.cache_images`: a smaller image that this featurizer turns into exactly
         the pixels it makes of ``item`` (the processor's own resized output, checked), or None (keep the cell)."""
@@ -106,10 +162,23 @@ class Featurizer:
             return None
         return _uint8_image(values[0])
 
-    def chunks(self, items: list[MMInput], side: str, size: int | None) -> list[dict[str, Any]]:
-        """Featurize ``items`` as consecutive mini-batches of at most ``size`` (all at once when None)."""
+    def chunks(self, items: list[Any], side: str, size: int | None) -> list[dict[str, Any]]:
+        """Featurize ``items`` as consecutive mini-batches of at most ``size`` inputs (all at once when None), or of at
+        most ``size`` tokens when it is :class:`Tokens`."""
+        if isinstance(size, Tokens):
+            return [self([items[i] for i in group], side) for group in pack([self.cost(i) for i in items], size)]
         size = size or max(1, len(items))
         return [self(items[i:i + size], side) for i in range(0, len(items), size)]
+
+    def cost(self, item: Any) -> int:
+        """Tokens an input (or a (query, document) pair) costs: its text's tokens plus its image's visual tokens."""
+        if isinstance(item, tuple):
+            return sum(self.cost(part) for part in item)
+        text = len(self.tokenizer(item.text, add_special_tokens=False)["input_ids"]) if item.text else 0
+        return text + (self.visual_tokens(item) if item.image is not None else 0)
+
+    def visual_tokens(self, item: MMInput) -> int:
+        return self.image_tokens
 
 
 def featurizer_of(model_or_featurizer: Any) -> Featurizer:
@@ -140,7 +209,7 @@ class DualEncoderFeaturizer(Featurizer):
         if image_idx:
             image_processor = self.processor.image_processor
             features["image"] = dict(image_processor(images=[items[i].image for i in image_idx],
-                                                     return_tensors="pt", **self.image_kwargs()))
+                                                     return_tensors="pt", **self.processor_image_kwargs()))
             features["image_index"] = torch.tensor(image_idx)
         return features
 
@@ -222,6 +291,12 @@ class ChatFeaturizer(Featurizer):
 
         return item.image.resize(target, Image.Resampling.BICUBIC)
 
+    def visual_tokens(self, item: MMInput) -> int:
+        """The image's tokens once the processor resizes it (patch grid / merge), from its original size."""
+        grid = self._patch_grid()
+        size = self.grid_size(*(item.source_size or item.image.size)) if grid else None
+        return (size[0] // grid[0]) * (size[1] // grid[0]) if size else self.image_tokens
+
     def grid_size(self, width: int, height: int) -> tuple[int, int] | None:
         """(width, height) the Qwen-VL processor resizes a ``width`` x ``height`` image to, with the pixel cap
         lowered to ``max_pixels``; None for processors without a patch grid."""
@@ -257,7 +332,7 @@ class ChatFeaturizer(Featurizer):
         return {"size": {"shortest_edge": grid[1], "longest_edge": grid[2]}}  # the budget, the processor's own way
 
     def encode_texts(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        extra = {"images_kwargs": self.image_kwargs()} if images else {}
+        extra = {"images_kwargs": self.processor_image_kwargs()} if images else {}
         return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
 
     def _as_image(self, raw: Any) -> Any:

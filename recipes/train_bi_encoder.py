@@ -26,6 +26,7 @@ from hf_mm_rerank import (
     MultiVectorEncoder,
     RetrievalEvaluator,
     ThroughputCallback,
+    Tokens,
 )
 from hf_mm_rerank.cli import (
     DataArguments,
@@ -59,6 +60,8 @@ class ModelArguments(LoraArguments):
     learnable_temperature: bool = field(default=False, metadata={"help": "Train the temperature."})
     symmetric: bool = field(default=False, metadata={"help": "Add the document->query loss term."})
     mini_batch_size: int = field(default=0, metadata={"help": "GradCache mini-batch size; 0 = no caching."})
+    mini_batch_tokens: int = field(default=0, metadata={
+        "help": "GradCache mini-batches of at most this many tokens (text + visual) instead of --mini_batch_size inputs."})
     matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka embedding sizes."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the retrieval evaluator."})
     multi_vector: bool = field(default=False, metadata={
@@ -100,11 +103,11 @@ def build_model(m: ModelArguments, args: TrainingArguments) -> BiEncoder:
 
 def build_loss(m: ModelArguments):
     common = dict(temperature=m.temperature, learnable_temperature=m.learnable_temperature, symmetric=m.symmetric)
+    mini = Tokens(m.mini_batch_tokens) if m.mini_batch_tokens else m.mini_batch_size or None
     if m.multi_vector:
         late = MaxSimPairwiseLoss if m.late_loss == "pairwise" else MaxSimContrastiveLoss
-        return late(mini_batch_size=m.mini_batch_size or None, normalize_by_query_length=m.normalize_by_query_length,
-                    **common)
-    loss = CachedContrastiveLoss(m.mini_batch_size, **common) if m.mini_batch_size else ContrastiveLoss(**common)
+        return late(mini_batch_size=mini, normalize_by_query_length=m.normalize_by_query_length, **common)
+    loss = CachedContrastiveLoss(mini, **common) if mini else ContrastiveLoss(**common)
     return MatryoshkaLoss(loss, m.matryoshka_dims) if m.matryoshka_dims else loss
 
 

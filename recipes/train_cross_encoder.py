@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
 
-from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback, Tokens
 from hf_mm_rerank.cli import (
     DataArguments,
     LoraArguments,
@@ -58,6 +58,8 @@ class RerankerArguments(LoraArguments):
         "help": "auto (bce for pointwise rows, listwise for grouped), bce, listwise, lambda, margin_mse, kl."})
     pos_weight: str | None = field(default=None, metadata={"help": "BCE positive weight: a number or 'auto'."})
     mini_batch_size: int = field(default=0, metadata={"help": "Pairs per forward pass (GradCache); 0 = all."})
+    mini_batch_tokens: int = field(default=0, metadata={
+        "help": "GradCache mini-batches of at most this many tokens (text + visual, per pair) instead of --mini_batch_size pairs."})
     num_negatives: int = field(default=3, metadata={"help": "Negatives per query when the rows have none."})
     mining_model: str | None = field(default=None, metadata={
         "help": "BiEncoder used to mine hard negatives (default: random negatives)."})
@@ -84,7 +86,7 @@ def build_loss(m: RerankerArguments):
         return None  # the trainer picks bce (pointwise rows) or listwise (grouped rows)
     if m.loss not in RERANKING_LOSSES:
         raise ValueError(f"--loss {m.loss}: choose auto or one of {sorted(RERANKING_LOSSES)}.")
-    kwargs = {"mini_batch_size": m.mini_batch_size or None}
+    kwargs = {"mini_batch_size": Tokens(m.mini_batch_tokens) if m.mini_batch_tokens else m.mini_batch_size or None}
     if m.loss == "bce" and m.pos_weight:
         kwargs["pos_weight"] = m.pos_weight if m.pos_weight == "auto" else float(m.pos_weight)
     return RERANKING_LOSSES[m.loss](**kwargs)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             train = cache_images(train, model)
     train = validated(train, model, data_args, args)
     loss = build_loss(model_args)
-    if loss is None and model_args.mini_batch_size:
+    if loss is None and (model_args.mini_batch_size or model_args.mini_batch_tokens):
         raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**card, "dropped_rows": data_args.dropped_rows},

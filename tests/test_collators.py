@@ -3,7 +3,6 @@ import pickle
 import pytest
 import torch
 from datasets import Dataset
-from helpers import assert_rel_close
 from images import color_rows, solid
 from torch.utils.data import DataLoader
 
@@ -25,7 +24,26 @@ def test_batch_layout_and_negative_order(clip):
     assert negatives["image"]["pixel_values"].shape[0] == 6  # 3 rows x 2 negatives, row-major
     # Row 0's negatives come first: negative_1 of row 0 is row 1's colour (green).
     direct = clip.featurizer.processor.image_processor(images=[solid("green")], return_tensors="pt")
-    assert_rel_close(negatives["image"]["pixel_values"][0], direct["pixel_values"][0])
+    pixels = negatives["image"]["pixel_values"]
+    assert pixels.dtype == torch.uint8  # 8-bit from the workers, normalised on the model's device
+    assert torch.equal(clip.featurizer.normalize_pixels(pixels, torch.float32)[0], direct["pixel_values"][0])
+
+
+@pytest.mark.parametrize("family", ["clip", "qwen2_vl", "qwen3_vl", "siglip"])
+def test_compact_pixels_normalise_exactly_as_the_image_processor(tiny_path, family):
+    """8-bit pixels cross from the workers (a quarter of float32) and become, on the device, bit for bit what the
+    image processor itself makes."""
+    from PIL import Image
+
+    model = BiEncoder.from_pretrained(tiny_path(family))
+    featurizer = model.featurizer
+    images = [Image.effect_noise((90, 70), 60).convert("RGB"), solid("red", (300, 200))]
+    reference = featurizer.processor.image_processor(images=images, return_tensors="pt", **featurizer.image_kwargs())
+    compact = featurizer.processor.image_processor(images=images, return_tensors="pt",
+                                                   **featurizer.processor_image_kwargs())
+    assert featurizer.compact_pixels and compact["pixel_values"].dtype == torch.uint8
+    assert compact["pixel_values"].element_size() * 4 == reference["pixel_values"].element_size()
+    assert torch.equal(featurizer.normalize_pixels(compact["pixel_values"], torch.float32), reference["pixel_values"])
 
 
 def test_mini_batches_split_every_column(clip):

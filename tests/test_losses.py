@@ -110,3 +110,58 @@ def test_cached_loss_under_no_grad_returns_the_same_value(tiny_path):
         cached = CachedContrastiveLoss(mini_batch_size=3)(model, batch)
         plain = ContrastiveLoss()(model, batch)
     assert math.isclose(cached.item(), plain.item(), rel_tol=1e-5)
+
+
+def test_gradcache_pass_one_keeps_no_graph_and_reruns_only_chunks_that_train(tiny_path):
+    """Pass 1 runs under no_grad (the reference algorithm's cost); with LoRA on the text tower only, only the text
+    chunks run again in pass 2 (the image chunks go through a frozen tower)."""
+    from peft import LoraConfig
+
+    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4))  # the vision tower stays frozen
+    calls = []
+    forward = model.forward
+
+    def spy(*features):
+        calls.append((torch.is_grad_enabled(), "text" in features[0]))
+        return forward(*features)
+
+    model.forward = spy
+    batch = BiEncoderCollator(model, mini_batch_size=3)(color_rows())  # 8 rows: 3 query, 3 positive, 3 negative chunks
+    CachedContrastiveLoss(mini_batch_size=3)(model, batch).backward()
+    first, second = calls[:9], calls[9:]
+    assert not any(grad for grad, _ in first)
+    assert len(second) == 3 and all(grad and text for grad, text in second)
+
+
+def test_token_budget_mini_batches(tiny_path):
+    """mini_batch_size=Tokens(n): consecutive inputs up to n tokens (text + visual) per GradCache mini-batch. On rows
+    whose costs make the same chunks as 3 inputs, the gradients are those of mini_batch_size=3; on rows of different
+    costs, those of the uncached loss."""
+    from peft import LoraConfig
+
+    from hf_mm_rerank import Tokens
+    from hf_mm_rerank.processing import pack
+
+    assert [list(g) for g in pack([5, 5, 5, 9, 1, 20, 2], 10)] == [[0, 1], [2], [3, 4], [5], [6]]
+    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4, init_lora_weights=False))
+    image = model.featurizer.image_tokens
+    assert image == (32 // 8) ** 2 + 1
+    same = [{**row, "query": f"square number {i}"} for i, row in enumerate(color_rows(negatives=1))]  # 15 tokens each
+    by_tokens = BiEncoderCollator(model, mini_batch_size=Tokens(3 * image))(same)
+    assert [len(c["image_index"]) for c in by_tokens["positive"]] == [3, 3, 2]
+    assert [int(c["size"]) for c in by_tokens["query"]] == [3, 3, 2]
+    results = []
+    for size in (3, Tokens(3 * image)):
+        model.zero_grad()
+        CachedContrastiveLoss(mini_batch_size=size)(model, BiEncoderCollator(model, mini_batch_size=size)(same)).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert_all_rel_close(results[1], results[0])
+    varied = [{**row, "query": row["query"] + " now" * i} for i, row in enumerate(color_rows(negatives=1))]
+    model.zero_grad()
+    batch = BiEncoderCollator(model, mini_batch_size=Tokens(40))(varied)
+    assert len({int(c["size"]) for c in batch["query"]}) > 1  # chunks of different input counts
+    CachedContrastiveLoss(mini_batch_size=Tokens(40))(model, batch).backward()
+    cached = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ContrastiveLoss()(model, BiEncoderCollator(model)(varied)).backward()
+    assert_all_rel_close(cached, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

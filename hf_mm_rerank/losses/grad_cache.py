@@ -1,8 +1,8 @@
 """GradCache: the memory of one mini-batch for losses that couple a whole batch (contrastive, listwise).
 
-Pass 1 runs every mini-batch, keeps no graph, and returns the outputs as leaves that require grad. When the
-Trainer calls ``backward``, a hook re-runs each mini-batch with a graph (same RNG state, same autocast) and
-back-propagates the cached output gradients. Mini-batches stay on the CPU until their turn.
+Pass 1 runs every mini-batch under ``no_grad`` and returns the outputs as leaves that require grad. When the
+Trainer calls ``backward``, a hook re-runs each mini-batch that reaches a trainable parameter with a graph (same RNG
+state, same autocast) and back-propagates the cached output gradients. Mini-batches stay on the CPU until their turn.
 """
 
 from __future__ import annotations
@@ -51,19 +51,21 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
     inner = unwrap(model)
     device = _device_of(inner)
     training = torch.is_grad_enabled()
+    trains = getattr(inner, "trains", None)
     plan: list[_Chunk] = []
     leaves = {}
     for index, column in enumerate(columns):
         parts, start = [], 0
         for chunk in batch[column]:
             state = _RandomState(device)
-            # With grad on, the chunk's graph is freed at once; it tells whether the chunk trains anything.
-            output = inner(chunk)
-            if _reaches_parameters(output):
+            with torch.no_grad():  # pass 1 keeps no graph, as the reference algorithm
+                output = inner(chunk)
+            # Which chunks reach a trainable parameter is known from the modules they run through (a frozen tower's
+            # chunks are not run again, and never with DDP's gradient sync, which would reduce nothing).
+            if training and (trains(chunk) if trains is not None else _any_trainable(inner)):
                 plan.append(_Chunk(index, chunk, state, start, start + output.shape[0], tuple(output.shape[1:])))
-            parts.append(output.detach())
+            parts.append(output)
             start += output.shape[0]
-            del output  # free this chunk's graph before the next chunk runs
         leaves[column] = _cat(parts).requires_grad_(training)
     if training:
         autocast = _autocast_state(device)
@@ -72,23 +74,8 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
     return leaves
 
 
-def _reaches_parameters(output: torch.Tensor) -> bool:
-    """Whether ``output``'s graph reaches a trainable parameter. ``requires_grad`` alone is not enough: with
-    gradient checkpointing, peft makes the input embeddings require grad, so a chunk through a frozen tower
-    requires grad too, and running it again (last, with DDP's gradient sync) would reduce nothing."""
-    if not output.requires_grad:
-        return False
-    seen, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
-        if isinstance(variable, nn.Parameter) and variable.requires_grad:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+def _any_trainable(model: nn.Module) -> bool:
+    return any(p.requires_grad for p in model.parameters())
 
 
 @dataclass

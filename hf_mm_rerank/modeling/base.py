@@ -46,16 +46,20 @@ from .spec import (
 
 logger = logging.getLogger(__name__)
 
-def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move nested dicts/lists of tensors; floating pixel tensors also take the model's dtype."""
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None, featurizer: Any = None) -> Any:
+    """Move nested dicts/lists of tensors; pixel tensors also take the model's dtype (8-bit pixels are normalised on
+    the device by ``featurizer.normalize_pixels``, as its image processor would)."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.dtype == torch.uint8 and featurizer is not None:
+            return featurizer.normalize_pixels(obj.to(device, non_blocking=True), dtype)
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype, non_blocking=True)
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype if k.startswith("pixel") else None) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype if k.startswith("pixel") or isinstance(v, dict) else None, featurizer)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, dtype) for v in obj)
+        return type(obj)(to_device(v, device, dtype, featurizer) for v in obj)
     return obj
 
 
@@ -102,6 +106,10 @@ class AdapterModel(nn.Module):
     def heads(self) -> nn.Module | None:
         """Trained modules outside the backbone, saved to ``head.safetensors`` (none by default)."""
         return None
+
+    def trains(self, features: Any) -> bool:
+        """Whether a forward on ``features`` reaches a trainable parameter (GradCache runs only those chunks again)."""
+        return any(p.requires_grad for p in self.parameters())
 
     @torch.no_grad()
     def _run_batched(self, items: Sequence[Any], batch_size: int, featurize: Callable[[Sequence[Any], int], Any],

@@ -59,6 +59,9 @@ class BiEncoder(AdapterModel):
             processor, max_pixels=max_pixels, max_length=settings.get("max_length"),
             prompts=settings.get("prompts"), fast_decode=settings.get("fast_decode", False))
         settings["max_pixels"] = self.featurizer.max_pixels
+        vision = getattr(self.config, "vision_config", None)
+        if spec.family == DUAL and getattr(vision, "patch_size", None):  # a class token and the patch grid
+            self.featurizer.image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
 
     @classmethod
     def from_pretrained(
@@ -137,7 +140,7 @@ class BiEncoder(AdapterModel):
     def _embed(self, features: dict[str, Any] | list[dict[str, Any]]) -> torch.Tensor:
         if isinstance(features, list):
             return torch.cat([self._embed(chunk) for chunk in features])
-        features = to_device(features, self.device, self.compute_dtype)
+        features = to_device(features, self.device, self.compute_dtype, self.featurizer)
         embeddings = self._embed_dual(features) if self.spec.family == DUAL else self._embed_chat(features)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
@@ -162,6 +165,18 @@ class BiEncoder(AdapterModel):
             total = total.index_add(0, index, F.normalize(emb, dim=-1) if self.normalize else emb)
             count = count.index_add(0, index, torch.ones_like(emb[:, :1]))
         return total / count.clamp(min=1)
+
+    TOWERS = {"text": ("text_model", "text_projection", "custom_text_proj"),
+              "image": ("vision_model", "visual_projection", "custom_image_proj")}
+
+    def trains(self, features: Any) -> bool:
+        """A dual encoder's chunk trains something only if the tower it runs through (text or image, with its
+        projection) has trainable parameters: a frozen tower's chunks are not run again by GradCache."""
+        if self.spec.family != DUAL:
+            return super().trains(features)
+        parts = [self.TOWERS[side] for side in ("text", "image") if side in features]
+        names = [f".{n}." for n, p in self.named_parameters() if p.requires_grad]
+        return any(f".{part}." in name for tower in parts for part in tower for name in names)
 
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
                shard_across_ranks: bool = False) -> torch.Tensor:

@@ -231,7 +231,7 @@ class CrossEncoder(AdapterModel):
         """Score featurized pairs (one chunk or a list of chunks) -> ``[N]`` float32 logits."""
         if isinstance(features, list):
             return torch.cat([self.forward(chunk) for chunk in features])
-        features = to_device(features, self.device, self.compute_dtype)
+        features = to_device(features, self.device, self.compute_dtype, self.featurizer)
         if self.head_type == "classification":
             logits = self.backbone(**features).logits.float()
             return logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]

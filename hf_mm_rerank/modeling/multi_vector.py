@@ -89,6 +89,9 @@ class MultiVectorEncoder(BiEncoder):
                 query_augmentation=int(settings.get("query_augmentation", 0)),
                 template=settings.get("template", "chat"), **common)
         settings["max_pixels"] = self.featurizer.max_pixels
+        vision = getattr(self.config, "vision_config", None)
+        if spec.family == DUAL and getattr(vision, "patch_size", None):  # a class token and the patch grid
+            self.featurizer.image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, lora_config: Any = None, quantization_config: Any = None,
@@ -157,7 +160,7 @@ class MultiVectorEncoder(BiEncoder):
             parts = [self._embed(chunk) for chunk in features]
             width = max(p.shape[1] for p in parts)
             return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
-        features = to_device(features, self.device, self.compute_dtype)
+        features = to_device(features, self.device, self.compute_dtype, self.featurizer)
         return self._embed_dual(features) if self.spec.family == DUAL else self._embed_chat(features)
 
     def _tokens(self, hidden: torch.Tensor, mask: torch.Tensor, projection: str) -> torch.Tensor:
