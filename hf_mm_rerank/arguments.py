@@ -94,9 +94,15 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
         say("hf_mm_rerank: dataloader_num_workers was 0; persistent DataLoader workers from the CPU count: %d (set "
             "HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
         if args.device.type == "cpu":
-            # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput).
+            # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput when decoding
+            # is the bottleneck); PipelinePolicy measures the first steps and gives the step every core when it is not.
             threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
             if torch.get_num_threads() > threads:
+                args.__dict__[AUTO_THREADS] = (torch.get_num_threads(), threads)
                 torch.set_num_threads(threads)
-                say("hf_mm_rerank: CPU training with %d threads beside the workers.", threads)
+                say("hf_mm_rerank: CPU training with %d thread(s) beside the workers while the first steps show "
+                    "where the time goes.", threads)
     return args
+
+
+AUTO_THREADS = "_hf_mm_rerank_threads"  # (all, beside the workers): torch threads the fix-ups chose between

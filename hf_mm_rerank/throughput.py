@@ -79,3 +79,51 @@ def _peak_memory_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+class PipelinePolicy(TrainerCallback):
+    """Gives the training step every CPU core once the first steps show that it, not the input pipeline, is the
+    bottleneck. The trainers add it when they picked DataLoader workers and torch threads themselves on a CPU
+    (explicit settings are never touched): workers decode while the step runs with ``cores - workers`` threads. Over
+    steps 2 to ``2 + window`` it measures how long each step waited for its batch; below ``max_wait`` of the step time
+    the workers keep up with fewer cores than they hold, so the step takes them all (compute-bound runs: GradCache,
+    chat VLMs); otherwise the split stays (decoding-bound runs). The choice is logged once, with its reason."""
+
+    def __init__(self, threads: tuple[int, int], window: int = 5, max_wait: float = 0.1) -> None:
+        self.all, self.beside = threads
+        self.window, self.max_wait = window, max_wait
+        self.waited: list[float] = []
+        self.worked: list[float] = []
+        self._end: float | None = None
+        self._begin = 0.0
+        self.decision: str | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._begin = time.perf_counter()
+        if self._end is not None and self.decision is None and state.global_step >= 1:
+            self.waited.append(self._begin - self._end)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._end = time.perf_counter()
+        if self.decision is not None or state.global_step < 2:
+            return
+        self.worked.append(self._end - self._begin)
+        if len(self.waited) >= self.window:
+            self.decide()
+
+    def decide(self) -> str:
+        import logging
+
+        import torch
+
+        waited, worked = sum(self.waited[-self.window:]), sum(self.worked[-self.window:])
+        share = waited / max(1e-9, waited + worked)
+        if share < self.max_wait:
+            torch.set_num_threads(self.all)
+            self.decision = (f"compute-bound: batches waited {share:.0%} of the step time, so the step now uses all "
+                             f"{self.all} threads (the workers keep up on what is left)")
+        else:
+            self.decision = (f"decoding-bound: batches waited {share:.0%} of the step time, so the step keeps "
+                             f"{self.beside} thread(s) beside the DataLoader workers")
+        logging.getLogger(__name__).info("hf_mm_rerank: %s.", self.decision)
+        return self.decision

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .arguments import fix_training_arguments
+from .arguments import AUTO_THREADS, fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
@@ -31,7 +31,7 @@ from .distributed import all_parameters_term, average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
 from .pipeline import add_lengths, undecoded_images
 from .schema import GROUPED, ROW_KEY, check_columns, negative_columns, reranker_layout, teacher_columns
-from .throughput import ThroughputCallback, batch_counts
+from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,8 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         for callback in callbacks:
             if isinstance(callback, (HubPushCallback, ThroughputCallback)):
                 callback.attach(self)
+        if AUTO_THREADS in self.args.__dict__:  # workers and threads were ours to pick: measure, then settle
+            self.add_callback(PipelinePolicy(self.args.__dict__[AUTO_THREADS]))
         # Throughput goes first so the reporting integrations (TensorBoard, W&B, console) see its figures.
         callbacks.sort(key=lambda cb: not isinstance(cb, ThroughputCallback))
         self.loss.to(self.args.device)

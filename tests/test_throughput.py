@@ -15,6 +15,7 @@ from PIL import Image
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
 from hf_mm_rerank.arguments import auto_num_workers
 from hf_mm_rerank.callbacks import ThroughputCallback, batch_counts
+from hf_mm_rerank.throughput import PipelinePolicy
 
 
 def test_batch_counts_rows_images_and_tokens(tiny_path):
@@ -69,9 +70,33 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - workers)
     trainer.train()  # the collator runs in the worker processes
     assert trainer.state.global_step == 2
+    assert any(isinstance(cb, PipelinePolicy) for cb in trainer.callback_handler.callbacks)  # measuring the split
     chosen = BiEncoderTrainer(model=model, args=args(tmp_path, dataloader_num_workers=3),
                               train_dataset=Dataset.from_list(color_rows(1)))
     assert chosen.args.dataloader_num_workers == 3  # a user's choice is kept
+
+
+def test_the_pipeline_policy_gives_a_compute_bound_step_every_core(monkeypatch):
+    """Steps that wait for batches under 10% of the time take all the threads; decoding-bound ones keep the split."""
+    from types import SimpleNamespace
+
+    import hf_mm_rerank.throughput as throughput
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    for wait, expected in ((0.05, [8]), (0.5, [])):
+        chosen.clear()
+        policy = PipelinePolicy((8, 3), window=5)
+        for step in range(1, 9):
+            state = SimpleNamespace(global_step=step - 1)
+            clock[0] += wait  # the batch arrives
+            policy.on_step_begin(None, state, None)
+            clock[0] += 1.0  # the step computes
+            policy.on_step_end(None, SimpleNamespace(global_step=step), None)
+        assert chosen == expected and policy.decision.startswith("compute-bound" if expected else "decoding-bound")
+        assert f"{wait / (wait + 1):.0%}" in policy.decision
 
 
 def _jpeg(color: str, size=(640, 480)) -> bytes:
