@@ -50,7 +50,7 @@ def test_dicts_compare_each_tensor_with_a_floor_from_the_largest():
     big, _ = _pair()
     zero_grad = torch.zeros(4)  # mathematically zero: only round-off of the size of the other gradients
     expected = {"weight": big, "key_bias": zero_grad}
-    actual = {"weight": big.clone(), "key_bias": zero_grad + 1e-7 * float(big.abs().max())}
+    actual = {"weight": big.clone(), "key_bias": zero_grad + 1e-8 * float(big.abs().max())}
     assert_all_rel_close(actual, expected)
     actual["key_bias"] = zero_grad + 0.05 * float(big.abs().max())  # a real gradient where none should be
     with pytest.raises(AssertionError, match="key_bias"):
