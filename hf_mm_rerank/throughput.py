@@ -82,48 +82,79 @@ def _peak_memory_bytes() -> int:
 
 
 class PipelinePolicy(TrainerCallback):
-    """Gives the training step every CPU core once the first steps show that it, not the input pipeline, is the
-    bottleneck. The trainers add it when they picked DataLoader workers and torch threads themselves on a CPU
-    (explicit settings are never touched): workers decode while the step runs with ``cores - workers`` threads. Over
-    steps 2 to ``2 + window`` it measures how long each step waited for its batch; below ``max_wait`` of the step time
-    the workers keep up with fewer cores than they hold, so the step takes them all (compute-bound runs: GradCache,
-    chat VLMs); otherwise the split stays (decoding-bound runs). The choice is logged once, with its reason."""
+    """Chooses how many torch threads the training step gets beside DataLoader workers the trainers picked on a CPU
+    (explicit settings are never touched), by trying both:
 
-    def __init__(self, threads: tuple[int, int], window: int = 5, max_wait: float = 0.1) -> None:
-        self.all, self.beside = threads
-        self.window, self.max_wait = window, max_wait
-        self.waited: list[float] = []
-        self.worked: list[float] = []
-        self._end: float | None = None
-        self._begin = 0.0
-        self.decision: str | None = None
+    * it starts from what the inputs suggest: all threads when the step is plainly compute-bound (GradCache encodes
+      every batch twice), else ``cores - workers`` (workers decode while the step runs);
+    * then it times ``window`` steps with that setting and ``window`` with the other one, each step from the end of
+      the previous one (waiting for the batch included), and keeps the faster. Not timed: the first ``warmup`` steps
+      (step 0 waits for the workers to start, and the next ones take the batches they prefetched meanwhile,
+      ``workers x prefetch_factor``, which would make any setting look fast) and the first step after the switch.
+      Step times swing with the workers' queue, so the windows are long (10 steps) and the other setting must be
+      ``margin`` (10%) faster to replace the start.
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._begin = time.perf_counter()
-        if self._end is not None and self.decision is None and state.global_step >= 1:
-            self.waited.append(self._begin - self._end)
+    Measuring beats guessing here: whether decoding or compute dominates, and what oversubscribing the cores costs,
+    depends on the model, the images and the machine (a tiny chat VLM at a small pixel budget is faster with the
+    split, GradCache with every thread). A run shorter than ``min_steps`` keeps the start: trying the other setting
+    costs a few slow steps (and a new thread pool), which only a longer run earns back. The choice is logged once,
+    with both timings."""
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._end = time.perf_counter()
-        if self.decision is not None or state.global_step < 2:
-            return
-        self.worked.append(self._end - self._begin)
-        if len(self.waited) >= self.window:
-            self.decide()
-
-    def decide(self) -> str:
+    def __init__(self, threads: tuple[int, int], window: int = 10, compute_bound: str | None = None,
+                 main_process: bool = True, warmup: int = 1, min_steps: int = 200, margin: float = 0.1) -> None:
         import logging
 
         import torch
 
-        waited, worked = sum(self.waited[-self.window:]), sum(self.worked[-self.window:])
-        share = waited / max(1e-9, waited + worked)
-        if share < self.max_wait:
-            torch.set_num_threads(self.all)
-            self.decision = (f"compute-bound: batches waited {share:.0%} of the step time, so the step now uses all "
-                             f"{self.all} threads (the workers keep up on what is left)")
-        else:
-            self.decision = (f"decoding-bound: batches waited {share:.0%} of the step time, so the step keeps "
-                             f"{self.beside} thread(s) beside the DataLoader workers")
-        logging.getLogger(__name__).info("hf_mm_rerank: %s.", self.decision)
+        self.all, self.beside = threads
+        self.window, self.warmup, self.min_steps, self.margin = window, warmup, min_steps, margin
+        self.steps, self._skip = 0, 0
+        self.start = compute_bound  # the reason the inputs make the step compute-bound, or None
+        self.order = (self.all, self.beside) if compute_bound else (self.beside, self.all)
+        self.timings: dict[int, list[float]] = {self.all: [], self.beside: []}
+        self._end: float | None = None
+        self.decision: str | None = None
+        self.say = logging.getLogger(__name__).info if main_process else logging.getLogger(__name__).debug
+        torch.set_num_threads(self.order[0])
+        self.say("hf_mm_rerank: the step starts with %s; a run of %d steps or more then times %d with each thread "
+                 "count and keeps the faster.", f"all {self.all} threads ({compute_bound})" if compute_bound else
+                 f"{self.beside} thread(s) beside the DataLoader workers", min_steps, window)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.decision is None and state.max_steps and state.max_steps < max(self.min_steps,
+                                                                               self.warmup + 2 * self.window + 1):
+            self.decision = (f"{self.order[0]} thread(s) for the step: a run of {state.max_steps} steps is too short "
+                             "to try both")
+            self.say("hf_mm_rerank: %s.", self.decision)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch
+
+        now = time.perf_counter()
+        self.steps += 1
+        if self.decision is None and self.steps > self.warmup:  # the time since the last step ended
+            if self._skip:  # the first step after a switch: a new thread pool, a batch made under the old setting
+                self._skip -= 1
+                self._end = now
+                return
+            measured = self.order[0] if len(self.timings[self.order[0]]) < self.window else self.order[1]
+            self.timings[measured].append(now - self._end)
+            if len(self.timings[self.order[1]]) >= self.window:
+                self.decide()
+            elif len(self.timings[self.order[0]]) == self.window and not self.timings[self.order[1]]:
+                torch.set_num_threads(self.order[1])
+                self._skip = 1
+        self._end = now
+
+    def decide(self) -> str:
+        import torch
+
+        mean = {n: sum(t[-self.window:]) / self.window for n, t in self.timings.items()}
+        first, second = self.order
+        threads = second if mean[second] < (1 - self.margin) * mean[first] else first  # noise keeps the start
+        torch.set_num_threads(threads)
+        other = self.beside if threads == self.all else self.all
+        self.decision = (f"{threads} thread(s) for the step: {mean[threads]:.3f} s per step against {mean[other]:.3f} s "
+                         f"with {other}")
+        self.say("hf_mm_rerank: %s.", self.decision)
         return self.decision

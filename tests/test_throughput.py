@@ -76,8 +76,10 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     assert chosen.args.dataloader_num_workers == 3  # a user's choice is kept
 
 
-def test_the_pipeline_policy_gives_a_compute_bound_step_every_core(monkeypatch):
-    """Steps that wait for batches under 10% of the time take all the threads; decoding-bound ones keep the split."""
+def test_the_pipeline_policy_tries_both_thread_counts_and_keeps_the_faster(monkeypatch):
+    """It starts where the inputs point (all threads for a compute-bound step, else the split), times 2 steps with
+    each setting and keeps the faster. Not timed: the warm-up steps (the workers' start, their prefetched batches,
+    here 30 s and 0.01 s) and the first step after the switch (a new thread pool: 20 s). A short run keeps the start."""
     from types import SimpleNamespace
 
     import hf_mm_rerank.throughput as throughput
@@ -86,17 +88,40 @@ def test_the_pipeline_policy_gives_a_compute_bound_step_every_core(monkeypatch):
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
     chosen = []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
-    for wait, expected in ((0.05, [8]), (0.5, [])):
+    for reason, faster, expected in ((None, 8, [3, 8, 8]), (None, 3, [3, 8, 3]), ("GradCache", 8, [8, 3, 8]),
+                                     ("GradCache", 3, [8, 3, 3])):
         chosen.clear()
-        policy = PipelinePolicy((8, 3), window=5)
-        for step in range(1, 9):
-            state = SimpleNamespace(global_step=step - 1)
-            clock[0] += wait  # the batch arrives
-            policy.on_step_begin(None, state, None)
-            clock[0] += 1.0  # the step computes
-            policy.on_step_end(None, SimpleNamespace(global_step=step), None)
-        assert chosen == expected and policy.decision.startswith("compute-bound" if expected else "decoding-bound")
-        assert f"{wait / (wait + 1):.0%}" in policy.decision
+        policy = PipelinePolicy((8, 3), window=2, compute_bound=reason, warmup=3, min_steps=10, margin=0.1)
+        assert chosen == expected[:1]  # before the first step
+        policy.on_train_begin(None, SimpleNamespace(max_steps=100), None)
+        for step in range(12):
+            switched = step == 5
+            seconds = 30.0 if step == 0 else 0.01 if step < 3 else 20.0 if switched else (
+                1.0 if chosen[-1] == faster else 1.5)
+            clock[0] += seconds
+            policy.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
+            if step < 7:
+                assert policy.decision is None, step  # 3 warm-up steps, 2 timed, the switch, 2 timed
+        assert chosen == expected, (reason, faster)
+        assert policy.decision.startswith(f"{faster} thread(s) for the step: 1.000 s per step against 1.500 s")
+    chosen.clear()
+    short = PipelinePolicy((8, 3), window=2, compute_bound="GradCache", min_steps=50)
+    short.on_train_begin(None, SimpleNamespace(max_steps=40), None)
+    for step in range(40):
+        clock[0] += 1.0
+        short.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
+    assert chosen == [8] and "a run of 40 steps is too short" in short.decision
+
+
+def test_the_inputs_choose_the_start(tiny_path):
+    from hf_mm_rerank import CachedContrastiveLoss, ContrastiveLoss, CrossEncoder
+    from hf_mm_rerank.trainers import _compute_bound
+
+    clip, qwen = BiEncoder.from_pretrained(tiny_path("clip")), BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
+    assert _compute_bound(clip, ContrastiveLoss()) is None  # a dual encoder beside JPEG decoding
+    assert "GradCache" in _compute_bound(clip, CachedContrastiveLoss(mini_batch_size=4))
+    assert _compute_bound(qwen, ContrastiveLoss()) is None  # a chat VLM's processor work is measured, not guessed
+    assert _compute_bound(CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no"), None) is None
 
 
 def _jpeg(color: str, size=(640, 480)) -> bytes:
