@@ -91,6 +91,7 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
         # Image decoding and processing belong in DataLoader workers, beside the training step.
         args.dataloader_num_workers = auto_num_workers()
         args.dataloader_persistent_workers = True
+        args.__dict__[AUTO_WORKERS] = True
         say("hf_mm_rerank: dataloader_num_workers was 0; persistent DataLoader workers from the CPU count: %d (set "
             "HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
         if args.device.type == "cpu":
@@ -99,10 +100,16 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
             threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
             if torch.get_num_threads() > threads:
                 args.__dict__[AUTO_THREADS] = (torch.get_num_threads(), threads)
-                torch.set_num_threads(threads)
-                say("hf_mm_rerank: CPU training with %d thread(s) beside the workers while the first steps show "
-                    "where the time goes.", threads)
+                torch.set_num_threads(threads)  # the trainer's PipelinePolicy then says what the step gets
     return args
 
 
 AUTO_THREADS = "_hf_mm_rerank_threads"  # (all, beside the workers): torch threads the fix-ups chose between
+AUTO_WORKERS = "_hf_mm_rerank_workers"  # set when the fix-ups chose dataloader_num_workers
+
+
+def refit_threads(args: TrainingArguments) -> None:
+    """After the trainers lowered the workers they picked (a stream with few shards): the threads beside them."""
+    if AUTO_THREADS in args.__dict__:
+        every, _ = args.__dict__[AUTO_THREADS]
+        args.__dict__[AUTO_THREADS] = (every, max(1, min(every, _cpus_per_rank() - args.dataloader_num_workers)))

@@ -129,6 +129,11 @@ class DataArguments:
         "choices": ["raise", "skip"]})
     max_skipped_fraction: float = field(default=0.05, metadata={
         "help": "With --bad_rows skip: stop once more than this fraction of the training rows was skipped."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read --dataset_name / --data_files as a stream (datasets streaming=True; nothing is downloaded or "
+                "converted up front): train with --max_steps; held-out rows come from --eval_split or the stream's "
+                "first --max_eval_samples rows (kept out of training); random or mined negatives, --cache_images and "
+                "--validate_data need the whole set and are refused."})
     validate_data: bool = field(default=False, metadata={
         "help": "Scan the training rows first (text, image headers) and list every unreadable one; with --bad_rows "
                 "raise the run stops there, with skip those rows are dropped before training."})
@@ -171,6 +176,8 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
     from .demo import emoji_splits
 
     builder = _builder(args)
+    if args.streaming:
+        return _load_stream(builder, args)
     if builder == DEMO_DATA:
         train, held_out = emoji_splits()
     elif builder in FILE_BUILDERS and not (args.data_files or args.data_dir):
@@ -189,6 +196,44 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if held_out is not None and args.max_eval_samples:
         held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
+    return train, held_out
+
+
+def _load_stream(builder: str, args: DataArguments) -> tuple[Any, Any]:
+    """``--streaming``: the training split as a stream; the held-out rows (a list's worth) in memory."""
+    from datasets import Dataset, load_dataset
+
+    if builder == DEMO_DATA:
+        raise ValueError("--streaming reads --dataset_name / --data_files as a stream; the built-in demo data is in "
+                         "memory already. Fix: drop --streaming, or pass --dataset_name / --data_files.")
+    for flag, value in (("--cache_images", args.cache_images), ("--validate_data", args.validate_data)):
+        if value:
+            raise ValueError(f"{flag} reads every training row before training; a --streaming run reads them as it "
+                             f"trains. Fix: drop {flag} (with --bad_rows skip, unreadable rows are counted as they "
+                             "come), or drop --streaming.")
+    if builder in FILE_BUILDERS and not (args.data_files or args.data_dir):
+        raise ValueError(f"--dataset_name {builder} reads local files, and none were given. Fix: pass --data_files.")
+    loaded = load_dataset(builder, args.dataset_config, data_files=args.data_files, data_dir=args.data_dir,
+                          streaming=True)
+    train = loaded[args.train_split]
+    if args.eval_fraction > 0 and not args.eval_split:
+        raise ValueError(f"--eval_fraction {args.eval_fraction}: a stream has no length to take a fraction of. Fix: "
+                         "--max_eval_samples N holds out the stream's first N rows (training starts after them), or "
+                         "--eval_split names a split.")
+    train, held_stream = _canonical(train, args), None
+    if args.eval_split:
+        held_stream = _canonical(loaded[args.eval_split], args)
+        if args.max_eval_samples:
+            held_stream = held_stream.take(args.max_eval_samples)
+    elif args.max_eval_samples:
+        held_stream, train = train.take(args.max_eval_samples), train.skip(args.max_eval_samples)
+    if args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    held_out = None
+    if held_stream is not None:  # the evaluators hold their queries and corpus in memory anyway
+        rows = list(held_stream)
+        features = getattr(held_stream, "features", None)
+        held_out = Dataset.from_list(rows, features=features) if features is not None else Dataset.from_list(rows)
     return train, held_out
 
 
@@ -215,13 +260,19 @@ def _builder(args: DataArguments) -> str:
 
 
 def _canonical(dataset: Any, args: DataArguments) -> Any:
+    from .streams import is_stream, stream_columns
+
+    columns = stream_columns(dataset, f"--{args.train_split} split") if is_stream(dataset) else dataset.column_names
     for old, new in ((args.query_column, "query"), (args.positive_column, "positive")):
-        if old != new and old in dataset.column_names:
+        if old != new and old in columns:
             dataset = dataset.rename_column(old, new)
-    _check_recipe_columns(dataset.column_names, args)
+            columns = [new if c == old else c for c in columns]
+    _check_recipe_columns(columns, args)
     root = args.image_root or (os.path.dirname(os.path.abspath(args.data_files[0])) if args.data_files else None)
-    string_columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"]
-    if root and string_columns:
+    if root and dataset.features is None:  # a stream read without a schema: its text cells, as they come
+        return dataset.map(lambda row: {c: _rooted(v, root) for c, v in row.items() if isinstance(v, str)})
+    string_columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"] if root else []
+    if string_columns:
         dataset = dataset.map(lambda row: {c: _rooted(row[c], root) for c in string_columns})
     return dataset
 
@@ -414,11 +465,18 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
     ``datasets`` cache first).
     """
     from .schema import negative_columns
+    from .streams import is_stream, stream_columns
 
-    if dataset is None or "document" in dataset.column_names or negative_columns(dataset.column_names):
+    if dataset is None:
         return dataset
-    if "positive" not in dataset.column_names:
+    columns = stream_columns(dataset, "train_dataset") if is_stream(dataset) else dataset.column_names
+    if "document" in columns or negative_columns(columns) or "positive" not in columns:
         return dataset
+    if is_stream(dataset):
+        raise ValueError("--streaming: the rows are (query, positive) pairs, and a reranker trains on candidates with "
+                         "negatives; random or mined negatives need the whole set in memory. Fix: stream grouped rows "
+                         "(query, positive, negative_1..k) or pointwise rows (query, document, label), e.g. mined "
+                         "once with mine_hard_negatives() and saved; or drop --streaming.")
     if mining_model:
         from .mining import mine_hard_negatives
         from .modeling import BiEncoder

@@ -101,7 +101,9 @@ class RetrievalEvaluator:
 
     Args:
         queries: ``{query_id: input}``; inputs are text, images, paths, bytes or ``{"text", "image"}``.
-        corpus: ``{doc_id: input}``.
+        corpus: ``{doc_id: input}``, or a corpus too large for memory: a ``datasets.Dataset`` or ``IterableDataset``
+            (a stream) with an id and a document column (``corpus_columns``), or a re-iterable of ``(doc_id, input)``
+            pairs; it is read and encoded ``chunk_rows`` documents at a time (:class:`retrieval.CorpusSource`).
         relevant: ``{query_id: {doc_id, ...}}``, or graded ``{query_id: {doc_id: grade}}`` (grade > 0 is relevant;
             ndcg uses the grades as gains). Metrics follow trec_eval (see :func:`ranking_metrics`); equal scores
             are ranked in corpus order.
@@ -114,6 +116,10 @@ class RetrievalEvaluator:
         token_pooling: multi-vector models: pool each document's token vectors by this factor before scoring
             (:func:`~hf_mm_rerank.retrieval.pool_tokens`); the metrics then include ``index_vectors``, the number of
             vectors the corpus keeps.
+        corpus_columns: ``(id column, document column)`` of a dataset corpus (default ``("id", "document")``).
+        store: a folder for the corpus's dense embeddings, memory-mapped (one file per process, rewritten at each
+            evaluation), so they need not fit in memory; ``store_dtype`` ``"float16"`` halves it (scores are computed
+            in float32 chunk by chunk). Scoring always runs in corpus chunks with a running top-k.
 
     Example:
         >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
@@ -123,7 +129,9 @@ class RetrievalEvaluator:
     def __init__(self, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
                  batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True,
-                 token_pooling: int | None = None) -> None:
+                 token_pooling: int | None = None, corpus_columns: tuple[str, str] = ("id", "document"),
+                 store: str | None = None, store_dtype: str = "float32", chunk_rows: int = retrieval.CHUNK_ROWS) -> None:
+        corpus = retrieval.CorpusSource(corpus, corpus_columns)
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -136,8 +144,9 @@ class RetrievalEvaluator:
             logger.warning("RetrievalEvaluator: %d queries without relevant documents are skipped.",
                            len(queries) - len(self.query_ids))
         self.queries = [queries[q] for q in self.query_ids]
-        self.doc_ids = list(corpus)
-        self.corpus = [corpus[d] for d in self.doc_ids]
+        self.doc_ids = corpus.ids
+        self.corpus = corpus
+        self.store, self.store_dtype, self.chunk_rows = store, store_dtype, chunk_rows
         self.relevant = [grades(relevant[q]) for q in self.query_ids]
         self.k_values = tuple(k_values)
         self.batch_size = batch_size
@@ -182,7 +191,8 @@ class RetrievalEvaluator:
     def rankings(self, model: Any, depth: int) -> list[list[Hashable]]:
         """Per query, the ids of its ``depth`` best documents (the model's scorer, scored in corpus chunks). For
         multi-vector models ``token_pooling=k`` pools each document's tokens first (:func:`retrieval.pool_tokens`)."""
-        documents = retrieval.encode(model, self.corpus, "document", self.batch_size, self.shard_across_ranks)
+        documents = retrieval.encode_corpus(model, self.corpus, self.batch_size, self.shard_across_ranks,
+                                            store=self.store, dtype=self.store_dtype, chunk_rows=self.chunk_rows)
         if isinstance(documents, retrieval.TokenEmbeddings):
             documents = retrieval.pool_tokens(documents, self.token_pooling or 1)
             self.index_vectors = documents.tokens()

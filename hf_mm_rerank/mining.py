@@ -34,6 +34,9 @@ def mine_hard_negatives(
     batch_size: int = 32,
     seed: int = 0,
     shard_across_ranks: bool = True,
+    corpus_columns: tuple[str, str] = ("id", "document"),
+    store: str | None = None,
+    store_dtype: str = "float32",
 ) -> Any:
     """For each (query, positive) row, pick ``num_negatives`` documents the bi-encoder ranks high but that are
     not the positive: grouped rows ``query, positive, negative_1 ... negative_k`` for a reranker.
@@ -42,7 +45,10 @@ def mine_hard_negatives(
         bi_encoder: a :class:`BiEncoder` (any object with ``encode(inputs, side=..., batch_size=...)``;
             ``shard_across_ranks=True`` is added in multi-process runs).
         dataset: a ``datasets.Dataset`` with ``query`` and ``positive`` columns (text or images).
-        corpus: candidate documents (default: the dataset's distinct positives).
+        corpus: candidate documents (default: the dataset's distinct positives): a list of cells, or a corpus too
+            large for memory, read and encoded chunk by chunk: a ``datasets.Dataset`` / ``IterableDataset`` with the
+            document column ``corpus_columns[1]`` (default ``"document"``), or a re-iterable of ``(id, cell)``
+            pairs (see :class:`retrieval.CorpusSource`).
         num_negatives: negatives per row; rows with fewer eligible candidates are skipped and counted.
         range_min, range_max: only candidates ranked in ``[range_min, range_max)`` for the query are eligible
             (skipping the very top avoids unlabelled positives).
@@ -57,6 +63,8 @@ def mine_hard_negatives(
         shard_across_ranks: in a multi-process run, every rank encodes a share and gets all embeddings, so every
             rank returns the negatives one process would mine (every rank must call it). The model runs where it
             is: put it on the rank's device first.
+        store, store_dtype: a folder for the corpus's dense embeddings, memory-mapped (float16 or float32), as for
+            :class:`RetrievalEvaluator`.
 
     Returns:
         A ``datasets.Dataset`` (query, positive, negative_1..k); images stay images.
@@ -67,17 +75,15 @@ def mine_hard_negatives(
     undecoded = undecoded_images(dataset.select_columns(["query", "positive"]))  # decoded as in training
     queries, positives = list(undecoded["query"]), list(undecoded["positive"])
     derived = corpus is None
-    if corpus is None:
-        corpus = _distinct(positives)
-    corpus = list(corpus)
-    corpus_fp = [fingerprint(cell) for cell in corpus]
+    source = retrieval.CorpusSource(_distinct(positives) if derived else corpus, corpus_columns, "corpus")
+    corpus_fp = [fingerprint(cell) for chunk in source.chunks() for cell in chunk]
     positive_fp = [fingerprint(cell) for cell in positives]
     scorer = retrieval.scorer_of(bi_encoder)
     encode = functools.partial(retrieval.encode, bi_encoder, batch_size=batch_size, shard=shard_across_ranks)
-    docs = encode(corpus, side="document")
+    docs = retrieval.encode_corpus(bi_encoder, source, batch_size, shard_across_ranks, store=store, dtype=store_dtype)
     pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
     query_emb = encode(queries, side="query")
-    depth = min(range_max or len(corpus), len(corpus))
+    depth = min(range_max or len(source), len(source))
     candidate_scores, order = retrieval.top_k(scorer, query_emb, docs, depth)
     positive_scores = scorer.pairwise(query_emb, pos)
     # Every positive of a query (it may sit on several rows, e.g. one image per caption) is excluded for each of
@@ -94,6 +100,7 @@ def mine_hard_negatives(
     order = order.tolist()
     rng = random.Random(seed)
     rows: dict[str, list[Any]] = {"query": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(num_negatives)}}
+    picked: list[list[int]] = []
     skipped = 0
     for i, ranked in enumerate(order):
         own = positives_of[query_fp[i]]
@@ -106,8 +113,11 @@ def mine_hard_negatives(
         chosen = eligible[:num_negatives] if sampling == "top" else rng.sample(eligible, num_negatives)
         rows["query"].append(queries[i])
         rows["positive"].append(positives[i])
-        for j, doc in enumerate(chosen):
-            rows[f"negative_{j + 1}"].append(corpus[doc])
+        picked.append(chosen)
+    cells = iter(source.cells([doc for chosen in picked for doc in chosen]))  # one read of the corpus at most
+    for _ in picked:
+        for j in range(num_negatives):
+            rows[f"negative_{j + 1}"].append(next(cells))
     logger.info("mine_hard_negatives: %d rows with %d negatives each; %d rows skipped (fewer than %d eligible "
                 "candidates after excluding the positive, near-duplicates%s).", len(rows["query"]), num_negatives,
                 skipped, num_negatives, " and the margin" if margin is not None else "")

@@ -102,17 +102,29 @@ def _pooling(model: Any) -> str | None:
 
 
 def _negatives(dataset: Any, kind: str) -> str:
-    columns = list(getattr(dataset, "column_names", None) or [])
+    from .schema import ROW_KEY, negative_cells, negative_columns
+    from .streams import first_rows, is_stream
+
+    first = ((first_rows(dataset) or [{}])[0] if is_stream(dataset) else None)
+    columns = list(first or getattr(dataset, "column_names", None) or [])
+    columns = [c for c in columns if c != ROW_KEY]
     if not columns:
         return "n/a"
     if "document" in columns:
         return "pointwise rows (query, document, label)"
-    from .schema import negative_cells, negative_columns
-
     negatives = negative_columns(columns)
-    count = len(negative_cells(dataset[0], negatives)) if negatives else 0
+    first = first if first is not None else dataset[0]
+    count = len(negative_cells(first, negatives)) if negatives else 0
     prefix = "in-batch + " if kind != "cross_encoder" else ""
     return f"{prefix}{count} negative(s)" if count else "in-batch only"
+
+
+def _training_rows(trainer: Any, world: int) -> Any:
+    dataset = trainer.train_dataset
+    if hasattr(dataset, "__len__"):
+        return len(dataset)
+    read = getattr(trainer, "rows_read", 0) * world  # each process reads its own share of a stream
+    return f"a stream: {read} rows read" if read else "a stream"
 
 
 def _eval(history: list[dict[str, Any]], baseline: dict[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
@@ -161,7 +173,7 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
             "gradient checkpointing": bool(args.gradient_checkpointing), "hardware": _hardware(world),
             "duration": f"{runtime['train_runtime']:.0f} s" if runtime else "n/a",
             "samples/s": round(runtime["train_samples_per_second"], 2) if runtime else "n/a",
-            "training rows": len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else "n/a",
+            "training rows": _training_rows(trainer, world),
             **({"rows skipped as unreadable (bad_rows='skip')": len(trainer.skipped_rows)}
                if getattr(trainer, "bad_rows", "raise") == "skip" else {}),
         },

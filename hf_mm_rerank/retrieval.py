@@ -145,6 +145,150 @@ def encode(model: Any, inputs: Sequence[Any], side: str, batch_size: int, shard:
     return model.encode(inputs, side=side, batch_size=batch_size, **shard_kwargs(shard))
 
 
+CHUNK_ROWS = 4096  # corpus documents read and encoded at a time by encode_corpus
+
+
+class CorpusSource:
+    """A corpus read chunk by chunk, so a corpus larger than memory can be encoded and searched.
+
+    Accepts ``{doc_id: cell}`` (held as it is), a sequence of cells (ids 0..n-1), a ``datasets.Dataset`` or
+    ``IterableDataset`` (a stream: ``load_dataset(..., streaming=True)``) with an id column and a document column
+    (``columns``; without the id column the row number is the id), or any re-iterable of ``(doc_id, cell)`` pairs
+    (an object whose ``iter()`` starts again; a one-shot generator is refused, since every evaluation reads the
+    corpus again). Only the ids are kept in memory; cells are read again for each encoding.
+    """
+
+    def __init__(self, corpus: Any, columns: tuple[str, str] = ("id", "document"), what: str = "corpus") -> None:
+        from collections.abc import Mapping
+
+        from datasets import Dataset, IterableDataset
+
+        from .pipeline import undecoded_images
+        from .streams import is_stream, stream_columns
+
+        self.kind, self.what = None, what
+        self.id_column, self.document_column = columns
+        if isinstance(corpus, Mapping):
+            self.kind, self.ids, self._cells = "cells", list(corpus), [corpus[d] for d in corpus]
+        elif isinstance(corpus, (Dataset, IterableDataset)):
+            names = stream_columns(corpus, what) if is_stream(corpus) else list(corpus.column_names)
+            if self.document_column not in names:
+                raise ValueError(f"{what}: no document column {self.document_column!r}; found {names}. Fix: pass "
+                                 f"corpus_columns=(id column, document column), e.g. ('corpus-id', 'image').")
+            self.kind = "stream" if is_stream(corpus) else "dataset"
+            self._data = undecoded_images(corpus)  # images decoded as in training, chunk by chunk
+            if self.id_column in names:
+                ids = self._data.select_columns([self.id_column])
+                self.ids = [row[self.id_column] for row in ids] if self.kind == "stream" else list(ids[self.id_column])
+            else:
+                self.ids = list(range(sum(1 for _ in self._data.select_columns([self.document_column]))
+                                      if self.kind == "stream" else len(corpus)))
+        elif hasattr(corpus, "__len__") and hasattr(corpus, "__getitem__") and not isinstance(corpus, (str, bytes)):
+            self.kind, self.ids, self._cells = "cells", list(range(len(corpus))), list(corpus)  # a sequence of cells
+        else:
+            if iter(corpus) is corpus:
+                raise TypeError(f"{what}: a one-shot iterator (a generator) can be read only once, and the corpus is "
+                                "read again at every evaluation. Fix: pass a list, a dict, a datasets Dataset or "
+                                "IterableDataset, or an object whose iter() starts again.")
+            self.kind, self._pairs = "pairs", corpus
+            self.ids = [doc_id for doc_id, _ in corpus]
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"{what}: document ids repeat (e.g. {next(d for d in self.ids if self.ids.count(d) > 1)!r}"
+                             "). Fix: one row per document id.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, doc_id: Any) -> bool:
+        if not hasattr(self, "_id_set"):
+            self._id_set = set(self.ids)
+        return doc_id in self._id_set
+
+    def __iter__(self) -> Any:
+        """Every cell, in id order."""
+        for chunk in self.chunks():
+            yield from chunk
+
+    def chunks(self, rows: int = CHUNK_ROWS) -> Any:
+        """The cells, ``rows`` at a time, in id order."""
+        if self.kind == "cells":
+            for start in range(0, len(self._cells), rows):
+                yield self._cells[start:start + rows]
+        elif self.kind == "dataset":
+            for start in range(0, len(self.ids), rows):
+                yield self._data[start:start + rows][self.document_column]
+        else:
+            source = (row[self.document_column] for row in self._data) if self.kind == "stream" else (
+                cell for _, cell in self._pairs)
+            chunk: list[Any] = []
+            for cell in source:
+                chunk.append(cell)
+                if len(chunk) == rows:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+    def cells(self, indices: Sequence[int]) -> list[Any]:
+        """The cells at ``indices`` (one pass over a stream)."""
+        if self.kind == "cells":
+            return [self._cells[i] for i in indices]
+        if self.kind == "dataset":
+            wanted = sorted(set(indices))
+            found = dict(zip(wanted, self._data.select(wanted)[self.document_column]))
+            return [found[i] for i in indices]
+        wanted, found, position = set(indices), {}, 0
+        for chunk in self.chunks():
+            for cell in chunk:
+                if position in wanted:
+                    found[position] = cell
+                position += 1
+        return [found[i] for i in indices]
+
+
+def encode_corpus(model: Any, source: CorpusSource, batch_size: int, shard: bool, *, store: str | None = None,
+                  dtype: torch.dtype | str = torch.float32, chunk_rows: int = CHUNK_ROWS) -> Any:
+    """The corpus's document embeddings, encoded ``chunk_rows`` documents at a time. With ``store`` (a folder),
+    dense embeddings are written to a memory-mapped file there (``dtype`` float16 or float32; one file per process,
+    rewritten at each call) and returned as a tensor over it, so the corpus's embeddings need not fit in memory:
+    :func:`top_k` reads them one chunk at a time. Multi-vector (token) embeddings stay in memory."""
+    import numpy as np
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"dtype={dtype}: corpus embeddings are stored as torch.float16 or torch.float32.")
+    parts: list[Any] = []
+    stored, written = None, 0
+    for chunk in source.chunks(chunk_rows):
+        embeddings = encode(model, chunk, "document", batch_size, shard)
+        if isinstance(embeddings, TokenEmbeddings):
+            if store is not None:
+                raise ValueError("store: token (multi-vector) embeddings are kept in memory; a store holds dense "
+                                 "embeddings. Fix: leave store out (token_pooling shrinks the index).")
+            parts.append(embeddings)
+            continue
+        if store is None:
+            parts.append(embeddings.to(dtype))
+            continue
+        if stored is None:
+            import os
+
+            from .distributed import world
+
+            os.makedirs(store, exist_ok=True)
+            name = f"corpus-rank{world()[0]}-{str(dtype).removeprefix('torch.')}.bin"
+            stored = np.memmap(os.path.join(store, name), dtype=np.float16 if dtype == torch.float16 else np.float32,
+                               mode="w+", shape=(len(source), embeddings.shape[1]))
+        stored[written:written + len(embeddings)] = embeddings.to(dtype).cpu().numpy()
+        written += len(embeddings)
+    if stored is not None:
+        stored.flush()
+        return torch.from_numpy(stored)
+    if parts and isinstance(parts[0], TokenEmbeddings):
+        return TokenEmbeddings.pack(parts)
+    return torch.cat(parts) if parts else torch.empty(0, 0, dtype=dtype)
+
+
 def _rows(embeddings: Any, start: int, stop: int) -> Any:
     return embeddings[start:stop]
 

@@ -23,21 +23,35 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .arguments import AUTO_THREADS, fix_training_arguments
+from .arguments import AUTO_THREADS, AUTO_WORKERS, fix_training_arguments, refit_threads
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
 from .distributed import all_parameters_term, average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
+from .modeling.backbone import TEXT
 from .pipeline import add_lengths, undecoded_images
 from .schema import GROUPED, ROW_KEY, check_columns, negative_columns, reranker_layout, teacher_columns
+from .streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
 
 
-def _columns(dataset: Any) -> list[str] | None:
+def _compute_bound(model: Any, loss: Any) -> str | None:
+    """Why the inputs alone make a training step compute-bound (PipelinePolicy's start), or None."""
+    if getattr(loss, "mini_batch_size", None):
+        return "GradCache encodes every batch twice"
+    spec = getattr(model, "spec", None)
+    if getattr(spec, "family", None) == TEXT:
+        return "text pairs: nothing to decode"
+    return None
+
+
+def _columns(dataset: Any, name: str = "dataset") -> list[str] | None:
+    if is_stream(dataset):
+        return stream_columns(dataset, name)
     names = getattr(dataset, "column_names", None)
     if isinstance(names, dict):  # a DatasetDict
         raise TypeError("pass one split (e.g. dataset['train']), not a DatasetDict.")
@@ -57,6 +71,11 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     tokens and image headers (Trainer's own estimate reads ``input_ids``, which raw rows lack)."""
     if dataset is None:
         return None
+    if is_stream(dataset):
+        if args.train_sampling_strategy == "group_by_length":
+            logger.info("hf_mm_rerank: train_sampling_strategy='group_by_length' needs every row's length; the dataset "
+                        "is a stream, so it is read in its own order (Trainer uses no sampler for streams).")
+        return with_stream_row_index(undecoded_images(dataset), args)
     columns = _columns(dataset) or []
     dataset = undecoded_images(dataset)
     if args.train_sampling_strategy == "group_by_length" and columns and args.length_column_name not in columns:
@@ -90,12 +109,17 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         skipped = inputs.pop(SKIPPED_KEY, None)
+        counts = batch_counts(inputs) if model.training else {}
+        if model.training:
+            self.rows_read += counts["samples"] + len(skipped or ())
         if skipped:
             dataset = self.train_dataset if model.training else None
-            self.skipped_rows.add(skipped, len(dataset) if hasattr(dataset, "__len__") else None, self.args.world_size)
-        if model.training:
-            for name, count in batch_counts(inputs).items():
-                self.input_counts[name] += count
+            if hasattr(dataset, "__len__"):
+                self.skipped_rows.add(skipped, len(dataset), self.args.world_size)
+            else:  # a stream: the share of the rows read so far
+                self.skipped_rows.add(skipped, None, 1, rows_read=self.rows_read if model.training else None)
+        for name, count in counts.items():
+            self.input_counts[name] += count
         loss = self.loss(model, inputs)
         if model.training and not getattr(self.loss, "mini_batch_size", None):  # (GradCache adds it in its 2nd pass)
             extra = all_parameters_term(model)
@@ -186,6 +210,13 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         self.bad_rows, self.skipped_rows = collator_rule, SkipCounter(max_skipped_fraction)
         if hasattr(data_collator, "defer_errors"):
             data_collator.defer_errors = True  # a bad row in a worker reaches the user as one error (_prepare_inputs)
+        if is_stream(train_dataset):  # see streams.py
+            check_max_steps(args)
+            if args.accelerator_config.dispatch_batches is None:
+                args.accelerator_config.dispatch_batches = False  # each process reads its own share of the stream
+            fit_workers(train_dataset, args, auto_workers=AUTO_WORKERS in args.__dict__)
+            refit_threads(args)
+        self.rows_read = 0  # training rows this process read (kept and skipped): the skip limit of a stream
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=_prepare_dataset(train_dataset, model, args),
                          eval_dataset=_prepare_dataset(eval_dataset, model, args), **kwargs)
@@ -196,7 +227,9 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
             if isinstance(callback, (HubPushCallback, ThroughputCallback)):
                 callback.attach(self)
         if AUTO_THREADS in self.args.__dict__:  # workers and threads were ours to pick: measure, then settle
-            self.add_callback(PipelinePolicy(self.args.__dict__[AUTO_THREADS]))
+            prefetched = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
+            self.add_callback(PipelinePolicy(self.args.__dict__[AUTO_THREADS], compute_bound=_compute_bound(model, loss),
+                                             main_process=self.args.process_index == 0, warmup=1 + prefetched))
         # Throughput goes first so the reporting integrations (TensorBoard, W&B, console) see its figures.
         callbacks.sort(key=lambda cb: not isinstance(cb, ThroughputCallback))
         self.loss.to(self.args.device)
@@ -327,10 +360,11 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         if loss is None:  # token embeddings train by MaxSim
             loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            columns = _columns(dataset) if dataset is not None else None
+            columns = _columns(dataset, name) if dataset is not None else None
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
-                check_rows(dataset, name)
+                if not is_stream(dataset):
+                    check_rows(dataset, name)
                 if getattr(loss, "needs_groups", False) and not negative_columns(columns):
                     raise ValueError(f"{name}: {type(loss).__name__} compares each query's candidates (positive and "
                                      "negatives), and the rows have no negative column. Fix: mine them first "
@@ -339,10 +373,11 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                     raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
                                      "teacher_scores / teacher_score_0..k column. Fix: dataset = "
                                      "score_with_teacher(reranker, dataset).")
+                rows = len(first_rows(dataset, 2)) if is_stream(dataset) else len(dataset)
                 if not negative_columns(columns) and name == "train_dataset" and (
-                        len(dataset) < 2 or args.per_device_train_batch_size * args.world_size < 2):
+                        rows < 2 or args.per_device_train_batch_size * args.world_size < 2):
                     raise ValueError(
-                        f"train_dataset: {len(dataset)} row(s), {args.per_device_train_batch_size} per batch on "
+                        f"train_dataset: {rows} row(s), {args.per_device_train_batch_size} per batch on "
                         f"{args.world_size} process(es), and no negative column: each query would be scored against "
                         "its own positive alone, so the loss is 0 and nothing trains. Fix: at least 2 rows per "
                         "batch (per_device_train_batch_size x processes), or negative columns.")
@@ -382,9 +417,11 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         args = self._fix_args(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
-                   if dataset is not None and (columns := _columns(dataset)) is not None}
+                   if dataset is not None and (columns := _columns(dataset, name)) is not None}
         for name in layouts:
-            check_rows(train_dataset if name == "train_dataset" else eval_dataset, name)
+            dataset = train_dataset if name == "train_dataset" else eval_dataset
+            if not is_stream(dataset):
+                check_rows(dataset, name)
         if loss is None:
             grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
             loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()

@@ -80,7 +80,8 @@ class RetrieveRerankEvaluator:
     def __call__(self, reranker: Any) -> dict[str, float]:
         r = self.retrieval
         candidates = self.candidates()
-        pairs = [(query, r.corpus[j]) for query, row in zip(r.queries, candidates) for j in row]
+        cells = r.corpus.cells([j for row in candidates for j in row])
+        pairs = list(zip((query for query, row in zip(r.queries, candidates) for _ in row), cells))
         scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
         order = retrieval.rank_groups(retrieval.split_groups(scores.float().tolist(), [len(c) for c in candidates]))
         rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]  # ties: retrieval order

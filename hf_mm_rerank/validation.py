@@ -135,20 +135,25 @@ class SkipCounter:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, skipped: list[tuple[Any, str]], dataset_rows: int | None, world_size: int) -> None:
+    def add(self, skipped: list[tuple[Any, str]], dataset_rows: int | None, world_size: int,
+            rows_read: int | None = None) -> None:
+        """``dataset_rows``: the dataset's length; for a stream, ``rows_read``: the rows this process read so far
+        (the limit then applies once ten rows are skipped, so one bad row early on does not stop the run)."""
         for row, reason in skipped:
             if row in self._seen:
                 continue
             self._seen.add(row)
             self.rows.append((row, reason))
             logger.warning("hf_mm_rerank: skipping row %s (bad_rows='skip'): %s", row, reason)
-        if dataset_rows:
-            limit = self.max_fraction * dataset_rows / max(1, world_size)
+        if dataset_rows or (rows_read and len(self.rows) >= 10):
+            limit = self.max_fraction * (dataset_rows / max(1, world_size) if dataset_rows else rows_read)
             if len(self.rows) > limit:
                 shown = "; ".join(reason for _, reason in self.rows[:3])
+                of = (f"its share of the {dataset_rows} training rows" if dataset_rows else
+                      f"the {rows_read} rows of the stream it has read")
                 raise InputError(
                     f"bad_rows='skip': {len(self.rows)} rows skipped on this process, more than max_skipped_fraction="
-                    f"{self.max_fraction:g} of its share of the {dataset_rows} training rows; stopping rather than "
+                    f"{self.max_fraction:g} of {of}; stopping rather than "
                     f"training on what is left. First reasons: {shown}. Fix: run hf_mm_rerank.validate_dataset("
                     "dataset, model) to list every bad row and clean them, or raise max_skipped_fraction.")
 

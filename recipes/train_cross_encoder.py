@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
     with main_process_first(args, "loading the data"):
         train, held_out = load_data(data_args, seed=args.seed)
-    columns = set(train.column_names)
+    columns = set(train.column_names or [])
     train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
     card = publish.card()
-    if set(train.column_names) != columns:  # the card says how the negatives were made
+    if set(train.column_names or []) != columns:  # the card says how the negatives were made
         miner = hub_id(model_args.mining_model)
         card["negatives"] = (f"mined with {miner}" if miner else "mined with a bi-encoder") \
             if model_args.mining_model else "random"

@@ -85,7 +85,8 @@ def _bi_encoder_run(paths, out, loss, rows, model=None, **overrides) -> dict[str
     initial = trainable(model)
     ref: list = []
     counter = CountAllReduces(ref)
-    trainer = BiEncoderTrainer(model=model, args=training_args(out, **overrides), train_dataset=Dataset.from_list(rows),
+    data = rows if not isinstance(rows, list) else Dataset.from_list(rows)
+    trainer = BiEncoderTrainer(model=model, args=training_args(out, **overrides), train_dataset=data,
                                loss=loss, callbacks=[counter])
     ref.append(trainer)
     trainer.train()
@@ -163,7 +164,8 @@ def _reranker_run(model, out, loss, rows) -> dict[str, Any]:
     initial = trainable(model)
     ref: list = []
     counter = CountAllReduces(ref)
-    trainer = CrossEncoderTrainer(model=model, args=training_args(out), train_dataset=Dataset.from_list(rows),
+    data = rows if not isinstance(rows, list) else Dataset.from_list(rows)
+    trainer = CrossEncoderTrainer(model=model, args=training_args(out), train_dataset=data,
                                   loss=loss, callbacks=[counter])
     ref.append(trainer)
     trainer.train()
@@ -200,6 +202,37 @@ def classification_bce(paths, out):
     return _reranker_run(model, out, BinaryCrossEntropyLoss(), rows[:48])
 
 
+def _stream_or_rows(rows: list[dict], shards: int) -> Any:
+    """With 2 processes: ``rows`` as a stream of ``shards`` shards, ordered so that the global batches (4 rows per
+    process and step) are the map-style ones: with 2 shards each process reads its own shard (datasets splits a
+    stream by shard when it has as many as processes); with 1, each process keeps its own batches of the stream.
+    In one process: the map-style rows themselves, which the 2-process run must equal."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return rows
+    per = GLOBAL_BATCH // size
+    if shards > 1:  # shard r holds what rank r trains on, step after step
+        rows = [row for rank in range(size) for start in range(0, len(rows), GLOBAL_BATCH)
+                for row in rows[start + rank * per:start + (rank + 1) * per]]
+    return Dataset.from_list(rows).to_iterable_dataset(num_shards=shards)
+
+
+def stream_bi_encoder(paths, out):
+    """A streamed training set of one shard (accelerate: each process keeps its own batches) equals map-style rows."""
+    loss = ContrastiveLoss(symmetric=True, learnable_temperature=True, temperature=0.1)
+    return _bi_encoder_run(paths, out, loss, _stream_or_rows(color_rows(repeat=3), shards=1))
+
+
+def stream_sharded_reranker(paths, out):
+    """A yes/no reranker on a streamed pointwise set of 2 shards (one per process) equals map-style rows."""
+    model = CrossEncoder.from_pretrained(paths["qwen2_vl"], head="yes_no", lora_config=LoraConfig(r=8),
+                                         **PLAIN_PROMPT)
+    names = list(COLORS)
+    rows = [{"query": f"a {c} square", "document": solid(names[(i + j) % 8]), "label": float(j == 0)}
+            for i, c in enumerate(names) for j in range(3)]
+    return _reranker_run(model, out, BinaryCrossEntropyLoss(), _stream_or_rows(rows, shards=2))
+
+
 def sharded_inference(paths, out):
     """Evaluators and mining on an untrained model, with small uneven batches so ranks get different shares."""
     encoder = BiEncoder.from_pretrained(paths["clip"])
@@ -227,7 +260,7 @@ def sharded_inference(paths, out):
 
 SCENARIOS = {f.__name__: f for f in (
     contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder, qlora_gradient_checkpointing,
-    multi_vector_maxsim, multi_vector_cached_pairwise,
+    multi_vector_maxsim, multi_vector_cached_pairwise, stream_bi_encoder, stream_sharded_reranker,
     listwise_reranker, yes_no_lambda, mlp_distill, classification_bce, sharded_inference)}
 
 

@@ -3,7 +3,7 @@ workers, LoRA dropout, a learnable temperature, AdamW with warmup and decay, two
 
     python resume_worker.py KIND MODEL_PATH OUTPUT_DIR KILL_AT
 
-KIND: ``bi_encoder``, ``grad_cache`` or ``reranker``. With KILL_AT > 0 the process SIGKILLs itself right after
+KIND: ``bi_encoder``, ``grad_cache``, ``reranker`` or ``stream`` (the bi-encoder on a 2-shard ``IterableDataset``). With KILL_AT > 0 the process SIGKILLs itself right after
 checkpoint KILL_AT is written (as a kill at any later moment would leave it), and a rerun resumes with
 ``resume_from_checkpoint=True``. At the end it writes every trainable tensor (model and loss) to
 OUTPUT_DIR/final.pt.
@@ -60,7 +60,9 @@ def main(kind: str, model_path: str, output_dir: str, kill_at: int) -> None:
     args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=4, max_steps=10, save_steps=2,
                              learning_rate=5e-3, warmup_steps=2, logging_steps=1, report_to=[], use_cpu=True,
                              disable_tqdm=True, seed=0)
-    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), loss=loss,
+    data = Dataset.from_list(rows)
+    data = data.to_iterable_dataset(num_shards=2) if kind == "stream" else data
+    trainer = trainer_class(model=model, args=args, train_dataset=data, loss=loss,
                             callbacks=[KillAfterSave(kill_at)] if kill_at else None)
     assert os.environ["HF_MM_RERANK_AUTO_WORKERS"] == "0" or trainer.args.dataloader_num_workers > 0 and trainer.args.dataloader_persistent_workers
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None

@@ -28,6 +28,7 @@ def _run(kind: str, model: str, out: Path, kill_at: int = 0) -> subprocess.Compl
     ("bi_encoder", "clip", 4),  # killed at an epoch boundary (4 steps per epoch)
     ("grad_cache", "clip", 6),  # killed mid-epoch
     ("reranker", "qwen2_vl", 6),
+    ("stream", "clip", 6),  # a streamed training set, killed in its second pass
 ])
 def test_sigkill_and_resume_equals_a_straight_run(tiny_path, tmp_path, kind, family, kill_at):
     model = tiny_path(family)
