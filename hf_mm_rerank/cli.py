@@ -120,7 +120,9 @@ class DataArguments:
     image_root: str | None = field(default=None, metadata={
         "help": "Relative image paths are resolved against this folder (default: the first data file's folder)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Truncate the evaluation set; with --streaming and no --eval_split, hold out the stream's first N rows "
+                "(training starts after them)."})
     cache_images: bool = field(default=False, metadata={
         "help": "Decode and shrink every training image once to the model's pixel budget (cached by datasets), "
                 "so later epochs skip full-size decoding."})
@@ -206,11 +208,12 @@ def _load_stream(builder: str, args: DataArguments) -> tuple[Any, Any]:
     if builder == DEMO_DATA:
         raise ValueError("--streaming reads --dataset_name / --data_files as a stream; the built-in demo data is in "
                          "memory already. Fix: drop --streaming, or pass --dataset_name / --data_files.")
-    for flag, value in (("--cache_images", args.cache_images), ("--validate_data", args.validate_data)):
+    for flag, value, instead in (
+            ("--cache_images", args.cache_images, ""),
+            ("--validate_data", args.validate_data, " (with --bad_rows skip, unreadable rows are counted as they come)")):
         if value:
             raise ValueError(f"{flag} reads every training row before training; a --streaming run reads them as it "
-                             f"trains. Fix: drop {flag} (with --bad_rows skip, unreadable rows are counted as they "
-                             "come), or drop --streaming.")
+                             f"trains. Fix: drop {flag}{instead}, or drop --streaming.")
     if builder in FILE_BUILDERS and not (args.data_files or args.data_dir):
         raise ValueError(f"--dataset_name {builder} reads local files, and none were given. Fix: pass --data_files.")
     loaded = load_dataset(builder, args.dataset_config, data_files=args.data_files, data_dir=args.data_dir,
@@ -227,6 +230,11 @@ def _load_stream(builder: str, args: DataArguments) -> tuple[Any, Any]:
             held_stream = held_stream.take(args.max_eval_samples)
     elif args.max_eval_samples:
         held_stream, train = train.take(args.max_eval_samples), train.skip(args.max_eval_samples)
+        from .streams import first_rows
+
+        if not first_rows(train):
+            raise ValueError(f"--max_eval_samples {args.max_eval_samples} held out every row of the stream, so none is "
+                             "left to train on. Fix: a smaller --max_eval_samples, or --eval_split.")
     if args.max_train_samples:
         train = train.take(args.max_train_samples)
     held_out = None
@@ -263,11 +271,12 @@ def _canonical(dataset: Any, args: DataArguments) -> Any:
     from .streams import is_stream, stream_columns
 
     columns = stream_columns(dataset, f"--{args.train_split} split") if is_stream(dataset) else dataset.column_names
+    found = list(columns)
     for old, new in ((args.query_column, "query"), (args.positive_column, "positive")):
         if old != new and old in columns:
             dataset = dataset.rename_column(old, new)
             columns = [new if c == old else c for c in columns]
-    _check_recipe_columns(columns, args)
+    _check_recipe_columns(columns, args, found)
     root = args.image_root or (os.path.dirname(os.path.abspath(args.data_files[0])) if args.data_files else None)
     if root and dataset.features is None:  # a stream read without a schema: its text cells, as they come
         return dataset.map(lambda row: {c: _rooted(v, root) for c, v in row.items() if isinstance(v, str)})
@@ -277,15 +286,16 @@ def _canonical(dataset: Any, args: DataArguments) -> Any:
     return dataset
 
 
-def _check_recipe_columns(columns: list[str], args: DataArguments) -> None:
-    """Rows a recipe cannot train on are named with the recipe's own flags (before any model is loaded)."""
+def _check_recipe_columns(columns: list[str], args: DataArguments, found: list[str] | None = None) -> None:
+    """Rows a recipe cannot train on are named with the recipe's own flags (before any model is loaded); ``found``:
+    the columns as the data has them, before the renames."""
     pointwise = {"query", "document", "label"} <= set(columns)
     if {"query", "positive"} <= set(columns) or pointwise:
         return
     source = " ".join(args.data_files) if args.data_files else args.dataset_name
     missing = [name for name in ("query", "positive") if name not in columns]
     flags = " ".join(f"--{name}_column <your {name} column>" for name in missing)
-    raise ValueError(f"{source}: the rows have columns {list(columns)}, without {missing}. The recipes train on "
+    raise ValueError(f"{source}: the rows have columns {list(found or columns)}, without {missing}. The recipes train on "
                      "'query' + 'positive' columns (rerankers also on pointwise 'query' + 'document' + 'label'). "
                      f"Fix: name your columns with {flags} (now --query_column {args.query_column} "
                      f"--positive_column {args.positive_column}).")
@@ -449,8 +459,9 @@ def print_report(before: dict[str, float], after: dict[str, float], output_dir: 
             lines.append(f"{name:<16}{row}" if row else f"{name:<16}{cell.format(*table[name]):>18}  (no cutoff)")
         print("\n".join(lines))
     if not after:
-        print("No evaluation was run: pass --eval_fraction 0.1 (a held-out share of the rows) or --eval_split to see "
-              "metrics before and after training.")
+        print("No evaluation was run: pass --eval_fraction 0.1 (a held-out share of the rows; with --streaming, "
+              "--max_eval_samples N: the stream's first N rows) or --eval_split to see metrics before and after "
+              "training.")
     print(f"Saved to {output_dir} (metrics: {os.path.join(output_dir, 'metrics.json')}). Load it with "
           f"{loader}.from_pretrained({os.path.abspath(output_dir)!r})", flush=True)
 

@@ -123,8 +123,10 @@ def _training_rows(trainer: Any, world: int) -> Any:
     dataset = trainer.train_dataset
     if hasattr(dataset, "__len__"):
         return len(dataset)
-    read = getattr(trainer, "rows_read", 0) * world  # each process reads its own share of a stream
-    return f"a stream: {read} rows read" if read else "a stream"
+    read = getattr(trainer, "rows_read", 0)  # this process's share of the stream
+    if not read:
+        return "a stream"
+    return f"a stream: {read} rows read" if world == 1 else f"a stream: {read} rows read by process 0 of {world}"
 
 
 def _eval(history: list[dict[str, Any]], baseline: dict[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:

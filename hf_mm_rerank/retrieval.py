@@ -151,7 +151,8 @@ CHUNK_ROWS = 4096  # corpus documents read and encoded at a time by encode_corpu
 class CorpusSource:
     """A corpus read chunk by chunk, so a corpus larger than memory can be encoded and searched.
 
-    Accepts ``{doc_id: cell}`` (held as it is), a sequence of cells (ids 0..n-1), a ``datasets.Dataset`` or
+    Accepts ``{doc_id: cell}`` (held as it is), a list of ``(doc_id, cell)`` tuples, a sequence of cells (ids
+    0..n-1), a ``datasets.Dataset`` or
     ``IterableDataset`` (a stream: ``load_dataset(..., streaming=True)``) with an id column and a document column
     (``columns``; without the id column the row number is the id), or any re-iterable of ``(doc_id, cell)`` pairs
     (an object whose ``iter()`` starts again; a one-shot generator is refused, since every evaluation reads the
@@ -183,6 +184,9 @@ class CorpusSource:
             else:
                 self.ids = list(range(sum(1 for _ in self._data.select_columns([self.document_column]))
                                       if self.kind == "stream" else len(corpus)))
+        elif isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, tuple) and len(p) == 2 for p in corpus):
+            self.kind, self._pairs = "pairs", list(corpus)  # [(doc_id, cell), ...] (a cell is never a tuple)
+            self.ids = [doc_id for doc_id, _ in corpus]
         elif hasattr(corpus, "__len__") and hasattr(corpus, "__getitem__") and not isinstance(corpus, (str, bytes)):
             self.kind, self.ids, self._cells = "cells", list(range(len(corpus))), list(corpus)  # a sequence of cells
         else:
@@ -256,7 +260,8 @@ def encode_corpus(model: Any, source: CorpusSource, batch_size: int, shard: bool
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"dtype={dtype}: corpus embeddings are stored as torch.float16 or torch.float32.")
+        raise ValueError(f"store_dtype / dtype={dtype}: corpus embeddings are stored as float16 or float32. Fix: "
+                         "store_dtype='float16' (half the size) or 'float32'.")
     parts: list[Any] = []
     stored, written = None, 0
     for chunk in source.chunks(chunk_rows):

@@ -176,6 +176,10 @@ def test_the_bi_encoder_recipe_streams_its_data_files_and_holds_out_the_first_ro
         recipe.main(_recipe_argv(tiny_path, tmp_path / "b", data, "--max_steps", "2", "--validate_data", "true"))
     with pytest.raises(ValueError, match=r"recipes: --max_steps N"):
         recipe.main(_recipe_argv(tiny_path, tmp_path / "c", data))
+    with pytest.raises(ValueError, match="--max_eval_samples 40 held out every row of the stream"):
+        load_data(DataArguments(data_files=[data], streaming=True, max_eval_samples=40))
+    with pytest.raises(ValueError, match=r"the rows have columns \['query', 'positive', 'negative'\], without \['query'\]"):
+        load_data(DataArguments(data_files=[data], streaming=True, query_column="queries", positive_column="query"))
 
 
 def test_the_reranker_recipe_refuses_to_invent_negatives_for_a_stream(tiny_path, tmp_path):
@@ -230,6 +234,8 @@ def test_the_evaluator_reads_a_corpus_dataset_stream_or_iterable_in_chunks(tiny_
     chunked = RetrievalEvaluator(queries, _Pairs(corpus), relevant, batch_size=4, chunk_rows=8,
                                  store=str(tmp_path / "s2"))
     assert chunked.rankings(model, 17) == expected_rankings and chunked(model) == expected  # ties included
+    listed = RetrievalEvaluator(queries, list(corpus.items()), relevant, batch_size=4)  # [(id, cell), ...]
+    assert listed.doc_ids == list(corpus) and listed(model) == expected
     half = RetrievalEvaluator(queries, _Pairs(corpus), relevant, chunk_rows=5, store=str(tmp_path / "s3"),
                               store_dtype="float16")
     assert abs(half(model)["ndcg@10"] - expected["ndcg@10"]) < 0.05
