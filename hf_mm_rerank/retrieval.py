@@ -197,8 +197,10 @@ class CorpusSource:
             self.kind, self._pairs = "pairs", corpus
             self.ids = [doc_id for doc_id, _ in corpus]
         if len(set(self.ids)) != len(self.ids):
-            raise ValueError(f"{what}: document ids repeat (e.g. {next(d for d in self.ids if self.ids.count(d) > 1)!r}"
-                             "). Fix: one row per document id.")
+            from collections import Counter
+
+            repeated = next(d for d, n in Counter(self.ids).items() if n > 1)
+            raise ValueError(f"{what}: document ids repeat (e.g. {repeated!r}). Fix: one row per document id.")
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -243,6 +243,8 @@ def test_the_evaluator_reads_a_corpus_dataset_stream_or_iterable_in_chunks(tiny_
     path = tmp_path / "s3" / "corpus-rank0-float16.bin"
     assert stored.dtype == torch.float16 and path.stat().st_size == 17 * stored.shape[1] * 2
     assert str(path) in open("/proc/self/maps").read()  # the tensor is the memory-mapped file, not a copy in memory
+    with pytest.raises(ValueError, match=r"document ids repeat \(e.g. 'a'\)"):
+        RetrievalEvaluator(queries, [("a", "x"), ("b", "y"), ("a", "z")], {})
     with pytest.raises(TypeError, match="one-shot iterator"):
         RetrievalEvaluator(queries, (pair for pair in corpus.items()), relevant)
     with pytest.raises(ValueError, match=r"no document column 'document'.*corpus_columns"):
