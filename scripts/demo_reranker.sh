@@ -3,10 +3,4 @@
 # with random negatives (add --mining_model outputs/demo, after scripts/demo.sh, for hard negatives mined by the
 # bi-encoder demo's model), printing reranking metrics before and after. Extra flags override the config; each run
 # writes over outputs/demo-reranker (--output_dir elsewhere keeps a run).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup.sh"
-cd "$ROOT"
-export HF_HUB_OFFLINE=1
-exec accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  recipes/train_cross_encoder.py --config recipes/configs/demo_reranker.yaml --overwrite_output_dir true "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh" 1 recipes/train_cross_encoder.py recipes/configs/demo_reranker.yaml "$@"
