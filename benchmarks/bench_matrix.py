@@ -3,6 +3,10 @@ rate and loss, each library at its own defaults, runs alternated, medians, ratio
 process tree (the trainer and its DataLoader workers).
 
     python benchmarks/bench_matrix.py [--repeats 3] [--cases clip-jpeg,gradcache-128,...] [--output FILE.md]
+                                      [--baseline DIR]
+
+``--baseline DIR`` adds the run ``ours_base``: hf_mm_rerank imported from DIR (a checkout of an earlier commit, e.g.
+``git worktree add /tmp/base HEAD``), alternated with the others, so before and after are measured side by side.
 
 (The GPU cases, ViT-B/32 at batch 1024 compiled and Qwen3-VL-2B shapes, are bench_clip.py's ``--model vit-b32
 --batch 1024 --compile`` and ``--model qwen3vl-2b``; no device was lent to run them.)
@@ -137,10 +141,12 @@ def _tree_pss(pid: int) -> int:
     return total
 
 
-def run_one(case: str, run: str, timeout: int) -> dict:
+def run_one(case: str, run: str, timeout: int, baseline: str | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", f"{case}:{run}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if run == "ours_base":  # the earlier hf_mm_rerank first on the path, ahead of this checkout's (editable) install
+        env["PYTHONPATH"] = os.pathsep.join([baseline, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
 
     def watch() -> None:
@@ -164,6 +170,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--baseline", default=None, help="a checkout of an earlier commit, run as ours_base")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
@@ -175,13 +182,13 @@ def main() -> None:
     make_data(512)
     lines = []
     for case in options.cases.split(","):
-        runs = CASES[case][-1]
+        runs = CASES[case][-1] + (("ours_base",) if options.baseline else ())
         results: dict[str, list[dict]] = {run: [] for run in runs}
         make_model(CASES[case][0])
         make_data(max(512, 2 * CASES[case][1]))
         for repeat in range(options.repeats):
             for run in (runs if repeat % 2 == 0 else runs[::-1]):  # alternated
-                results[run].append(run_one(case, run, options.timeout))
+                results[run].append(run_one(case, run, options.timeout, options.baseline))
                 print(case, run, results[run][-1], flush=True)
         speed = {run: statistics.median(r["samples_per_second"] for r in rows) for run, rows in results.items()}
         pss = {run: max(r["peak_pss_mb"] for r in rows) for run, rows in results.items()}
@@ -192,12 +199,16 @@ def main() -> None:
     import torch
 
     header = [f"# Side-by-side matrix vs sentence-transformers, CPU ({date.today()})", "",
-              f"Command: `python benchmarks/bench_matrix.py --repeats {options.repeats}`; {len(os.sched_getaffinity(0))} "
+              f"Command: `python benchmarks/bench_matrix.py {' '.join(sys.argv[1:])}`; {len(os.sched_getaffinity(0))} "
               f"cores; torch {torch.__version__}; each library at its own defaults (ours: auto workers and threads, "
               "exact pixels; sentence-transformers: no workers); samples/s timed after the first step, median of the "
               "alternated runs; peak PSS of the run's process tree.", "",
               "| case | run | samples/s (median) | all runs | peak PSS (MB) | speed vs st | PSS vs st |",
               "|---|---|---|---|---|---|---|"]
+    if options.baseline:
+        commit = subprocess.run(["git", "-C", options.baseline, "log", "-1", "--format=%h %s"], capture_output=True,
+                                text=True).stdout.strip()
+        header[2] += f" ours_base: hf_mm_rerank from `{options.baseline}` ({commit or 'not a git checkout'})."
     text = "\n".join(header + lines) + "\n"
     print(text)
     if options.output:

@@ -6,12 +6,14 @@ All image decoding, resizing and processor work happens here, never in the train
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .inputs import CELL_KINDS, InputError, MMInput
-from .processing import Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
+from .processing import Chunker, Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
 from .schema import (  # noqa: F401  (also importable from here, their former home)
     _NUMBERED,
     GROUPED,
@@ -109,6 +111,16 @@ class _RowReader:
         return results, wheres, skipped
 
 
+@contextmanager
+def _joined(where: Any) -> Iterator[None]:
+    """Around adding a row's inputs to their mini-batches: an input error raised there (by featurizing a full
+    mini-batch) must not be skipped as this row's, since part of the row has joined already."""
+    try:
+        yield
+    except InputError as error:
+        raise RuntimeError(f"featurizing the mini-batch that row {where} completed failed: {error}") from error
+
+
 class BiEncoderCollator(_RowReader):
     """Builds ``{"query": chunks, "positive": chunks, "negative": chunks}`` from (query, positive[, negatives])
     rows; each ``chunks`` is a list of featurized mini-batches (one when ``mini_batch_size`` is None).
@@ -130,24 +142,26 @@ class BiEncoderCollator(_RowReader):
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
         teacher = teacher_columns(columns)
-        featurizer = self.featurizer
+        featurizer, size = self.featurizer, self.mini_batch_size
+        sides = {"query": "query", "positive": "document", **({"negative": "document"} if negatives else {})}
+        chunkers = {column: Chunker(featurizer, side, size) for column, side in sides.items()}
 
-        def read(row: dict[str, Any], where: Any) -> tuple[MMInput, MMInput, list[MMInput], list[float]]:
+        def read(row: dict[str, Any], where: Any) -> tuple[int, list[float]]:
             query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, self.cell_types)
             scores = _teacher_scores(row, teacher, 1 + len(others), where) if teacher else []
-            return query, positive, others, scores
+            with _joined(where):  # the whole row was read: its inputs join their mini-batches (see Chunker)
+                chunkers["query"].add(query)
+                chunkers["positive"].add(positive)
+                for item in others if negatives else ():
+                    chunkers["negative"].add(item)
+            return len(others), scores
 
         read_rows, wheres, skipped = self._read_rows(rows, read)
-        batch: dict[str, Any] = {
-            "query": featurizer.chunks([r[0] for r in read_rows], "query", self.mini_batch_size),
-            "positive": featurizer.chunks([r[1] for r in read_rows], "document", self.mini_batch_size),
-        }
         if negatives:
-            same_count([len(r[2]) for r in read_rows], wheres, negatives[0])
-            items = [item for r in read_rows for item in r[2]]
-            batch["negative"] = featurizer.chunks(items, "document", self.mini_batch_size)
+            same_count([r[0] for r in read_rows], wheres, negatives[0])
+        batch: dict[str, Any] = {column: chunker.close() for column, chunker in chunkers.items()}
         if teacher:  # [rows, 1 + k]: positive first (distillation losses)
-            batch["teacher"] = torch.tensor([r[3] for r in read_rows], dtype=torch.float32)
+            batch["teacher"] = torch.tensor([r[1] for r in read_rows], dtype=torch.float32)
         if skipped:
             batch[SKIPPED_KEY] = skipped
         return batch
@@ -172,19 +186,24 @@ class CrossEncoderCollator(_RowReader):
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
-        read_rows, wheres, skipped = self._read_rows(
-            rows, lambda row, where: read_reranker_row(self.featurizer, row, where, layout, negatives, teacher,
-                                                       cell_types=self.cell_types))
-        pairs, targets, teachers, sizes = [], [], [], []
-        for query, docs, row_targets, row_teachers in read_rows:
-            sizes.append(len(docs))
-            pairs += [(query, doc) for doc in docs]
-            targets += row_targets
-            teachers += row_teachers
+        chunker = Chunker(self.featurizer, "pair", self.mini_batch_size)
+
+        def read(row: dict[str, Any], where: Any) -> tuple[int, list[float], list[float]]:
+            query, docs, row_targets, row_teachers = read_reranker_row(
+                self.featurizer, row, where, layout, negatives, teacher, cell_types=self.cell_types)
+            with _joined(where):  # featurized a mini-batch at a time, as the rows are read (see Chunker)
+                for doc in docs:
+                    chunker.add((query, doc))
+            return len(docs), row_targets, row_teachers
+
+        read_rows, wheres, skipped = self._read_rows(rows, read)
+        sizes = [r[0] for r in read_rows]
         if len(set(sizes)) > 1:
             same_count([size - 1 for size in sizes], wheres, negatives[0])
-        batch = {"pairs": self.featurizer.chunks(pairs, "pair", self.mini_batch_size),
-                 "targets": torch.tensor(targets, dtype=torch.float32), "group_size": sizes[0]}
+        targets = [target for r in read_rows for target in r[1]]
+        teachers = [score for r in read_rows for score in r[2]]
+        batch = {"pairs": chunker.close(), "targets": torch.tensor(targets, dtype=torch.float32),
+                 "group_size": sizes[0]}
         if teacher:
             batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
         if skipped:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .inputs import InputError, MMInput, to_input
 
@@ -42,6 +43,51 @@ def pack(costs: list[int], budget: int) -> list[range]:
     if costs:
         groups.append(range(start, len(costs)))
     return groups
+
+
+def planar(image: Any) -> torch.Tensor:
+    """An RGB PIL image as a ``[3, H, W]`` uint8 tensor, copied band by band."""
+    import numpy as np
+
+    width, height = image.size
+    out = torch.empty(3, height, width, dtype=torch.uint8)
+    view = out.numpy()
+    for i, band in enumerate(image.split()):
+        np.copyto(view[i], np.asarray(band))
+    return out
+
+
+class Chunker:
+    """:meth:`Featurizer.chunks` fed one input at a time: each mini-batch is featurized as soon as it is full, so a
+    collator that reads rows as it goes holds the decoded images of one mini-batch per column, not of the whole batch
+    (a batch of 1,024 640x480 photos is 0.9 GB decoded). The mini-batches are the same as ``chunks`` makes of the
+    whole list: ``size`` consecutive inputs, or :func:`pack`'s greedy groups of at most ``size`` tokens."""
+
+    def __init__(self, featurizer: Featurizer, side: str, size: int | None) -> None:
+        self.featurizer, self.side, self.size = featurizer, side, size
+        self.pending: list[Any] = []
+        self.cost = 0
+        self.done: list[dict[str, Any]] = []
+
+    def add(self, item: Any) -> None:
+        if isinstance(self.size, Tokens):
+            cost = self.featurizer.cost(item)
+            if self.pending and self.cost + cost > self.size:  # as pack(): this input starts the next group
+                self._flush()
+            self.cost += cost
+        self.pending.append(item)
+        if self.size and not isinstance(self.size, Tokens) and len(self.pending) == self.size:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Every mini-batch, the last one (partly filled) included."""
+        if self.pending:
+            self._flush()
+        return self.done
+
+    def _flush(self) -> None:
+        self.done.append(self.featurizer(self.pending, self.side))
+        self.pending, self.cost = [], 0
 
 
 class Featurizer:
@@ -119,6 +165,20 @@ class Featurizer:
         """:meth:`image_kwargs` plus, with :attr:`compact_pixels`, 8-bit output (no rescale, no normalisation yet)."""
         return {**self.image_kwargs(), **({"do_rescale": False, "do_normalize": False} if self.compact_pixels else {})}
 
+    def processor_images(self, images: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """(images, image kwargs) for the image processor. A torchvision-backend processor turns each RGB PIL image into
+        a ``[3, H, W]`` uint8 tensor first (its interleaved-to-planar copy costs about as much as resizing a photo);
+        the same tensor made band by band is 3x cheaper, and the processor then does exactly what it does with the PIL
+        image (told that the channels come first, rather than left to guess it from the shape)."""
+        from transformers.image_processing_backends import TorchvisionBackend
+
+        kwargs = self.processor_image_kwargs()
+        image_processor = getattr(self.processor, "image_processor", None)
+        if (not images or not isinstance(image_processor, TorchvisionBackend)
+                or not all(isinstance(image, Image.Image) and image.mode == "RGB" for image in images)):
+            return images, kwargs
+        return [planar(image) for image in images], {**kwargs, "input_data_format": "channels_first"}
+
     def normalize_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """8-bit pixels (images ``[B, C, H, W]`` or Qwen-VL patches ``[N, C * T * P * P]``) rescaled and normalised as
         the image processor does (its fused mean / (1 / rescale) and std / (1 / rescale), then ``(x - mean) / std``),
@@ -165,10 +225,10 @@ class Featurizer:
     def chunks(self, items: list[Any], side: str, size: int | None) -> list[dict[str, Any]]:
         """Featurize ``items`` as consecutive mini-batches of at most ``size`` inputs (all at once when None), or of at
         most ``size`` tokens when it is :class:`Tokens`."""
-        if isinstance(size, Tokens):
-            return [self([items[i] for i in group], side) for group in pack([self.cost(i) for i in items], size)]
-        size = size or max(1, len(items))
-        return [self(items[i:i + size], side) for i in range(0, len(items), size)]
+        chunker = Chunker(self, side, size)
+        for item in items:
+            chunker.add(item)
+        return chunker.close()
 
     def cost(self, item: Any) -> int:
         """Tokens an input (or a (query, document) pair) costs: its text's tokens plus its image's visual tokens."""
@@ -207,9 +267,8 @@ class DualEncoderFeaturizer(Featurizer):
                 max_length=self._max_length(), return_tensors="pt"))
             features["text_index"] = torch.tensor(text_idx)
         if image_idx:
-            image_processor = self.processor.image_processor
-            features["image"] = dict(image_processor(images=[items[i].image for i in image_idx],
-                                                     return_tensors="pt", **self.processor_image_kwargs()))
+            images, kwargs = self.processor_images([items[i].image for i in image_idx])
+            features["image"] = dict(self.processor.image_processor(images=images, return_tensors="pt", **kwargs))
             features["image_index"] = torch.tensor(image_idx)
         return features
 
@@ -332,7 +391,8 @@ class ChatFeaturizer(Featurizer):
         return {"size": {"shortest_edge": grid[1], "longest_edge": grid[2]}}  # the budget, the processor's own way
 
     def encode_texts(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        extra = {"images_kwargs": self.processor_image_kwargs()} if images else {}
+        images, kwargs = self.processor_images(images)
+        extra = {"images_kwargs": kwargs} if images else {}
         return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", **extra))
 
     def _as_image(self, raw: Any) -> Any:

@@ -147,3 +147,27 @@ def test_modules_to_save_heads_train_and_reload(tiny_path, tmp_path, color_datas
     model.save_pretrained(str(tmp_path / "heads"))
     again = BiEncoder.from_pretrained(str(tmp_path / "heads"))
     assert_rel_close(model.encode(PROBE), again.encode(PROBE))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_patch_embeddings_run_as_a_matrix_product_with_the_convolutions_values(tiny_path, family):
+    """Qwen-VL's patch-embedding Conv3d (kernel = stride, one patch per row) runs as the matrix product it is: the same
+    weights and state dict, the convolution's outputs and gradients to float rounding, and the convolution itself
+    for any other input shape."""
+    from hf_mm_rerank.modeling.backbone import PatchConv3d
+
+    model = BiEncoder.from_pretrained(tiny_path(family))
+    [(name, conv)] = [(n, m) for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    assert type(conv) is PatchConv3d and f"{name}.weight" in model.backbone.state_dict()
+    patches = torch.randn(50, conv.in_channels, *conv.kernel_size, requires_grad=True)
+    plain = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.kernel_size,
+                            bias=conv.bias is not None)
+    plain.load_state_dict(conv.state_dict())
+    got, want = conv(patches), plain(patches)
+    assert got.shape == want.shape == (50, conv.out_channels, 1, 1, 1)
+    assert_rel_close(got, want, 1e-5)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), conv.weight)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), plain.weight)
+    assert_rel_close(grad_got, grad_want, 1e-5)
+    bigger = torch.randn(2, conv.in_channels, conv.kernel_size[0], 2 * conv.kernel_size[1], 2 * conv.kernel_size[2])
+    assert_rel_close(conv(bigger), plain(bigger), 1e-5)

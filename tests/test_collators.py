@@ -3,10 +3,11 @@ import pickle
 import pytest
 import torch
 from datasets import Dataset
-from images import color_rows, solid
+from images import COLORS, color_rows, solid
 from torch.utils.data import DataLoader
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator
+from hf_mm_rerank.processing import Tokens
 from hf_mm_rerank.collators import negative_columns
 
 
@@ -126,3 +127,74 @@ def test_preshrinking_never_changes_the_patch_grid(tiny_path, family, cap, fast_
         for cell in (original, buffer.getvalue()):  # a decoded image, and JPEG bytes (reduced-scale decoding)
             batch = BiEncoderCollator(model)([{"query": "q", "positive": cell}])
             assert torch.equal(batch["positive"][0]["image_grid_thw"], expected), (width, height, type(cell))
+
+
+def _jpeg(color: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    solid(color, (64, 48)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [3, Tokens(40)], ids=["rows", "tokens"])
+def test_mini_batches_are_featurized_as_the_rows_are_read(clip, monkeypatch, size):
+    """A collator holds the decoded images of about one mini-batch per column, not the whole batch's (1,024 photos
+    are 0.9 GB decoded), and makes the very mini-batches that featurizing each whole column at once makes, with a
+    skipped row in the middle."""
+    import weakref
+
+    names = list(COLORS)
+    rows = [{"query": f"a {c} square", "positive": _jpeg(c), "negative": _jpeg(names[(i + 1) % 8])}
+            for i, c in enumerate(names)] * 2
+    rows[4] = {**rows[4], "positive": b"not an image"}
+    featurizer = clip.featurizer
+    images, alive = [], []
+    read, call = featurizer.read, type(featurizer).__call__
+
+    def reading(*args, **kwargs):
+        item = read(*args, **kwargs)
+        if item.image is not None:
+            images.append(weakref.ref(item.image))
+        return item
+
+    def featurizing(self, items, side="query"):
+        alive.append(sum(ref() is not None for ref in images))
+        return call(self, items, side)
+
+    monkeypatch.setattr(featurizer, "read", reading)
+    monkeypatch.setattr(type(featurizer), "__call__", featurizing)
+    batch = BiEncoderCollator(clip, mini_batch_size=size, bad_rows="skip")(rows)
+    monkeypatch.undo()
+    assert [row for row, _ in batch["skipped_rows"]] == ["4 of the batch"]
+    assert len(images) == 30 and max(alive) <= 8  # read all at once, all 30 would be alive at the first call
+    kept = [row for i, row in enumerate(rows) if i != 4]
+    for column, side in (("query", "query"), ("positive", "document"), ("negative", "document")):
+        expected = featurizer.chunks([featurizer.read(row[column]) for row in kept], side, size)
+        assert len(batch[column]) == len(expected) > 2
+        for got, want in zip(batch[column], expected):
+            part = "text" if column == "query" else "image"
+            key = "input_ids" if column == "query" else "pixel_values"
+            assert torch.equal(got[part][key], want[part][key])
+
+
+@pytest.mark.parametrize("family", ["clip", "qwen2_vl", "siglip"])
+def test_images_reach_the_processor_as_planar_tensors_with_the_same_pixels(tiny_path, family):
+    """The featurizers hand torchvision-backend processors [3, H, W] uint8 tensors (cheaper than the processor's own
+    conversion of a PIL image); the pixels are bit for bit those of the PIL image, images 3 pixels high or wide
+    included."""
+    from PIL import Image
+
+    from hf_mm_rerank.inputs import MMInput
+
+    featurizer = BiEncoder.from_pretrained(tiny_path(family)).featurizer
+    images = [Image.effect_noise((90, 70), 60).convert("RGB"), Image.effect_noise((40, 3), 60).convert("RGB"),
+              Image.effect_noise((3, 40), 60).convert("RGB")]
+    converted, kwargs = featurizer.processor_images(images)
+    assert all(isinstance(image, torch.Tensor) and image.shape[0] == 3 for image in converted)
+    for image in images:  # one at a time: a Qwen-VL grid per image
+        features = featurizer([MMInput(image=image)], "document")
+        got = features["image"]["pixel_values"] if family != "qwen2_vl" else features["pixel_values"]
+        want = featurizer.processor.image_processor(images=[image], return_tensors="pt",
+                                                    **featurizer.processor_image_kwargs())["pixel_values"]
+        assert torch.equal(got, want)

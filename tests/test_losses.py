@@ -112,12 +112,15 @@ def test_cached_loss_under_no_grad_returns_the_same_value(tiny_path):
     assert math.isclose(cached.item(), plain.item(), rel_tol=1e-5)
 
 
-def test_gradcache_pass_one_keeps_no_graph_and_reruns_only_chunks_that_train(tiny_path):
-    """Pass 1 runs under no_grad (the reference algorithm's cost); with LoRA on the text tower only, only the text
-    chunks run again in pass 2 (the image chunks go through a frozen tower)."""
+@pytest.mark.parametrize("towers", ["text", "both"])
+def test_gradcache_pass_one_keeps_no_graph_and_reruns_only_chunks_that_train(tiny_path, towers):
+    """Pass 1 runs under no_grad (the reference algorithm's cost) but for the very last mini-batch when it trains: its
+    graph is kept and pass 2 does not run it again. With LoRA on the text tower only, only the text chunks run again
+    in pass 2 (the image chunks go through a frozen tower, the last one included)."""
     from peft import LoraConfig
 
-    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4))  # the vision tower stays frozen
+    targets = None if towers == "text" else ["q_proj", "v_proj"]  # default: the text tower; both: the vision one too
+    model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4, target_modules=targets))
     calls = []
     forward = model.forward
 
@@ -129,8 +132,12 @@ def test_gradcache_pass_one_keeps_no_graph_and_reruns_only_chunks_that_train(tin
     batch = BiEncoderCollator(model, mini_batch_size=3)(color_rows())  # 8 rows: 3 query, 3 positive, 3 negative chunks
     CachedContrastiveLoss(mini_batch_size=3)(model, batch).backward()
     first, second = calls[:9], calls[9:]
-    assert not any(grad for grad, _ in first)
-    assert len(second) == 3 and all(grad and text for grad, text in second)
+    if towers == "text":
+        assert not any(grad for grad, _ in first)
+        assert len(second) == 3 and all(grad and text for grad, text in second)
+    else:
+        assert [grad for grad, _ in first] == [False] * 8 + [True]
+        assert len(second) == 8 and all(grad for grad, _ in second) and sum(text for _, text in second) == 3
 
 
 def test_token_budget_mini_batches(tiny_path):

@@ -1,8 +1,9 @@
 """GradCache: the memory of one mini-batch for losses that couple a whole batch (contrastive, listwise).
 
-Pass 1 runs every mini-batch under ``no_grad`` and returns the outputs as leaves that require grad. When the
-Trainer calls ``backward``, a hook re-runs each mini-batch that reaches a trainable parameter with a graph (same RNG
-state, same autocast) and back-propagates the cached output gradients. Mini-batches stay on the CPU until their turn.
+Pass 1 runs every mini-batch under ``no_grad`` (but the last, whose graph is kept) and returns the outputs as leaves
+that require grad. When the Trainer calls ``backward``, a hook back-propagates the cached output gradients through the
+kept graph, then re-runs each other mini-batch that reaches a trainable parameter with a graph (same RNG state, same
+autocast) and back-propagates through it: one forward fewer than the reference algorithm, at its peak memory. Mini-batches stay on the CPU until their turn.
 """
 
 from __future__ import annotations
@@ -56,15 +57,20 @@ def grad_cached(model: nn.Module, batch: dict[str, Any], columns: Sequence[str])
     leaves = {}
     for index, column in enumerate(columns):
         parts, start = [], 0
-        for chunk in batch[column]:
+        for number, chunk in enumerate(batch[column]):
             state = _RandomState(device)
-            with torch.no_grad():  # pass 1 keeps no graph, as the reference algorithm
-                output = inner(chunk)
             # Which chunks reach a trainable parameter is known from the modules they run through (a frozen tower's
             # chunks are not run again, and never with DDP's gradient sync, which would reduce nothing).
-            if training and (trains(chunk) if trains is not None else _any_trainable(inner)):
-                plan.append(_Chunk(index, chunk, state, start, start + output.shape[0], tuple(output.shape[1:])))
-            parts.append(output)
+            trained = training and (trains(chunk) if trains is not None else _any_trainable(inner))
+            # Pass 1 keeps no graph, as the reference algorithm, except for the very last mini-batch: its graph is
+            # the one pass 2 would rebuild first, at the same peak memory (no other mini-batch runs while it lives).
+            keep = trained and index == len(columns) - 1 and number == len(batch[column]) - 1
+            with nullcontext() if keep else torch.no_grad():
+                output = inner(chunk)
+            if trained:
+                plan.append(_Chunk(index, chunk, state, start, start + output.shape[0], tuple(output.shape[1:]),
+                                   output if keep else None))
+            parts.append(output.detach())
             start += output.shape[0]
         leaves[column] = _cat(parts).requires_grad_(training)
     if training:
@@ -88,6 +94,7 @@ class _Chunk:
     start: int
     stop: int
     shape: tuple[int, ...] = ()  # an output row's shape (token embeddings: [T, d], T differing between chunks)
+    kept: torch.Tensor | None = None  # the output with its pass-1 graph (the last mini-batch), not run again
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -101,12 +108,22 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 def _second_pass(model: nn.Module, plan: list[_Chunk], grads: Sequence[torch.Tensor | None],
                  autocast: Callable[[], Any]) -> None:
     todo = [chunk for chunk in plan if grads[chunk.column] is not None]
+    wrapped = model is not unwrap(model)
+    # The kept graph goes first: it was built past DDP's reducer, so its backward cannot be the one that synchronises
+    # the gradients (with nothing else to run, the chunk is run again through the wrapper instead).
+    todo.sort(key=lambda chunk: chunk.kept is None)
+    if wrapped and len(todo) == 1:
+        todo[0].kept = None
     for i, chunk in enumerate(todo):
         last = i == len(todo) - 1
         # Only the last backward may synchronise gradients across ranks (it sees those accumulated before).
         with nullcontext() if last else no_sync(model):
-            with chunk.state.replay(), torch.enable_grad(), autocast():
-                output = model(chunk.features)
+            if chunk.kept is not None:
+                output, chunk.kept = chunk.kept, None
+            else:
+                with chunk.state.replay(), torch.enable_grad(), autocast():
+                    output = model(chunk.features)
+            with torch.enable_grad():
                 extra = all_parameters_term(model) if last else None  # the other chunks' parameters take part too
             seed = grads[chunk.column][chunk.start:chunk.stop]
             if seed.dim() >= 3:  # this chunk's own tokens (the leaves were padded to the longest chunk)
