@@ -7,8 +7,8 @@ from images import COLORS, color_rows, solid
 from torch.utils.data import DataLoader
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator
-from hf_mm_rerank.processing import Tokens
 from hf_mm_rerank.collators import negative_columns
+from hf_mm_rerank.processing import Tokens
 
 
 @pytest.fixture(scope="module")
