@@ -3,7 +3,8 @@
 Pass 1 runs every mini-batch under ``no_grad`` (but the last, whose graph is kept) and returns the outputs as leaves
 that require grad. When the Trainer calls ``backward``, a hook back-propagates the cached output gradients through the
 kept graph, then re-runs each other mini-batch that reaches a trainable parameter with a graph (same RNG state, same
-autocast) and back-propagates through it: one forward fewer than the reference algorithm, at its peak memory. Mini-batches stay on the CPU until their turn.
+autocast) and back-propagates through it: one forward fewer than the reference algorithm, at its peak memory.
+Mini-batches stay on the CPU until their turn.
 """
 
 from __future__ import annotations
