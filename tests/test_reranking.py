@@ -299,8 +299,10 @@ def test_random_negatives_never_repeat_the_positive():
 
 # ----- a real reranking run -------------------------------------------------------------------------------
 def test_reranker_learns_to_match_emoji_images_to_their_names(reranker_path, tmp_path):
-    """Real images with captions (Noto emoji): after ~100 steps the reranker orders 8 candidates per name far
-    better than the chance-level incoming order (memorisation of 8 pairs: a random tiny VLM cannot generalise)."""
+    """Real images with captions (Noto emoji): after 240 steps the reranker orders 8 candidates per name far
+    better than the chance-level incoming order (memorisation of 8 pairs: a random tiny VLM cannot generalise).
+    At learning rate 2e-3 the outcome swung with the seed and with float rounding (MRR 0.49 to 1.0 over seeds 0-3;
+    a rounding-level change of the patch embedding moved seed 0 below the bar); at 5e-4 seeds 0-3 end at 0.88-1.0."""
     from hf_mm_rerank.demo import emoji_pairs
 
     pairs = emoji_pairs(image_size=32)[::97][:8]
@@ -313,7 +315,7 @@ def test_reranker_learns_to_match_emoji_images_to_their_names(reranker_path, tmp
     evaluator = RerankingEvaluator([{"query": caption, "positive": [image],
                                      "negative": [p[0] for p in pairs if p[1] != caption]} for image, caption in pairs])
     rr = _reranker(reranker_path, head="mlp")
-    trainer = CrossEncoderTrainer(model=rr, args=args(tmp_path, max_steps=240, learning_rate=2e-3, warmup_steps=10,
+    trainer = CrossEncoderTrainer(model=rr, args=args(tmp_path, max_steps=240, learning_rate=5e-4, warmup_steps=10,
                                                       logging_steps=10),
                                   train_dataset=Dataset.from_list(rows), evaluator=evaluator)
     before = trainer.evaluate()
