@@ -54,7 +54,7 @@ _EXPORTS = {
     "RerankingEvaluator": "evaluation",
     "RetrievalEvaluator": "evaluation",
     "ThroughputCallback": "throughput",
-    "Tokens": "processing",
+    "Tokens": "minibatch",
     "CheckpointWriteError": "checkpoints",
     "ValidationReport": "validation",
     "validate_dataset": "validation",

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .inputs import CELL_KINDS, InputError, MMInput
-from .processing import Chunker, Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
+from .minibatch import Chunker
+from .processing import Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
 from .schema import (  # noqa: F401  (also importable from here, their former home)
     _NUMBERED,
     GROUPED,

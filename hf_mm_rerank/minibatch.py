@@ -1,0 +1,63 @@
+"""Mini-batches: GradCache's unit of work, counted in inputs or in tokens, built as the rows are read."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .processing import Featurizer
+
+
+class Tokens(int):
+    """A mini-batch size counted in tokens (text + visual) instead of inputs, e.g. ``CachedContrastiveLoss(
+    mini_batch_size=Tokens(4096))``: each GradCache mini-batch holds consecutive inputs up to that many tokens (at
+    least one input), so a mini-batch is bounded by what it costs, whatever the image sizes."""
+
+    def __repr__(self) -> str:
+        return f"Tokens({int(self)})"
+
+
+def pack(costs: list[int], budget: int) -> list[range]:
+    """Consecutive groups of ``costs`` whose sums stay within ``budget`` (an input over it alone is a group)."""
+    groups, start, total = [], 0, 0
+    for i, cost in enumerate(costs):
+        if i > start and total + cost > budget:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += cost
+    if costs:
+        groups.append(range(start, len(costs)))
+    return groups
+
+
+class Chunker:
+    """:meth:`Featurizer.chunks` fed one input at a time: each mini-batch is featurized as soon as it is full, so a
+    collator that reads rows as it goes holds the decoded images of one mini-batch per column, not of the whole batch
+    (a batch of 1,024 640x480 photos is 0.9 GB decoded). The mini-batches are the same as ``chunks`` makes of the
+    whole list: ``size`` consecutive inputs, or :func:`pack`'s greedy groups of at most ``size`` tokens."""
+
+    def __init__(self, featurizer: Featurizer, side: str, size: int | None) -> None:
+        self.featurizer, self.side, self.size = featurizer, side, size
+        self.pending: list[Any] = []
+        self.cost = 0
+        self.done: list[dict[str, Any]] = []
+
+    def add(self, item: Any) -> None:
+        if isinstance(self.size, Tokens):
+            cost = self.featurizer.cost(item)
+            if self.pending and self.cost + cost > self.size:  # as pack(): this input starts the next group
+                self._flush()
+            self.cost += cost
+        self.pending.append(item)
+        if self.size and not isinstance(self.size, Tokens) and len(self.pending) == self.size:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Every mini-batch, the last one (partly filled) included."""
+        if self.pending:
+            self._flush()
+        return self.done
+
+    def _flush(self) -> None:
+        self.done.append(self.featurizer(self.pending, self.side))
+        self.pending, self.cost = [], 0
