@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .inputs import CELL_KINDS, InputError, MMInput
-from .minibatch import Chunker
+from .minibatch import Chunker, check_mini_batch_size
 from .processing import Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
 from .schema import (  # noqa: F401  (also importable from here, their former home)
     _NUMBERED,
@@ -74,7 +74,7 @@ class _RowReader:
         if bad_rows not in BAD_ROWS:
             raise ValueError(f"bad_rows={bad_rows!r}: use 'raise' (default) or 'skip'.")
         self.featurizer = featurizer_of(model_or_featurizer)
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = check_mini_batch_size(mini_batch_size)
         self.bad_rows = bad_rows
         self.cell_types = check_cell_types(cell_types)
         self.defer_errors = False  # the trainers set it: see __call__

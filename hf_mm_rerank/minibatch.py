@@ -61,3 +61,15 @@ class Chunker:
     def _flush(self) -> None:
         self.done.append(self.featurizer(self.pending, self.side))
         self.pending, self.cost = [], 0
+
+
+def check_mini_batch_size(value: Any, allow_none: bool = True) -> Any:
+    """``value`` if it is a mini-batch size: a whole number of inputs >= 1, :class:`Tokens` >= 1 (or None where
+    ``allow_none``); anything else (0, -1, 2.5, "3", True) is refused by name instead of silently making one chunk."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"mini_batch_size must be >= 1: a whole number of inputs, Tokens(n) for n tokens"
+                         f"{', or None for the whole batch' if allow_none else ''}; received {value!r}. Fix: e.g. "
+                         "mini_batch_size=32 or mini_batch_size=Tokens(4096).")
+    return value

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import pytest
 import torch
@@ -198,3 +199,16 @@ def test_images_reach_the_processor_as_planar_tensors_with_the_same_pixels(tiny_
         want = featurizer.processor.image_processor(images=[image], return_tensors="pt",
                                                     **featurizer.processor_image_kwargs())["pixel_values"]
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, "3", True, Tokens(0)])
+def test_a_mini_batch_size_that_is_not_one_is_refused(clip, size):
+    """Anything but a whole number of inputs >= 1, Tokens(n >= 1) or None is named, instead of silently making one
+    chunk (GradCache would then save no memory)."""
+    from hf_mm_rerank import CachedContrastiveLoss, CrossEncoderCollator
+
+    for build in (lambda: BiEncoderCollator(clip, mini_batch_size=size),
+                  lambda: CrossEncoderCollator(clip.featurizer, mini_batch_size=size),
+                  lambda: CachedContrastiveLoss(mini_batch_size=size)):
+        with pytest.raises(ValueError, match=rf"mini_batch_size must be >= 1: .* received {re.escape(repr(size))}"):
+            build()

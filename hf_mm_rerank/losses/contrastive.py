@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import gather_with_grad, world
+from ..minibatch import check_mini_batch_size
 from .grad_cache import grad_cached
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -151,9 +152,7 @@ class CachedContrastiveLoss(ContrastiveLoss):
 
     def __init__(self, mini_batch_size: int = 32, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, received {mini_batch_size}.")
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = check_mini_batch_size(mini_batch_size, allow_none=False)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
         leaves = grad_cached(model, batch, [c for c in ("query", "positive", "negative") if batch.get(c)])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import batch_share
+from ..minibatch import check_mini_batch_size
 from .contrastive import ContrastiveLoss, candidate_scores
 from .grad_cache import grad_cached
 
@@ -25,9 +26,7 @@ class _EmbeddingDistillation(ContrastiveLoss):
     def __init__(self, *, contrastive_weight: float = 0.0, mini_batch_size: int | None = None,
                  **contrastive: Any) -> None:
         super().__init__(**contrastive)
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, received {mini_batch_size}.")
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = check_mini_batch_size(mini_batch_size)
         self.contrastive_weight = contrastive_weight
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Any = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import batch_share, gather_with_grad
+from ..minibatch import check_mini_batch_size
 from .contrastive import ContrastiveLoss, Objective, candidate_scores, similarity
 from .grad_cache import grad_cached
 
@@ -43,9 +44,7 @@ class MaxSimContrastiveLoss(ContrastiveLoss):
     def __init__(self, temperature: float = 0.02, *, normalize_by_query_length: bool = True,
                  mini_batch_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(temperature, normalize_by_query_length=normalize_by_query_length, **kwargs)
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, received {mini_batch_size}.")
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = check_mini_batch_size(mini_batch_size)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], objective: Objective | None = None) -> torch.Tensor:
         if not self.mini_batch_size:

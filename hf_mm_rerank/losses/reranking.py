@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import batch_share, mean_over_ranks
+from ..minibatch import check_mini_batch_size
 from .grad_cache import grad_cached
 
 
@@ -31,9 +32,7 @@ class RerankingLoss(nn.Module):
 
     def __init__(self, mini_batch_size: int | None = None) -> None:
         super().__init__()
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1 or None, received {mini_batch_size}.")
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = check_mini_batch_size(mini_batch_size)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self.mini_batch_size:
