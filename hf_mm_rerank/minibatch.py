@@ -17,11 +17,17 @@ class Tokens(int):
         return f"Tokens({int(self)})"
 
 
+def opens_group(pending: int, total: int, cost: int, budget: int) -> bool:
+    """The greedy token rule: an input of ``cost`` starts a new group when the current one holds ``pending`` inputs
+    of ``total`` tokens and would exceed ``budget`` with it (an input over the budget alone is a group)."""
+    return pending > 0 and total + cost > budget
+
+
 def pack(costs: list[int], budget: int) -> list[range]:
-    """Consecutive groups of ``costs`` whose sums stay within ``budget`` (an input over it alone is a group)."""
+    """Consecutive groups of ``costs`` whose sums stay within ``budget`` (see :func:`opens_group`)."""
     groups, start, total = [], 0, 0
     for i, cost in enumerate(costs):
-        if i > start and total + cost > budget:
+        if opens_group(i - start, total, cost, budget):
             groups.append(range(start, i))
             start, total = i, 0
         total += cost
@@ -45,7 +51,7 @@ class Chunker:
     def add(self, item: Any) -> None:
         if isinstance(self.size, Tokens):
             cost = self.featurizer.cost(item)
-            if self.pending and self.cost + cost > self.size:  # as pack(): this input starts the next group
+            if opens_group(len(self.pending), self.cost, cost, self.size):
                 self._flush()
             self.cost += cost
         self.pending.append(item)
