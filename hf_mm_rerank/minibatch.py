@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .processing import Featurizer
+from typing import Any
 
 
 class Tokens(int):
@@ -42,7 +39,7 @@ class Chunker:
     (a batch of 1,024 640x480 photos is 0.9 GB decoded). The mini-batches are the same as ``chunks`` makes of the
     whole list: ``size`` consecutive inputs, or :func:`pack`'s greedy groups of at most ``size`` tokens."""
 
-    def __init__(self, featurizer: Featurizer, side: str, size: int | None) -> None:
+    def __init__(self, featurizer: Any, side: str, size: int | None) -> None:  # a processing.Featurizer
         self.featurizer, self.side, self.size = featurizer, side, size
         self.pending: list[Any] = []
         self.cost = 0
