@@ -96,9 +96,11 @@ class _RowReader:
     def _read_rows(self, rows: list[dict[str, Any]], read: Any) -> tuple[list[Any], list[Any], list[tuple[Any, str]]]:
         """``read(row, where)`` for every row: (results, wheres, skipped)."""
         results, wheres, skipped = [], [], []
+        columns = list(rows[0].keys())  # the batch's columns, as the first row has them
         for i, row in enumerate(rows):
             where = _where(row, i)
             try:
+                _has_columns(row, columns, where)
                 results.append(read(row, where))
                 wheres.append(where)
             except InputError as error:
@@ -110,6 +112,14 @@ class _RowReader:
                              f"{'; '.join(reason for _, reason in skipped[:3])}. Fix: run "
                              "hf_mm_rerank.validate_dataset(dataset, model) to list every bad row, and clean them.")
         return results, wheres, skipped
+
+
+def _has_columns(row: dict[str, Any], columns: list[str], where: Any) -> None:
+    """Rows given as dicts (not a ``datasets.Dataset``) can differ in their keys: a missing one is named."""
+    missing = [column for column in columns if column not in row and column != ROW_KEY]
+    if missing:
+        raise InputError(f"row {where}: missing column(s) {missing} that the batch's first row has; received the "
+                         f"columns {list(row)}. Fix: give every row the same columns.")
 
 
 @contextmanager

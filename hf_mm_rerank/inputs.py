@@ -228,7 +228,17 @@ def _open(source: Any, where: str, max_pixels: int | None, decode: bool = True) 
                          "(refused from its header, before decoding). Fix: drop or downscale it, or raise the limit "
                          f"with {MAX_IMAGE_PIXELS_ENV}=<pixels> (0: none) if the file is trusted.") from None
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-        raise InputError(f"{where}: could not decode the image ({exc}). Fix: check the file or bytes.") from exc
+        raise InputError(f"{where}: could not decode the image ({_reason(exc, source)}). Fix: check the file or "
+                         "bytes (a JPEG, PNG, WebP, GIF, BMP or TIFF image).") from exc
+
+
+def _reason(exc: BaseException, source: Any) -> str:
+    """PIL's message with what was received in place of its ``<_io.BytesIO object at 0x...>``."""
+    if not isinstance(source, io.BytesIO):
+        return str(exc)
+    data = source.getvalue()
+    received = f"{len(data):,} bytes beginning {data[:16]!r}" if data else "0 bytes"
+    return str(exc).replace(repr(source), received)
 
 
 def _draft(image: Image.Image, max_pixels: int) -> None:

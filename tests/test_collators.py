@@ -75,10 +75,26 @@ def test_collator_is_picklable_and_runs_in_two_workers(clip):
      "different numbers of negatives"),
     ([{"query": "q", "positive": None}], "row 0 of the batch, column 'positive': received None"),
     ([{"query": "q", "positive": 3.5, "_row": 17}], "row 17, column 'positive': received float"),
+    ([{"query": "q", "positive": "p", "negative": "n"}, {"query": "q", "positive": "p"}],
+     r"row 1 of the batch: missing column\(s\) \['negative'\] that the batch's first row has"),
 ])
 def test_bad_rows_get_clear_errors(clip, rows, message):
     with pytest.raises(ValueError, match=message):
         BiEncoderCollator(clip)(rows)
+
+
+def test_a_row_missing_a_column_is_skipped_by_name(clip, tiny_path):
+    """Rows as plain dicts may differ in their keys: with bad_rows='skip' such a row is counted, not a KeyError."""
+    from hf_mm_rerank import CrossEncoder, CrossEncoderCollator
+
+    rows = [{"query": "q", "positive": "p", "negative": "n"}, {"query": "q", "positive": "p"},
+            {"query": "r", "positive": "s", "negative": "t"}]
+    batch = BiEncoderCollator(clip, bad_rows="skip")(rows)
+    assert [row for row, _ in batch["skipped_rows"]] == ["1 of the batch"]
+    assert batch["query"][0]["text"]["input_ids"].shape[0] == 2
+    reranker = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no")
+    with pytest.raises(ValueError, match=r"row 1 of the batch: missing column\(s\) \['negative'\]"):
+        CrossEncoderCollator(reranker)(rows)
 
 
 def test_negative_column_forms():

@@ -83,6 +83,15 @@ def test_bad_cells_name_row_and_column(cell, message):
     assert "row 3, column 'positive'" in str(info.value)
 
 
+def test_undecodable_bytes_are_described_not_shown_as_an_object():
+    """PIL names the stream it could not read as ``<_io.BytesIO object at 0x...>``: the error says what came."""
+    with pytest.raises(InputError) as info:
+        to_input(b"GIF89a-truncated", row=3, column="positive")
+    message = str(info.value)
+    assert "16 bytes beginning b'GIF89a-truncated'" in message
+    assert "object at 0x" not in message and "row 3, column 'positive'" in message
+
+
 # ----- the one rule for string cells ------------------------------------------------------------------------
 def test_string_cells_follow_one_rule(tmp_path):
     import os
