@@ -60,6 +60,12 @@ class MultiVectorChatFeaturizer(ChatFeaturizer):
         features["token_mask"] = self.token_mask(features, side)
         return features
 
+    def cost(self, item: Any, side: str = "query") -> int:
+        """As :meth:`ChatFeaturizer.cost`, of the sequence this featurizer makes (augmented query, ColPali prompt)."""
+        if self.template == "colpali":
+            return self.sequence_tokens(self._colpali_text(item, side), [item])
+        return super().cost(self._augmented(item, side), side)
+
     def _augmented(self, item: MMInput, side: str) -> MMInput:
         if side != "query" or not self.query_augmentation:
             return item

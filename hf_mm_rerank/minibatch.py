@@ -6,28 +6,34 @@ from typing import Any
 
 
 class Tokens(int):
-    """A mini-batch size counted in tokens (text + visual) instead of inputs, e.g. ``CachedContrastiveLoss(
-    mini_batch_size=Tokens(4096))``: each GradCache mini-batch holds consecutive inputs up to that many tokens (at
-    least one input), so a mini-batch is bounded by what it costs, whatever the image sizes."""
+    """A mini-batch size counted in tokens instead of inputs, e.g. ``CachedContrastiveLoss(mini_batch_size=
+    Tokens(4096))``: each GradCache mini-batch holds consecutive inputs (at least one) whose positions, padding
+    included, stay within that many tokens, so a mini-batch is bounded by what it costs, whatever the image sizes.
+
+    An input's tokens are those its featurizer makes: special and chat-template tokens (system prompt, turn markers,
+    a reranker's instruction), its text after truncation and its visual tokens. A mini-batch of ``k`` inputs costs
+    ``k`` times its longest input (sequences are padded to the longest)."""
 
     def __repr__(self) -> str:
         return f"Tokens({int(self)})"
 
 
-def opens_group(pending: int, total: int, cost: int, budget: int) -> bool:
-    """The greedy token rule: an input of ``cost`` starts a new group when the current one holds ``pending`` inputs
-    of ``total`` tokens and would exceed ``budget`` with it (an input over the budget alone is a group)."""
-    return pending > 0 and total + cost > budget
+def opens_group(pending: int, longest: int, cost: int, budget: int) -> bool:
+    """The greedy token rule: an input of ``cost`` tokens starts a new group when the current one holds ``pending``
+    inputs, the longest of ``longest`` tokens, and padded to the longest with it would take over ``budget`` positions
+    (an input over the budget alone is a group)."""
+    return pending > 0 and (pending + 1) * max(longest, cost) > budget
 
 
 def pack(costs: list[int], budget: int) -> list[range]:
-    """Consecutive groups of ``costs`` whose sums stay within ``budget`` (see :func:`opens_group`)."""
-    groups, start, total = [], 0, 0
+    """Consecutive groups of ``costs`` whose padded size (count x longest) stays within ``budget`` (see
+    :func:`opens_group`)."""
+    groups, start, longest = [], 0, 0
     for i, cost in enumerate(costs):
-        if opens_group(i - start, total, cost, budget):
+        if opens_group(i - start, longest, cost, budget):
             groups.append(range(start, i))
-            start, total = i, 0
-        total += cost
+            start, longest = i, 0
+        longest = max(longest, cost)
     if costs:
         groups.append(range(start, len(costs)))
     return groups
@@ -42,15 +48,15 @@ class Chunker:
     def __init__(self, featurizer: Any, side: str, size: int | None) -> None:  # a processing.Featurizer
         self.featurizer, self.side, self.size = featurizer, side, size
         self.pending: list[Any] = []
-        self.cost = 0
+        self.longest = 0
         self.done: list[dict[str, Any]] = []
 
     def add(self, item: Any) -> None:
         if isinstance(self.size, Tokens):
-            cost = self.featurizer.cost(item)
-            if opens_group(len(self.pending), self.cost, cost, self.size):
+            cost = self.featurizer.cost(item, self.side)
+            if opens_group(len(self.pending), self.longest, cost, self.size):
                 self._flush()
-            self.cost += cost
+            self.longest = max(self.longest, cost)
         self.pending.append(item)
         if self.size and not isinstance(self.size, Tokens) and len(self.pending) == self.size:
             self._flush()
@@ -63,7 +69,7 @@ class Chunker:
 
     def _flush(self) -> None:
         self.done.append(self.featurizer(self.pending, self.side))
-        self.pending, self.cost = [], 0
+        self.pending, self.longest = [], 0
 
 
 def check_mini_batch_size(value: Any, allow_none: bool = True) -> Any:

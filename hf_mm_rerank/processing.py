@@ -176,11 +176,12 @@ class Featurizer:
             chunker.add(item)
         return chunker.close()
 
-    def cost(self, item: Any) -> int:
-        """Tokens an input (or a (query, document) pair) costs: its text's tokens plus its image's visual tokens."""
+    def cost(self, item: Any, side: str = "query") -> int:
+        """The positions an input (or a (query, document) pair) takes, featurized for ``side``: its text's tokens
+        (special tokens included) plus its image's visual tokens (:class:`~hf_mm_rerank.minibatch.Tokens`)."""
         if isinstance(item, tuple):
-            return sum(self.cost(part) for part in item)
-        text = len(self.tokenizer(item.text, add_special_tokens=False)["input_ids"]) if item.text else 0
+            return sum(self.cost(part, side) for part in item)
+        text = len(self.tokenizer(item.text)["input_ids"]) if item.text else 0
         return text + (self.visual_tokens(item) if item.image is not None else 0)
 
     def visual_tokens(self, item: MMInput) -> int:
@@ -217,6 +218,15 @@ class DualEncoderFeaturizer(Featurizer):
             features["image"] = dict(self.processor.image_processor(images=images, return_tensors="pt", **kwargs))
             features["image_index"] = torch.tensor(image_idx)
         return features
+
+    def cost(self, item: Any, side: str = "query") -> int:
+        """As :meth:`Featurizer.cost`, with the side's prompt, the truncation and SigLIP's fixed-length padding of
+        :meth:`__call__` (an input with text and image runs through both towers: both count)."""
+        text = 0
+        if item.text is not None:
+            text = len(self.tokenizer(self.prompts.get(side, "") + item.text, padding=self._padding(), truncation=True,
+                                      max_length=self._max_length())["input_ids"])
+        return text + (self.visual_tokens(item) if item.image is not None else 0)
 
     def _padding(self) -> str | bool:
         # SigLIP was trained with max_length padding; its text tower pools the last position.
@@ -284,6 +294,16 @@ class ChatFeaturizer(Featurizer):
     def __call__(self, items: list[MMInput], side: str = "query") -> dict[str, Any]:
         texts = [self.render(self.messages(item, side)) for item in items]
         return self.encode_texts(texts, [self.fit(item) for item in items if item.image is not None])
+
+    def cost(self, item: Any, side: str = "query") -> int:
+        """The sequence's length as :meth:`__call__` makes it: the rendered chat template (system prompt, turn
+        markers), the truncated text and each image's visual tokens."""
+        return self.sequence_tokens(self.render(self.messages(item, side)), [item])
+
+    def sequence_tokens(self, text: str, items: list[MMInput]) -> int:
+        """Tokens of a rendered sequence once the processor expands each image placeholder of ``items``' images."""
+        images = [item for item in items if item.image is not None]
+        return len(self.tokenizer(text)["input_ids"]) + sum(self.visual_tokens(item) - 1 for item in images)
 
     def fit(self, item: MMInput) -> Any:
         """The image as decoded: the processor resizes it under the pixel budget (its own filter, from the original).
@@ -440,6 +460,10 @@ class ChatPairFeaturizer(ChatFeaturizer):
     def render_pair(self, query: MMInput, document: MMInput) -> str:
         return self.render(self.pair_messages(query, document)) + self.prompt["assistant_prefix"]
 
+    def cost(self, item: Pair, side: str = "pair") -> int:
+        """The pair's sequence length: template, instruction, both texts (truncated) and both images' tokens."""
+        return self.sequence_tokens(self.render_pair(*item), list(item))
+
     def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
         texts = [self.render_pair(q, d) for q, d in items]
         images = [self.fit(item) for pair in items for item in pair if item.image is not None]
@@ -478,9 +502,16 @@ class TextPairFeaturizer(Featurizer):
     supports_images = False
 
     def __call__(self, items: list[Pair], side: str = "pair") -> dict[str, Any]:
+        return dict(self._encode(items, return_tensors="pt"))
+
+    def cost(self, item: Pair, side: str = "pair") -> int:
+        """The pair's tokens as :meth:`__call__` makes them (special tokens, truncation)."""
+        return len(self._encode([item])["input_ids"][0])
+
+    def _encode(self, items: list[Pair], **kwargs: Any) -> Any:
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
         limit = limit if limit and limit < 100_000 else 512
         queries = [self.head_tokens(q.text or "", 3 * limit // 4) for q, _ in items]
-        return dict(self.tokenizer(queries, [d.text or "" for _, d in items], padding=True, truncation="only_second",
-                                   max_length=limit, return_tensors="pt"))
+        return self.tokenizer(queries, [d.text or "" for _, d in items], padding=True, truncation="only_second",
+                              max_length=limit, **kwargs)
 

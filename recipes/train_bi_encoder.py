@@ -61,7 +61,8 @@ class ModelArguments(LoraArguments):
     symmetric: bool = field(default=False, metadata={"help": "Add the document->query loss term."})
     mini_batch_size: int = field(default=0, metadata={"help": "GradCache mini-batch size; 0 = no caching."})
     mini_batch_tokens: int = field(default=0, metadata={
-        "help": "GradCache mini-batches of at most this many tokens (text + visual) instead of --mini_batch_size inputs."})
+        "help": "GradCache mini-batches of at most this many tokens, padding and chat template included (inputs x the "
+                "longest), instead of --mini_batch_size inputs."})
     matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka embedding sizes."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the retrieval evaluator."})
     multi_vector: bool = field(default=False, metadata={

@@ -59,7 +59,8 @@ class RerankerArguments(LoraArguments):
     pos_weight: str | None = field(default=None, metadata={"help": "BCE positive weight: a number or 'auto'."})
     mini_batch_size: int = field(default=0, metadata={"help": "Pairs per forward pass (GradCache); 0 = all."})
     mini_batch_tokens: int = field(default=0, metadata={
-        "help": "GradCache mini-batches of at most this many tokens (text + visual, per pair) instead of --mini_batch_size pairs."})
+        "help": "GradCache mini-batches of at most this many tokens, padding, chat template and instruction included "
+                "(pairs x the longest pair), instead of --mini_batch_size pairs."})
     num_negatives: int = field(default=3, metadata={"help": "Negatives per query when the rows have none."})
     mining_model: str | None = field(default=None, metadata={
         "help": "BiEncoder used to mine hard negatives (default: random negatives)."})

@@ -140,6 +140,66 @@ def test_gradcache_pass_one_keeps_no_graph_and_reruns_only_chunks_that_train(tin
         assert len(second) == 8 and all(grad for grad, _ in second) and sum(text for _, text in second) == 3
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip", "qwen2_vl", "qwen2_vl-reranker", "bert-reranker",
+                                    "qwen2_vl-multivector", "qwen2_vl-colpali"])
+def test_token_cost_is_what_the_featurizer_makes(tiny_path, tmp_path, family):
+    """Tokens(n) counts an input as the model sees it: special tokens, the chat template (system prompt, turn
+    markers, a reranker's instruction), the truncated text and the visual tokens, as the featurizer's own output."""
+    from images import solid
+    from test_cross_encoder import _bert_classifier
+
+    from hf_mm_rerank import CrossEncoder, MMInput, MultiVectorEncoder
+
+    name = family.split("-")[0]
+    kind = family.split("-")[1] if "-" in family else "bi"
+    if kind == "reranker":
+        model = CrossEncoder.from_pretrained(_bert_classifier(tmp_path) if name == "bert" else tiny_path(name),
+                                             **({} if name == "bert" else {"head": "yes_no"}))
+    elif kind in ("multivector", "colpali"):
+        model = MultiVectorEncoder.from_pretrained(tiny_path(name), query_augmentation=3,
+                                                   **({"template": "colpali"} if kind == "colpali" else {}))
+    else:
+        model = BiEncoder.from_pretrained(tiny_path(name), query_prompt="Find the picture: ", max_length=12)
+    featurizer = model.featurizer
+    text, long_text = MMInput(text="a red square"), MMInput(text="a very long caption " * 20)
+    image = MMInput(image=solid("red", (64, 48)))
+    both = MMInput(text="a red square", image=solid("blue", (40, 90)))
+    if kind == "reranker":
+        inputs = [(text, text), (text, long_text)] + ([] if name == "bert" else [(text, image), (image, both)])
+        sides = ["pair"]
+    else:
+        inputs, sides = [text, long_text, image, both], ["query", "document"]
+    for side in sides:
+        for item in inputs:
+            features = featurizer([item], side)
+            if "text" in features or "image" in features:  # dual encoders: one tower per part
+                made = (features["text"]["input_ids"].shape[1] if "text" in features else 0) + (
+                    featurizer.image_tokens if "image" in features else 0)
+            else:
+                made = int(features["attention_mask"].sum())
+            assert featurizer.cost(item, side) == made, (side, item)
+
+
+def test_a_token_budget_bounds_the_padded_mini_batch(tiny_path):
+    """Under Tokens(n) every mini-batch of a chat-VLM reranker (long system prompt, images of different sizes) and
+    bi-encoder holds at most n positions, padding included, unless one input alone is over n."""
+    from images import solid
+
+    from hf_mm_rerank import CrossEncoder, CrossEncoderCollator, Tokens
+
+    sizes = [(40, 30), (200, 150), (64, 64), (30, 300), (120, 90), (48, 36)]
+    rows = [{"query": f"query {i}" + " word" * i, "positive": solid("red", size), "negative": f"doc {i}" * (i + 1)}
+            for i, size in enumerate(sizes)]
+    reranker = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no")
+    encoder = BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
+    for budget in (400, 900, 2000):
+        chunks = CrossEncoderCollator(reranker, mini_batch_size=Tokens(budget))(rows)["pairs"]
+        batch = BiEncoderCollator(encoder, mini_batch_size=Tokens(budget))(rows)
+        chunks += [c for column in ("query", "positive", "negative") for c in batch[column]]
+        assert all(c["input_ids"].numel() <= budget or c["input_ids"].shape[0] == 1 for c in chunks), budget
+        assert any(c["input_ids"].shape[0] > 1 for c in chunks)  # the budget groups inputs, not only splits them
+
+
 def test_token_budget_mini_batches(tiny_path):
     """mini_batch_size=Tokens(n): consecutive inputs up to n tokens (text + visual) per GradCache mini-batch. On rows
     whose costs make the same chunks as 3 inputs, the gradients are those of mini_batch_size=3; on rows of different
@@ -149,7 +209,8 @@ def test_token_budget_mini_batches(tiny_path):
     from hf_mm_rerank import Tokens
     from hf_mm_rerank.processing import pack
 
-    assert [list(g) for g in pack([5, 5, 5, 9, 1, 20, 2], 10)] == [[0, 1], [2], [3, 4], [5], [6]]
+    assert [list(g) for g in pack([5, 5, 5, 9, 1, 20, 2], 10)] == [[0, 1], [2], [3], [4], [5], [6]]
+    assert [list(g) for g in pack([2, 2, 3, 6, 1], 10)] == [[0, 1, 2], [3], [4]]  # 3 x 3 fits; 4 x 6 padded does not
     model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4, init_lora_weights=False))
     image = model.featurizer.image_tokens
     assert image == (32 // 8) ** 2 + 1
