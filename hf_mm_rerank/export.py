@@ -180,8 +180,15 @@ def _merged_copy(model: Any) -> Any:
 
 
 def _base_architecture(model: Any) -> str | None:
+    """The architecture ``model`` came from. A full fine-tune was saved as its bare ``*Model`` (so its config names
+    that): the family's ``*ForConditionalGeneration`` then, from transformers' image-text-to-text mapping."""
     architectures = getattr(model.config, "architectures", None) or []
-    return architectures[0] if architectures else None
+    name = architectures[0] if architectures else None
+    if name is None or name == type(model).__name__:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(model.config, "model_type", None), name)
+    return name
 
 
 def _full_model(model: Any, dtype: Any) -> Any:

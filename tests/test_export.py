@@ -29,9 +29,16 @@ def _saved(model, path) -> str:
 @pytest.mark.parametrize("family, settings", [
     ("clip", {"lora_config": LoraConfig(**LORA, modules_to_save=["visual_projection"])}),
     ("qwen2_vl", {"lora_config": LoraConfig(**LORA), "query_prompt": "Find the image."}),
-], ids=["clip-with-modules_to_save", "qwen2_vl"])
+    ("qwen2_vl", {}),
+], ids=["clip-with-modules_to_save", "qwen2_vl", "qwen2_vl-full-fine-tune"])
 def test_merged_bi_encoder_loads_in_plain_transformers_in_the_base_architecture(tiny_path, tmp_path, family, settings):
+    """A full fine-tune too: saved as its bare *Model, it goes back inside *ForConditionalGeneration."""
     model = BiEncoder.from_pretrained(tiny_path(family), **settings)
+    if not settings:  # a full fine-tune: every weight moved
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * torch.randn_like(param))
     source = _saved(model, tmp_path / "trained")
     report = export(source, str(tmp_path / "merged"), "merged")
     assert report.difference <= 1e-5 and "without peft and hf_mm_rerank" in report.loader
