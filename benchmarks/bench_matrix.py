@@ -37,15 +37,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 CACHE = ROOT / "benchmarks" / ".cache"
 
-# name: (model, batch, mini_batch, pixel budget, lora, steps, runs)
+# name: (model, batch, mini_batch, pixel budget, lora, steps, runs); steps x batch stays within the data (512 rows,
+# or 2 x batch) so no run crosses an epoch, and the fast cases time 15-23 steps (a few timed steps swing by 20%)
 CASES = {
-    "clip-jpeg": ("clip-32", 32, None, None, False, 12, ("ours", "ours_fast", "st")),
+    "clip-jpeg": ("clip-32", 32, None, None, False, 16, ("ours", "ours_fast", "st")),
     "gradcache-128": ("clip-224", 128, 32, None, False, 4, ("ours", "st")),
     "gradcache-1024": ("clip-224", 1024, 32, None, False, 2, ("ours", "st")),
-    "qwen-50k-full": ("qwen2vl", 16, None, 50_176, False, 8, ("ours", "st")),
-    "qwen-50k-lora": ("qwen2vl", 16, None, 50_176, True, 8, ("ours", "st")),
-    "qwen-12k-full": ("qwen2vl", 16, None, 12_544, False, 8, ("ours", "st")),
-    "qwen-12k-lora": ("qwen2vl", 16, None, 12_544, True, 8, ("ours", "st")),
+    "qwen-50k-full": ("qwen2vl", 16, None, 50_176, False, 24, ("ours", "st")),
+    "qwen-50k-lora": ("qwen2vl", 16, None, 50_176, True, 24, ("ours", "st")),
+    "qwen-12k-full": ("qwen2vl", 16, None, 12_544, False, 24, ("ours", "st")),
+    "qwen-12k-lora": ("qwen2vl", 16, None, 12_544, True, 24, ("ours", "st")),
 }
 
 
@@ -164,6 +165,11 @@ def run_one(case: str, run: str, timeout: int, baseline: str | None = None) -> d
     return {**json.loads(line[7:]), "peak_pss_mb": peak[0] / 2**20}
 
 
+def spread(values: list[float]) -> float:
+    """(largest - smallest) / median of one cell's runs: a ratio between two cells means little within it."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
@@ -179,6 +185,8 @@ def main() -> None:
         return
     from bench_clip import make_data
 
+    if options.repeats < 3:
+        print(f"warning: --repeats {options.repeats}: a cell's figure is one run, not a median", file=sys.stderr)
     make_data(512)
     lines = []
     for case in options.cases.split(","):
@@ -193,8 +201,9 @@ def main() -> None:
         speed = {run: statistics.median(r["samples_per_second"] for r in rows) for run, rows in results.items()}
         pss = {run: max(r["peak_pss_mb"] for r in rows) for run, rows in results.items()}
         for run in runs:
-            every = ", ".join(f"{r['samples_per_second']:.1f}" for r in results[run])
-            lines.append(f"| {case} | {run} | {speed[run]:.1f} | {every} | {pss[run]:,.0f} | "
+            values = [r["samples_per_second"] for r in results[run]]
+            every = ", ".join(f"{v:.1f}" for v in values)
+            lines.append(f"| {case} | {run} | {speed[run]:.1f} | {every} | {spread(values):.0%} | {pss[run]:,.0f} | "
                          f"{speed[run] / speed['st']:.2f}x | {pss[run] / pss['st']:.2f}x |")
     import torch
 
@@ -203,12 +212,15 @@ def main() -> None:
               f"cores; torch {torch.__version__}; each library at its own defaults (ours: auto workers and threads, "
               "exact pixels; sentence-transformers: no workers); samples/s timed after the first step, median of the "
               "alternated runs; peak PSS of the run's process tree.", "",
-              "| case | run | samples/s (median) | all runs | peak PSS (MB) | speed vs st | PSS vs st |",
-              "|---|---|---|---|---|---|---|"]
+              "| case | run | samples/s (median) | all runs | spread | peak PSS (MB) | speed vs st | PSS vs st |",
+              "|---|---|---|---|---|---|---|---|"]
     if options.baseline:
         commit = subprocess.run(["git", "-C", options.baseline, "log", "-1", "--format=%h %s"], capture_output=True,
                                 text=True).stdout.strip()
         header[2] += f" ours_base: hf_mm_rerank from `{options.baseline}` ({commit or 'not a git checkout'})."
+    if options.repeats < 3:
+        header.insert(2, f"**Only {options.repeats} run(s) per cell: a slow or fast run weighs on the figure "
+                         "(runs of one setting have differed by up to 26% on 2 cores). Use --repeats 3 or more.**\n")
     text = "\n".join(header + lines) + "\n"
     print(text)
     if options.output:
