@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .demo import DEMO_DATA
 from .distributed import check_launch
+from .streams import check_max_steps
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def parse_with_config(dataclass_types: tuple[type, ...], argv: list[str] | None 
             check_launch(value)  # fail before any data or model is loaded
             overwrite = any(getattr(other, "overwrite_output_dir", False) for other in parsed)
             check_output_dir(value, overwrite)
+            if any(getattr(other, "streaming", False) for other in parsed):
+                check_max_steps(value, "--streaming's training split")  # before minutes of model loading
     return parsed
 
 
