@@ -88,9 +88,9 @@ def worker(case: str, run: str, out: str) -> dict:
 
     kind, batch, mini, budget, lora, steps, _ = CASES[case]
     data = make_data(max(512, 2 * batch))
-    # Timed from the end of step 3 (GradCache: 2 and 1, whose steps are long): by then our DataLoader worker's head start (the
-    # batches it prefetched while step 0 ran, workers x prefetch_factor = 2) is spent, so no run is timed on batches
-    # made before the clock started. sentence-transformers (no workers) is timed over the same steps.
+    # Timed from the end of step 3 (GradCache, whose steps are long: 2 and 1): by then our DataLoader worker's head
+    # start (the batches it prefetched while step 0 ran, workers x prefetch_factor = 2) is spent, so no run is timed
+    # on batches made before the clock started. sentence-transformers (no workers) is timed over the same steps.
     timer = StepTimer(min(3, steps // 2))
     common = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4, report_to=[],
                   save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, use_cpu=True,
@@ -213,8 +213,8 @@ def main() -> None:
     header = [f"# Side-by-side matrix vs sentence-transformers, CPU ({date.today()})", "",
               f"Command: `python benchmarks/bench_matrix.py {' '.join(sys.argv[1:])}`; {len(os.sched_getaffinity(0))} "
               f"cores; torch {torch.__version__}; each library at its own defaults (ours: auto workers and threads, "
-              "exact pixels; sentence-transformers: no workers); samples/s timed after step 3 (gradcache: 2, 1), median of the "
-              "alternated runs; peak PSS of the run's process tree.", "",
+              "exact pixels; sentence-transformers: no workers); samples/s timed after step 3 (gradcache: 2, 1), "
+              "median of the alternated runs; peak PSS of the run's process tree.", "",
               "| case | run | samples/s (median) | all runs | spread | peak PSS (MB) | speed vs st | PSS vs st |",
               "|---|---|---|---|---|---|---|---|"]
     if options.baseline:
