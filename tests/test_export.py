@@ -123,6 +123,19 @@ def test_a_qlora_export_equals_its_full_precision_base_plus_adapter(tiny_path, t
     assert f"{report.quantized_difference:.1e} from the 4/8-bit model" in card
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_export_is_checked_at_its_own_precision(tiny_path, tmp_path, dtype):
+    """The README's `--dtype bfloat16`: the reloaded export differs from the trained model by float rounding of that
+    precision (a few of its epsilons), which the check allows; float32's 1e-5 would refuse every such export."""
+    from hf_mm_rerank.export import tolerance
+
+    source = _saved(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(**LORA)), tmp_path / "t")
+    report = export(source, str(tmp_path / "half"), "merged", dtype=dtype)
+    assert 1e-5 < report.difference <= tolerance(dtype) == 4 * torch.finfo(getattr(torch, dtype)).eps
+    assert json.loads((tmp_path / "half" / "config.json").read_text()).get("dtype") == dtype
+    assert tolerance(None) == tolerance("float32") == 1e-5
+
+
 def test_a_mismatching_export_is_an_error_and_leaves_nothing(tiny_path, tmp_path, monkeypatch):
     import hf_mm_rerank.export as module
 
