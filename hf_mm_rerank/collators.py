@@ -96,7 +96,7 @@ class _RowReader:
     def _read_rows(self, rows: list[dict[str, Any]], read: Any) -> tuple[list[Any], list[Any], list[tuple[Any, str]]]:
         """``read(row, where)`` for every row: (results, wheres, skipped)."""
         results, wheres, skipped = [], [], []
-        columns = list(rows[0].keys())  # the batch's columns, as the first row has them
+        columns = batch_columns(rows)
         for i, row in enumerate(rows):
             where = _where(row, i)
             try:
@@ -114,11 +114,17 @@ class _RowReader:
         return results, wheres, skipped
 
 
+def batch_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column of the batch's rows, in the order they first appear: rows given as dicts (not a
+    ``datasets.Dataset``) can differ in their keys, and a column only later rows have must not be dropped unseen."""
+    return list(dict.fromkeys(column for row in rows for column in row))
+
+
 def _has_columns(row: dict[str, Any], columns: list[str], where: Any) -> None:
-    """Rows given as dicts (not a ``datasets.Dataset``) can differ in their keys: a missing one is named."""
+    """A row without a column other rows of its batch have is named (as dicts, rows can differ in their keys)."""
     missing = [column for column in columns if column not in row and column != ROW_KEY]
     if missing:
-        raise InputError(f"row {where}: missing column(s) {missing} that the batch's first row has; received the "
+        raise InputError(f"row {where}: missing column(s) {missing} that other rows of the batch have; received the "
                          f"columns {list(row)}. Fix: give every row the same columns.")
 
 
@@ -149,7 +155,7 @@ class BiEncoderCollator(_RowReader):
         super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        columns = list(rows[0].keys())
+        columns = batch_columns(rows)
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
         teacher = teacher_columns(columns)
@@ -196,7 +202,7 @@ class CrossEncoderCollator(_RowReader):
         super().__init__(model_or_featurizer, mini_batch_size, bad_rows, cell_types)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        layout, negatives, teacher = reranker_layout(list(rows[0].keys()))
+        layout, negatives, teacher = reranker_layout(batch_columns(rows))
         chunker = Chunker(self.featurizer, "pair", self.mini_batch_size)
 
         def read(row: dict[str, Any], where: Any) -> tuple[int, list[float], list[float]]:

@@ -76,7 +76,9 @@ def test_collator_is_picklable_and_runs_in_two_workers(clip):
     ([{"query": "q", "positive": None}], "row 0 of the batch, column 'positive': received None"),
     ([{"query": "q", "positive": 3.5, "_row": 17}], "row 17, column 'positive': received float"),
     ([{"query": "q", "positive": "p", "negative": "n"}, {"query": "q", "positive": "p"}],
-     r"row 1 of the batch: missing column\(s\) \['negative'\] that the batch's first row has"),
+     r"row 1 of the batch: missing column\(s\) \['negative'\] that other rows of the batch have"),
+    ([{"query": "q", "positive": "p"}, {"query": "q", "positive": "p", "negative_1": "n"}],  # not dropped unseen
+     r"row 0 of the batch: missing column\(s\) \['negative_1'\]"),
 ])
 def test_bad_rows_get_clear_errors(clip, rows, message):
     with pytest.raises(ValueError, match=message):
