@@ -79,7 +79,7 @@ def make_model(kind: str) -> str:
 
 
 def worker(case: str, run: str, out: str) -> dict:
-    """One run in this process: train, time the steps after the first, return samples/s."""
+    """One run in this process: train, time the steps after the warm-up (see below), return samples/s."""
     import torch
     from bench_clip import StepTimer, make_data
     from transformers import TrainingArguments
@@ -88,9 +88,10 @@ def worker(case: str, run: str, out: str) -> dict:
 
     kind, batch, mini, budget, lora, steps, _ = CASES[case]
     data = make_data(max(512, 2 * batch))
-    # Timed from the end of step 3 (GradCache, whose steps are long: 2 and 1): by then our DataLoader worker's head
-    # start (the batches it prefetched while step 0 ran, workers x prefetch_factor = 2) is spent, so no run is timed
-    # on batches made before the clock started. sentence-transformers (no workers) is timed over the same steps.
+    # Timed from the end of step 3 (GradCache, whose steps are long: 2 and 1): on 2 cores (one worker, which
+    # prefetches 2 batches) the head start the worker got while step 0 ran is spent by then; gradcache-1024's one
+    # timed step may use a prefetched batch (0.35 core-s of input beside a ~25 s step). sentence-transformers (no
+    # workers) is timed over the same steps. On more cores the auto workers prefetch more: run more steps there.
     timer = StepTimer(min(3, steps // 2))
     common = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4, report_to=[],
                   save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, use_cpu=True,
@@ -168,6 +169,12 @@ def run_one(case: str, run: str, timeout: int, baseline: str | None = None) -> d
     return {**json.loads(line[7:]), "peak_pss_mb": peak[0] / 2**20}
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, received {text!r}")
+    return int(text)
+
+
 def spread(values: list[float]) -> float:
     """(largest - smallest) / median of one cell's runs: a ratio between two cells means little within it."""
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
@@ -175,8 +182,9 @@ def spread(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=positive, default=3, help="runs of each library per case (>= 1; 3 or more "
+                        "for a median)")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--output", default=None)
     parser.add_argument("--baseline", default=None, help="a checkout of an earlier commit, run as ours_base")
@@ -188,8 +196,11 @@ def main() -> None:
         return
     from bench_clip import make_data
 
+    unknown = [case for case in options.cases.split(",") if case not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; the cases are {', '.join(CASES)}")
     if options.repeats < 3:
-        print(f"warning: --repeats {options.repeats}: a cell's figure is one run, not a median", file=sys.stderr)
+        print(f"warning: --repeats {options.repeats}: a cell's median is of fewer than 3 runs", file=sys.stderr)
     make_data(512)
     lines = []
     for case in options.cases.split(","):
@@ -223,7 +234,7 @@ def main() -> None:
         header[2] += f" ours_base: hf_mm_rerank from `{options.baseline}` ({commit or 'not a git checkout'})."
     if options.repeats < 3:
         header.insert(2, f"**Only {options.repeats} run(s) per cell: a slow or fast run weighs on the figure "
-                         "(runs of one setting have differed by up to 26% on 2 cores). Use --repeats 3 or more.**\n")
+                         "(runs of one setting have differed by up to 38% on 2 cores). Use --repeats 3 or more.**\n")
     text = "\n".join(header + lines) + "\n"
     print(text)
     if options.output:
