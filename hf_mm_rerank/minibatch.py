@@ -14,6 +14,13 @@ class Tokens(int):
     a reranker's instruction), its text after truncation and its visual tokens. A mini-batch of ``k`` inputs costs
     ``k`` times its longest input (sequences are padded to the longest)."""
 
+    def __new__(cls, value: Any) -> Tokens:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"Tokens(n): n must be a whole number of tokens; received {value!r}. Fix: e.g. "
+                             "Tokens(4096).")
+        return super().__new__(cls, value)
+
     def __repr__(self) -> str:
         return f"Tokens({int(self)})"
 

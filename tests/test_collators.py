@@ -219,6 +219,13 @@ def test_images_reach_the_processor_as_planar_tensors_with_the_same_pixels(tiny_
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("value", [2.5, True, None, [3]])
+def test_tokens_of_a_fraction_or_a_non_number_is_refused(value):
+    with pytest.raises(ValueError, match=r"Tokens\(n\): n must be a whole number of tokens; received"):
+        Tokens(value)
+    assert Tokens(4096.0) == 4096 and repr(Tokens("12")) == "Tokens(12)"
+
+
 @pytest.mark.parametrize("size", [0, -1, 2.5, "3", True, Tokens(0)])
 def test_a_mini_batch_size_that_is_not_one_is_refused(clip, size):
     """Anything but a whole number of inputs >= 1, Tokens(n >= 1) or None is named, instead of silently making one
