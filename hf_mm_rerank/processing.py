@@ -177,12 +177,9 @@ class Featurizer:
         return chunker.close()
 
     def cost(self, item: Any, side: str = "query") -> int:
-        """The positions an input (or a (query, document) pair) takes, featurized for ``side``: its text's tokens
-        (special tokens included) plus its image's visual tokens (:class:`~hf_mm_rerank.minibatch.Tokens`)."""
-        if isinstance(item, tuple):
-            return sum(self.cost(part, side) for part in item)
-        text = len(self.tokenizer(item.text)["input_ids"]) if item.text else 0
-        return text + (self.visual_tokens(item) if item.image is not None else 0)
+        """The positions an input (or a (query, document) pair) takes as :meth:`__call__` featurizes it for ``side``
+        (:class:`~hf_mm_rerank.minibatch.Tokens`); each family counts its own way."""
+        raise NotImplementedError
 
     def visual_tokens(self, item: MMInput) -> int:
         return self.image_tokens

@@ -174,9 +174,10 @@ def test_the_bi_encoder_recipe_streams_its_data_files_and_holds_out_the_first_ro
         recipe.main(_recipe_argv(tiny_path, tmp_path / "a", data, "--max_steps", "2", "--eval_fraction", "0.25"))
     with pytest.raises(ValueError, match="--validate_data reads every training row"):
         recipe.main(_recipe_argv(tiny_path, tmp_path / "b", data, "--max_steps", "2", "--validate_data", "true"))
-    with pytest.raises(ValueError, match=r"recipes: --max_steps N"):  # at parsing, before the data or the model
-        recipe.main(_recipe_argv(tiny_path, tmp_path / "c", data)[:1] + ["/nonexistent-model"] +
-                    _recipe_argv(tiny_path, tmp_path / "c", data)[2:])
+    no_steps = _recipe_argv(tiny_path, tmp_path / "c", data)
+    no_steps[1] = "/nonexistent-model"  # refused at parsing, before the data or the model is read
+    with pytest.raises(ValueError, match=r"recipes: --max_steps N"):
+        recipe.main(no_steps)
     with pytest.raises(ValueError, match="--max_eval_samples 40 held out every row of the stream"):
         load_data(DataArguments(data_files=[data], streaming=True, max_eval_samples=40))
     with pytest.raises(ValueError, match=r"the rows have columns \['query', 'positive', 'negative'\], without \['query'\]"):
