@@ -4,7 +4,8 @@ checks, the evaluators, mining, the two-stage tools, validation and the model ca
 - bi-encoder rows: ``query``, ``positive`` and optionally ``negative`` (a cell, or a list) or ``negative_1 ... negative_k``;
 - reranker rows: pointwise (``query``, ``document``, ``label`` in [0, 1], optional ``teacher_score``) or grouped
   (``query``, ``positive``, negatives as above, optional ``teacher_scores`` / ``teacher_score_0 ... teacher_score_k``);
-- ``_row``: the row's index in its dataset (added by the trainers), so errors name the dataset row.
+- ``_row``: the row's index in its dataset (added by the trainers: a column of a ``datasets.Dataset``, a key of each
+  row of a plain list), so errors name the dataset row and skipped rows are counted once each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,43 @@ from .inputs import InputError
 
 ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
 _NUMBERED = re.compile(r"^negative_(\d+)$")
+
+
+class IndexedRows:
+    """A plain sequence of row dicts (a ``list``, not a ``datasets.Dataset``) whose rows carry their index under
+    ``_row``, as a ``datasets.Dataset`` gets it as a column: without it a bad row could only be named by its place in
+    its batch ("1 of the batch"), and ``bad_rows="skip"`` would count every bad row at that place as one.
+
+    Example:
+        >>> IndexedRows([{"query": "red", "positive": "red.png"}])[0]
+        {'query': 'red', 'positive': 'red.png', '_row': 0}
+    """
+
+    def __init__(self, rows: Sequence[Any]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        row = self.rows[index]
+        if isinstance(row, dict) and ROW_KEY not in row:
+            return {**row, ROW_KEY: int(index)}  # a copy: the caller's rows stay as they were
+        return row
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self)))
+
+
+def with_row_index(dataset: Any) -> Any:
+    """``dataset`` with each row's index under ``_row``: a column of a ``datasets.Dataset`` (cheap in Arrow), a key
+    of each row of a plain list or tuple of dicts (:class:`IndexedRows`); anything else as it is."""
+    if hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
+        names = getattr(dataset, "column_names", None) or []
+        return dataset if ROW_KEY in names else dataset.add_column(ROW_KEY, list(range(len(dataset))))
+    if isinstance(dataset, (list, tuple)):
+        return IndexedRows(dataset)
+    return dataset
 
 
 def negative_columns(columns: Sequence[str]) -> list[str]:

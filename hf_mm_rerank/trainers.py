@@ -31,7 +31,7 @@ from .distributed import all_parameters_term, average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
 from .modeling.backbone import TEXT
 from .pipeline import add_lengths, undecoded_images
-from .schema import GROUPED, ROW_KEY, check_columns, negative_columns, reranker_layout, teacher_columns
+from .schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
 from .streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
@@ -59,10 +59,8 @@ def _columns(dataset: Any, name: str = "dataset") -> list[str] | None:
 
 
 def _with_row_index(dataset: Any) -> Any:
-    """Add the row index as a column (cheap in Arrow) so errors can name the dataset row."""
-    if hasattr(dataset, "add_column") and hasattr(dataset, "__len__") and ROW_KEY not in (_columns(dataset) or []):
-        return dataset.add_column(ROW_KEY, list(range(len(dataset))))
-    return dataset
+    """Add the row index (a column of a datasets.Dataset, a key of each row of a plain list) so errors name the row."""
+    return with_row_index(dataset)
 
 
 def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
