@@ -205,13 +205,31 @@ def _full_model(model: Any, dtype: Any) -> Any:
     target = backbone
     bare = model.spec.family == CHAT and (model.kind == "bi_encoder" or model.head_type in ("linear", "mlp"))
     if bare and name and name != type(backbone).__name__ and hasattr(transformers, name):
-        target = getattr(transformers, name).from_pretrained(model.spec.base_model, dtype=backbone.dtype)
+        target = _base_with_head(name, model.spec.base_model, backbone)
         inner = getattr(target, target.base_model_prefix, None)
         if type(inner) is not type(backbone):
             raise ExportError(f"cannot place the merged {type(backbone).__name__} inside {name} (its base model is "
                               f"{type(inner).__name__}).")
         inner.load_state_dict(backbone.state_dict(), strict=True)
     return target.to(_dtype(dtype)) if dtype is not None else target
+
+
+def _base_with_head(name: str, base: str, backbone: Any) -> Any:
+    """``name`` (e.g. Qwen2VLForConditionalGeneration) loaded from the base checkpoint: the bare ``*Model`` saved by
+    training has no LM head, so the base's own is taken. A base that is gone is named, with where it was looked for."""
+    import transformers
+
+    try:
+        return getattr(transformers, name).from_pretrained(base, dtype=backbone.dtype)
+    except OSError as error:
+        where = (f"the folder {base}, which does not exist" if os.path.isabs(base) and not os.path.exists(base) else
+                 f"'{base}' (recorded in hf_mm_rerank_config.json as the base model)")
+        raise ExportError(
+            f"the merged export puts the trained {type(backbone).__name__} back inside {name}, whose LM head (not "
+            f"trained, so not saved with the model) comes from the base checkpoint; it was looked for in {where} and "
+            f"could not be loaded ({str(error).splitlines()[0][:300]}). Fix: pass the base checkpoint's folder or Hub "
+            "id: export(folder, ..., base_model='PATH_OR_ID') (python -m hf_mm_rerank.export ... --base_model "
+            "PATH_OR_ID), or restore it where it was.") from error
 
 
 def _write_full(model: Any, folder: str, dtype: Any) -> None:

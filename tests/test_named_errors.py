@@ -50,3 +50,22 @@ def test_plain_list_rows_are_skipped_by_their_dataset_index_and_each_counted(tin
     with pytest.raises(InputError, match=r"3 rows skipped on this process, more than max_skipped_fraction=0.1 of its "
                                          r"share of the 20 training rows"):
         trainer.train()
+
+
+def test_merged_export_of_a_full_fine_tune_whose_base_is_gone_names_it(tiny_path, tmp_path):
+    import shutil
+
+    from hf_mm_rerank.export import ExportError, export
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_path("qwen2_vl"), base)
+    BiEncoder.from_pretrained(str(base)).save_pretrained(str(tmp_path / "trained"))  # a full fine-tune's layout
+    moved = tmp_path / "moved"
+    base.rename(moved)  # the base checkpoint is gone from where training recorded it
+    with pytest.raises(ExportError, match=rf"back inside Qwen2VLForConditionalGeneration, whose LM head .* looked for "
+                                          rf"in the folder {base}, which does not exist .* Fix: pass the base "
+                                          r"checkpoint's folder or Hub id: export\(folder, \.\.\., base_model="):
+        export(str(tmp_path / "trained"), str(tmp_path / "merged"), "merged", verify=False)
+    assert not (tmp_path / "merged").exists()
+    report = export(str(tmp_path / "trained"), str(tmp_path / "merged"), "merged", base_model=str(moved))
+    assert report.difference <= 1e-5
