@@ -140,8 +140,9 @@ class DataArguments:
                 "first --max_eval_samples rows (kept out of training); random or mined negatives, --cache_images and "
                 "--validate_data need the whole set and are refused."})
     validate_data: bool = field(default=False, metadata={
-        "help": "Scan the training rows first (text, image headers) and list every unreadable one; with --bad_rows "
-                "raise the run stops there, with skip those rows are dropped before training."})
+        "help": "Scan the training rows first (text; image headers, then pixels: truncated files are found) and list "
+                "every unreadable one; with --bad_rows raise the run stops there, with skip those rows are dropped "
+                "before training."})
 
     dropped_rows = 0  # rows --validate_data dropped (recorded in the model card)
 

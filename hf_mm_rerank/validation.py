@@ -8,15 +8,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from torch import nn
 
 from .collators import check_cell_types, featurizer_of, read_bi_encoder_row, read_reranker_row
-from .inputs import InputError
+from .inputs import InputError, check_decodes
 from .schema import (
     GROUPED,
     ROW_KEY,
     check_columns,
     check_negative_counts,
+    negative_cells,
     negative_columns,
     reranker_layout,
     same_count,
@@ -61,16 +63,20 @@ class ValidationReport:
             raise InputError(str(self))
 
 
-def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | None = None) -> ValidationReport:
+def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | None = None,
+                     decode_images: bool = True) -> ValidationReport:
     """Check every row of ``dataset`` the way ``model``'s trainer will read it, and report every bad row at once.
 
-    Fast: text is checked in full, images by their headers only (format, size, PIL's pixel limit, the model's
-    aspect-ratio limit); pixels are not decoded, so a file damaged after its header is found only in training.
+    Text is checked in full (empty, invalid Unicode, the model's own image/vision tokens); images first by their
+    headers (format, size, PIL's pixel limit, the model's aspect-ratio limit: an image over the pixel limit is never
+    decoded), then decoded, so a file damaged past its header (a truncated download) is named here and not mid-run.
+    JPEGs decode at 1/8 scale (every byte is still read); the pixels are dropped as soon as they are checked.
 
     Args:
         dataset: a ``datasets.Dataset`` (one split) in the trainer's layout.
         model: the :class:`BiEncoder` or :class:`CrossEncoder` (or its featurizer) that will train on it.
         cell_types: the collator's per-column reading of string cells (``{"query": "text"}``), if any.
+        decode_images: False checks image headers only (much faster; damaged pixel data is then met in training).
 
     Example:
         >>> report = validate_dataset(train, model)
@@ -96,14 +102,13 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
                 query, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher,
                                                       decode=False, cell_types=types)
                 items = [query, *docs]
-                counts.append(len(docs) - 1)
             else:
                 query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, types, decode=False)
                 items = [query, positive, *others]
-                counts.append(len(items) - 2)
-            for item in items:
-                if item.image is not None and hasattr(item.image, "fp"):  # opened from its header: close the file
-                    item.image.close()
+            firsts = ("query", "document") if reranker and layout != GROUPED else ("query", "positive")
+            cells = [(row[c], c) for c in firsts] + (negative_cells(row, negatives) if negatives else [])
+            _check_pixels(cells, items, where, decode_images)
+            counts.append(len(items) - 2)  # negatives per row (reranker: documents besides the positive)
         except InputError as error:
             report.bad.append(BadRow(i, _column_of(str(error)), str(error)))
             counts.append(-1)
@@ -114,6 +119,19 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
         except InputError as error:
             report.bad.append(BadRow(-1, negatives[0], str(error)))
     return report
+
+
+def _check_pixels(cells: list[tuple[Any, str]], items: list[Any], where: Any, decode: bool) -> None:
+    """Each image of a row decoded and dropped (``decode``; an image over the pixel limit never gets here), then
+    closed. A PIL image given in the cell is the caller's: it is loaded (as training would), never shrunk or closed."""
+    for (cell, column), item in zip(cells, items):
+        if item.image is None:
+            continue
+        given = isinstance(cell, Image.Image) or isinstance(cell, dict) and isinstance(cell.get("image"), Image.Image)
+        if decode:
+            check_decodes(item.image, f"row {where}, column '{column}'", owned=not given)
+        elif not given and hasattr(item.image, "fp"):  # opened from its header: close the file
+            item.image.close()
 
 
 def _column_of(reason: str) -> str:

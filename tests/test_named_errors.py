@@ -69,3 +69,36 @@ def test_merged_export_of_a_full_fine_tune_whose_base_is_gone_names_it(tiny_path
     assert not (tmp_path / "merged").exists()
     report = export(str(tmp_path / "trained"), str(tmp_path / "merged"), "merged", base_model=str(moved))
     assert report.difference <= 1e-5
+
+
+def test_validate_dataset_refuses_truncated_jpeg_and_png_files_that_the_collator_would_fail_on(tiny_path, tmp_path):
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+
+    from hf_mm_rerank import BiEncoderCollator, validate_dataset
+
+    photo = Image.effect_mandelbrot((160, 120), (-2, -1.5, 1, 1.5), 100).convert("RGB")
+    for fmt in ("JPEG", "PNG"):
+        whole = io.BytesIO()
+        photo.save(whole, fmt)
+        data = whole.getvalue()
+        (tmp_path / f"whole.{fmt}").write_bytes(data)
+        (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) * 2 // 3])  # a download that stopped early
+    rows = [{"query": f"q{i}", "positive": str(tmp_path / "whole.JPEG"), "negative": str(tmp_path / "whole.PNG")}
+            for i in range(6)]
+    rows[2]["positive"] = str(tmp_path / "cut.JPEG")
+    rows[4]["negative"] = str(tmp_path / "cut.PNG")
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    report = validate_dataset(Dataset.from_list(rows), model)
+    assert report.bad_rows == [2, 4]  # before: every row passed (headers only)
+    assert [(b.row, b.column) for b in report.bad] == [(2, "positive"), (4, "negative")]
+    assert "row 2, column 'positive': the JPEG file's header reads as 160x120 pixels, but its data could not be " \
+           "decoded (image file is truncated" in report.bad[0].reason
+    assert "row 4, column 'negative': the PNG file's" in report.bad[1].reason
+    assert "Fix: download or re-encode the file again" in report.bad[0].reason
+    assert validate_dataset(Dataset.from_list(rows), model, decode_images=False).ok  # the header-only scan
+    for i in (2, 4):  # what the check saves: the collator fails on these rows mid-run
+        with pytest.raises(InputError, match=rf"row {i}, column '(positive|negative)'"):
+            BiEncoderCollator(model)([{"_row": i, **rows[i]}])
