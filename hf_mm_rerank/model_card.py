@@ -8,6 +8,7 @@ A card never holds a token, a local path or a host name: only Hub ids, numbers a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +19,7 @@ from .card_usage import usage_info
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
+CARD_INFO_NAME = "model_card.json"  # the facts the card was rendered from
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _METRIC = re.compile(r"^eval_(?!loss|runtime|samples_per_second|steps_per_second)(.+)$")
 PIPELINE_TAGS = {"bi_encoder": "feature-extraction", "multi_vector": "visual-document-retrieval",
@@ -273,8 +275,16 @@ def render_card(info: dict[str, Any]) -> str:
 
 
 def write_model_card(trainer: Any, directory: str, **kwargs: Any) -> str:
-    """Render the card for ``trainer`` into ``directory/README.md`` (replacing peft's stub) and return its path."""
+    """Render the card for ``trainer`` into ``directory/README.md`` (replacing peft's stub) and return its path.
+
+    The facts it was rendered from go beside it as ``model_card.json``: ``render_card(json.load(...))`` gives the
+    card again (``scripts/example_cards.sh`` keeps the example cards of ``model_cards/`` checkable that way).
+    """
+    info = card_info(trainer, **kwargs)
     path = os.path.join(directory, CARD_NAME)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(render_card(card_info(trainer, **kwargs)))
+        handle.write(render_card(info))
+    with open(os.path.join(directory, CARD_INFO_NAME), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=1)  # key order is the card's row order
+        handle.write("\n")
     return path
