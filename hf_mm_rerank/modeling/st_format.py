@@ -30,6 +30,13 @@ ST_MODULES = {
 }
 ST_CONFIG_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 IDENTITY = "torch.nn.modules.linear.Identity"
+# A dual encoder's multi-vector folder gets no sentence-transformers configuration, and this file says why instead.
+NO_ST_FILE = "SENTENCE_TRANSFORMERS.md"
+DUAL_MULTI_VECTOR_REASON = (
+    "sentence-transformers (6.3) MultiVectorEncoder cannot encode a dual encoder's image patches (it needs an "
+    "attention_mask for every batch and the image processor gives none: KeyError 'attention_mask'), so this folder has "
+    "no sentence-transformers configuration (an empty module list would fail to load): encode with "
+    "hf_mm_rerank.MultiVectorEncoder.from_pretrained(folder) (chat-VLM multi-vector folders do load there)")
 
 
 def _forward(output: str) -> dict[str, str]:
@@ -59,8 +66,8 @@ class _Layout:
 
 
 def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """``({relative path: JSON object or tensors}, [what sentence-transformers does differently])`` for ``model`` (a
-    :class:`BiEncoder` or :class:`CrossEncoder`) saved in ``directory``."""
+    """``({relative path: JSON object, tensors or text}, [what sentence-transformers does differently])`` for ``model``
+    (a :class:`BiEncoder` or :class:`CrossEncoder`) saved in ``directory``."""
     from .spec import base_reference
 
     layout, limits = _Layout(), []
@@ -81,8 +88,9 @@ def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any],
         config = _bi_encoder(model, layout, limits)
     else:
         config = _cross_encoder(model, layout, limits)
-    layout.files["modules.json"] = layout.modules
-    layout.files["config_sentence_transformers.json"] = config
+    if config is not None:
+        layout.files["modules.json"] = layout.modules
+        layout.files["config_sentence_transformers.json"] = config
     return layout.files, limits
 
 
@@ -114,15 +122,15 @@ def _bi_encoder(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any
             "similarity_fn_name": "cosine" if model.normalize else "dot"}
 
 
-def _multi_vector(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any]:
+def _multi_vector(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any] | None:
     """Transformer -> Dense (the token projection) -> MultiVectorMask -> Normalize, sentence-transformers 6's
-    MultiVectorEncoder layout."""
+    MultiVectorEncoder layout (chat VLMs); None for a dual encoder, which has none (see DUAL_MULTI_VECTOR_REASON)."""
     featurizer = model.featurizer
     prompts = {"query": featurizer.prompts.get("query", ""), "document": featurizer.prompts.get("document", "")}
-    if model.spec.family == DUAL:
-        limits.append("a dual encoder's per-token towers have no sentence-transformers form (its Transformer module "
-                      "reads the towers' pooled features): use hf_mm_rerank to encode")
-        return {"model_type": "MultiVectorEncoder", "prompts": prompts, "similarity_fn_name": "maxsim"}
+    if model.spec.family == DUAL:  # no layout at all: an empty module list fails to load, a partial one misleads
+        limits.append(DUAL_MULTI_VECTOR_REASON)
+        layout.files[NO_ST_FILE] = _no_st_note()
+        return None
     if featurizer.template == "colpali":
         limits.append("template='colpali' (raw text queries, a fixed visual prompt) is rendered through the chat "
                       "template by sentence-transformers")
@@ -146,6 +154,13 @@ def _multi_vector(model: Any, layout: _Layout, limits: list[str]) -> dict[str, A
     layout.add("normalize", {"module_input_name": "token_embeddings", "module_output_name": "token_embeddings"})
     return {"model_type": "MultiVectorEncoder", "prompts": prompts, "default_prompt_name": None,
             "similarity_fn_name": "maxsim"}
+
+
+def _no_st_note() -> str:
+    return (f"# Not a sentence-transformers folder\n\nThere is no `modules.json` here: {DUAL_MULTI_VECTOR_REASON}.\n\n"
+            "```python\nfrom hf_mm_rerank import MultiVectorEncoder\n\n"
+            "model = MultiVectorEncoder.from_pretrained(\"FOLDER\")\n"
+            "model.score(model.encode([\"a query\"]), model.encode([image], side=\"document\"))  # MaxSim\n```\n")
 
 
 def _cross_encoder(model: Any, layout: _Layout, limits: list[str]) -> dict[str, Any]:
@@ -244,11 +259,18 @@ def pair_template(featurizer: Any) -> str:
 def write_st_files(model: Any, directory: str) -> list[str]:
     """Write :func:`st_layout`'s files into ``directory``; returns what sentence-transformers does differently."""
     files, limits = st_layout(model, directory)
+    stale = ST_CONFIG_FILES if NO_ST_FILE in files else (NO_ST_FILE,)  # from an earlier save into this folder
+    for name in stale:
+        if os.path.isfile(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
     for relative, content in files.items():
         path = os.path.join(directory, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if relative.endswith(".safetensors"):
             save_file(content, path)
+        elif isinstance(content, str):
+            with open(path, "w") as handle:
+                handle.write(content)
         else:
             with open(path, "w") as handle:
                 json.dump(content, handle, indent=2)
