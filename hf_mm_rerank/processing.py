@@ -257,9 +257,18 @@ class ChatFeaturizer(Featurizer):
             self.max_pixels = default_max_pixels(processor)
         if self.max_length is None:
             self.max_length = DEFAULT_TEXT_TOKENS  # a scraped 100,000-character cell must not become a 100k sequence
+        self.vision_tokens = vision_tokens(processor)
 
     def check(self, item: MMInput, row: Any, column: str) -> MMInput:
         item = super().check(item, row, column)
+        found = [token for token in getattr(self, "vision_tokens", ()) if item.text and token in item.text]
+        if found:  # the processor would read it as an image placeholder, or refuse it with no row named
+            at = item.text.index(found[0])
+            raise InputError(
+                f"row {row}, column '{column}': the text holds {found[0]!r} (at character {at}, near "
+                f"{item.text[max(0, at - 20):at + len(found[0]) + 20]!r}), one of this chat VLM's image/vision special "
+                f"tokens {list(self.vision_tokens)}; the processor would take it for an image placeholder. Fix: remove "
+                f"it from the text (text.replace({found[0]!r}, '')), or drop the row.")
         if item.image is not None and self._patch_grid() is not None:
             width, height = item.source_size or item.image.size
             if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -374,6 +383,20 @@ class ChatFeaturizer(Featurizer):
 
     def _truncate(self, text: str) -> str:
         return self.head_tokens(text, self.max_length) if self.max_length else text
+
+
+VISION_WORDS = ("image", "vision", "video")
+
+
+def vision_tokens(processor: Any) -> tuple[str, ...]:
+    """A chat VLM's special tokens that stand for images or video (``<|image_pad|>``, ``<|vision_start|>``, ...): the
+    processor's own ``image_token`` / ``video_token`` and every special token of the tokenizer named after them."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    found = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False) and any(word in str(token).lower() for word in VISION_WORDS):
+            found.add(str(token))
+    return tuple(sorted(token for token in found if isinstance(token, str) and token))
 
 
 def _uint8_image(values: torch.Tensor) -> Any:
