@@ -394,6 +394,24 @@ class PublishArguments:
         return report
 
 
+def mini_batch_flag(size: int, tokens: int, loss: str | None = None, auto: str = "auto") -> Any:
+    """The GradCache mini-batch the recipes' ``--mini_batch_size`` / ``--mini_batch_tokens`` ask for (``Tokens(n)``
+    when tokens are given, else the size, None for neither), checked when the flags are parsed, before any data or
+    model is loaded: a negative number, or mini-batches with ``--loss auto`` (picked from the rows once they are
+    loaded, and not a cached one), are refused there with the flag named."""
+    from .minibatch import Tokens
+
+    for flag, value in (("--mini_batch_size", size), ("--mini_batch_tokens", tokens)):
+        if value < 0:
+            raise ValueError(f"{flag} {value}: give a positive number, or 0 for none.")
+    given = "--mini_batch_tokens" if tokens else "--mini_batch_size" if size else None
+    if given and loss == auto:
+        raise ValueError(f"{given} needs an explicit --loss: --loss {auto} picks its loss from the rows once they are "
+                         "loaded, without GradCache. Fix: add --loss listwise (grouped rows), --loss bce (pointwise "
+                         "rows), or lambda, margin_mse, kl; each takes mini-batches.")
+    return Tokens(tokens) if tokens else size or None
+
+
 @contextlib.contextmanager
 def hub_model(name: str, flag: str = "--model_name_or_path") -> Any:
     """Loading ``name`` for a recipe: a model that is neither a local folder nor in the Hub cache, with the Hub out of

@@ -37,6 +37,7 @@ from hf_mm_rerank.cli import (
     hub_model,
     load_data,
     main_process_first,
+    mini_batch_flag,
     parse_with_config,
     print_report,
     resume_point,
@@ -61,9 +62,15 @@ class DistillArguments(LoraArguments):
     contrastive_weight: float = field(default=0.0, metadata={"help": "Weight of an added in-batch InfoNCE term."})
     temperature: float = field(default=0.05, metadata={"help": "The student's similarity temperature."})
     mini_batch_size: int = field(default=0, metadata={"help": "GradCache mini-batch size; 0 = no caching."})
+    mini_batch_tokens: int = field(default=0, metadata={
+        "help": "GradCache mini-batches of at most this many tokens, padding and chat template included (inputs x the "
+                "longest), instead of --mini_batch_size inputs."})
     top_k: int = field(default=20, metadata={"help": "Candidates the retriever hands the reranker in evaluation."})
     query_prompt: str | None = field(default=None, metadata={"help": "The student's instruction for queries."})
     eval_batch_size: int = field(default=32, metadata={"help": "Inputs (retriever) / pairs (reranker) per pass."})
+
+    def __post_init__(self) -> None:  # at parsing: before the data, the student and the teacher are loaded
+        mini_batch_flag(self.mini_batch_size, self.mini_batch_tokens)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 4. Train the student on the teacher's scores, measuring retrieval then reranking before and after.
     loss = LOSSES[m.loss](temperature=m.temperature, contrastive_weight=m.contrastive_weight,
-                          mini_batch_size=m.mini_batch_size or None)
+                          mini_batch_size=mini_batch_flag(m.mini_batch_size, m.mini_batch_tokens))
     trainer = BiEncoderTrainer(model=student, args=args, train_dataset=grouped, loss=loss, evaluator=evaluation,
                                callbacks=[ThroughputCallback(), *publish.callbacks(args)],
                                model_card={**publish.card(), "negatives": "mined by the student, scored by "

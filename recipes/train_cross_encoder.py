@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
 
-from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback, Tokens
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
 from hf_mm_rerank.cli import (
     DataArguments,
     LoraArguments,
@@ -28,6 +28,7 @@ from hf_mm_rerank.cli import (
     hub_model,
     load_data,
     main_process_first,
+    mini_batch_flag,
     parse_with_config,
     print_report,
     resume_point,
@@ -66,6 +67,11 @@ class RerankerArguments(LoraArguments):
         "help": "BiEncoder used to mine hard negatives (default: random negatives)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass in evaluation."})
 
+    def __post_init__(self) -> None:  # at parsing: before minutes of data and model loading
+        if self.loss != "auto" and self.loss not in RERANKING_LOSSES:
+            raise ValueError(f"--loss {self.loss}: choose auto or one of {sorted(RERANKING_LOSSES)}.")
+        mini_batch_flag(self.mini_batch_size, self.mini_batch_tokens, self.loss)
+
 
 def build_model(m: RerankerArguments, args: TrainingArguments) -> CrossEncoder:
     kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
@@ -85,9 +91,7 @@ def build_model(m: RerankerArguments, args: TrainingArguments) -> CrossEncoder:
 def build_loss(m: RerankerArguments):
     if m.loss == "auto":
         return None  # the trainer picks bce (pointwise rows) or listwise (grouped rows)
-    if m.loss not in RERANKING_LOSSES:
-        raise ValueError(f"--loss {m.loss}: choose auto or one of {sorted(RERANKING_LOSSES)}.")
-    kwargs = {"mini_batch_size": Tokens(m.mini_batch_tokens) if m.mini_batch_tokens else m.mini_batch_size or None}
+    kwargs = {"mini_batch_size": mini_batch_flag(m.mini_batch_size, m.mini_batch_tokens)}
     if m.loss == "bce" and m.pos_weight:
         kwargs["pos_weight"] = m.pos_weight if m.pos_weight == "auto" else float(m.pos_weight)
     return RERANKING_LOSSES[m.loss](**kwargs)
@@ -119,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         with main_process_first(args, "cache_images"):
             train = cache_images(train, model)
     train = validated(train, model, data_args, args)
-    loss = build_loss(model_args)
-    if loss is None and (model_args.mini_batch_size or model_args.mini_batch_tokens):
-        raise ValueError("--mini_batch_size needs an explicit --loss (e.g. listwise).")
+    loss = build_loss(model_args)  # (--mini_batch_size / --mini_batch_tokens with --loss auto: refused at parsing)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**card, "dropped_rows": data_args.dropped_rows},
                                   **data_args.row_rules())

@@ -5,6 +5,7 @@ images in ``validate_dataset``, image special tokens in text cells, and the reci
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from helpers import args
@@ -102,3 +103,69 @@ def test_validate_dataset_refuses_truncated_jpeg_and_png_files_that_the_collator
     for i in (2, 4):  # what the check saves: the collator fails on these rows mid-run
         with pytest.raises(InputError, match=rf"row {i}, column '(positive|negative)'"):
             BiEncoderCollator(model)([{"_row": i, **rows[i]}])
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|vision_start|>", "<|video_pad|>"])
+def test_an_image_special_token_in_a_text_cell_is_named_and_skippable(tiny_path, token):
+    from hf_mm_rerank import BiEncoderCollator
+
+    model = BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
+    rows = [{"_row": 0, "query": "a red square", "positive": solid("red")},
+            {"_row": 1, "query": "a blue square", "positive": f"see the picture {token} below"},
+            {"_row": 2, "query": {"text": f"{token}green", "image": solid("green")}, "positive": solid("green")}]
+    with pytest.raises(InputError, match=rf"row 1, column 'positive': the text holds '{re.escape(token)}' \(at character 16"
+                                         r".*image/vision special tokens .*Fix: remove it from the text"):
+        BiEncoderCollator(model)(rows)  # before: the processor's "Found 1 <|image_pad|> tokens ..." (no row named)
+    batch = BiEncoderCollator(model, bad_rows="skip")(rows)
+    assert [row for row, _ in batch["skipped_rows"]] == [1, 2]
+    assert "row 2, column 'query'" in batch["skipped_rows"][1][1]
+    assert batch["query"][0]["input_ids"].shape[0] == 1  # the good row is kept
+
+
+def test_the_reranker_recipe_refuses_mini_batches_with_loss_auto_at_parsing(tmp_path):
+    from test_recipes import _json_data, _recipe
+
+    argv = ["--model_name_or_path", "/nonexistent-model", "--data_files", _json_data(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu", "true", "--eval_fraction", "0"]
+    recipe = _recipe("train_cross_encoder")
+    for flag in ("--mini_batch_tokens", "--mini_batch_size"):  # before: refused only once the model had loaded
+        with pytest.raises(ValueError, match=rf"^{flag} needs an explicit --loss: --loss auto picks its loss from "
+                                             r"the rows .* Fix: add --loss listwise"):
+            recipe.main([*argv, flag, "512"])
+    with pytest.raises(ValueError, match=r"^--mini_batch_tokens -1: give a positive number"):
+        recipe.main([*argv, "--mini_batch_tokens", "-1", "--loss", "listwise"])
+    with pytest.raises(ValueError, match=r"^--loss softmax: choose auto or one of"):
+        recipe.main([*argv, "--loss", "softmax"])
+    with pytest.raises(Exception, match="nonexistent-model") as error:  # with a loss, parsing lets it through
+        recipe.main([*argv, "--mini_batch_tokens", "512", "--loss", "listwise"])
+    assert "needs an explicit --loss" not in str(error.value)
+
+
+def test_the_distillation_recipe_passes_mini_batch_tokens_to_its_cached_loss(tiny_path, tmp_path, monkeypatch):
+    import json
+
+    from test_cross_encoder import _bert_classifier
+    from test_recipes import _recipe
+
+    from hf_mm_rerank import Tokens
+
+    names = list(COLORS)
+    data = tmp_path / "pairs.json"
+    data.write_text("\n".join(json.dumps({"query": f"which square is {c}", "positive": f"the square is {c}"})
+                              for c in names * 2))
+    recipe = _recipe("distill_reranker_to_bi_encoder")
+    seen = []
+
+    class Spy(recipe.LOSSES["margin_mse"]):
+        def forward(self, model, inputs):
+            seen.append((self.mini_batch_size, len(inputs["positive"])))
+            return super().forward(model, inputs)
+
+    monkeypatch.setitem(recipe.LOSSES, "margin_mse", Spy)
+    recipe.main(["--model_name_or_path", tiny_path("clip"), "--teacher", _bert_classifier(tmp_path),
+                 "--data_files", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                 "--per_device_train_batch_size", "4", "--num_negatives", "2", "--use_cpu", "true", "--lora_r", "4",
+                 "--dataloader_num_workers", "0", "--eval_fraction", "0", "--dtype", "float32", "--bf16", "false",
+                 "--mini_batch_tokens", "40"])
+    assert seen and all(isinstance(size, Tokens) and size == 40 for size, _ in seen)  # before: no such flag
+    assert all(chunks > 1 for _, chunks in seen)  # 4 positives did not fit in one 40-token mini-batch
