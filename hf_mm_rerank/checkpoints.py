@@ -79,6 +79,10 @@ class AtomicCheckpointsMixin:
             return
         super()._push_from_checkpoint(checkpoint_folder)
 
+    def _save_process_state(self, folder: str) -> None:
+        """Each process writes its own state into the checkpoint here (as Trainer writes its RNG state), before the
+        folder appears under its final name. Nothing by default."""
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         args = self.args
         run_dir = super()._get_output_dir(trial)
@@ -92,6 +96,7 @@ class AtomicCheckpointsMixin:
         try:
             super()._save_checkpoint(model, trial)
             written = os.path.join(staging, name)
+            self._save_process_state(written)
             if self.state.best_model_checkpoint == written:  # Trainer recorded the staging path: record the real one
                 self.state.best_model_checkpoint = final
                 if args.should_save:
@@ -102,7 +107,7 @@ class AtomicCheckpointsMixin:
             raise write_error(final, error) from error
         finally:
             self._checkpoint_staging = None
-        self.accelerator.wait_for_everyone()  # every rank's RNG state is in before the folder appears
+        self.accelerator.wait_for_everyone()  # every rank's RNG state (and own state) is in before the folder appears
         if (args.should_save or args.local_process_index == 0) and os.path.isdir(written):
             _replace(written, final)
             shutil.rmtree(staging, ignore_errors=True)

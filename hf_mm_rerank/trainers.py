@@ -5,9 +5,9 @@ They override only what the task needs: ``__init__`` (collator, loss, argument f
 ``_prepare_inputs`` (GradCache keeps mini-batches off the device), ``_get_dataloader`` (a generator per loader, so
 a resume replays the straight run's RNG), ``create_optimizer`` (learnable loss parameters, averaged across ranks),
 ``_save`` (honours the state dict Trainer gathers under FSDP / DeepSpeed), ``_save_checkpoint`` (written aside,
-then renamed: :mod:`.checkpoints`), ``log`` (skipped-row counts),
+then renamed: :mod:`.checkpoints`; each process adds its count of rows read), ``log`` (skipped-row counts),
 the checkpoint reloads (Trainer's own under FSDP / DeepSpeed) and ``_load_optimizer_and_scheduler`` (restores the
-loss parameters). Checkpointing, pushing, DDP and logging stay the Trainer's own.
+loss parameters and the count of rows read). Checkpointing, pushing, DDP and logging stay the Trainer's own.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
+
+ROWS_READ = "rows_read_{}.pt"  # in each checkpoint, per process (like Trainer's rng_state_N.pth)
 
 
 def _compute_bound(model: Any, loss: Any) -> str | None:
@@ -310,6 +312,22 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self._load_loss_state(checkpoint)
+            self._load_rows_read(checkpoint)
+
+    def _save_process_state(self, folder: str) -> None:
+        # Each process's count of the rows it read (the stream's skip limit and the card's "rows read"), so that a
+        # resumed run goes on counting from the checkpoint instead of from 0.
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"rows_read": self.rows_read}, os.path.join(folder, ROWS_READ.format(self.args.process_index)))
+
+    def _load_rows_read(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, ROWS_READ.format(self.args.process_index))
+        if os.path.isfile(path):
+            self.rows_read = int(torch.load(path, weights_only=True)["rows_read"])
+        else:  # written by an older version, or by fewer processes
+            self.rows_read = 0
+            logger.info("hf_mm_rerank: %s has no %s: the count of training rows read starts again from 0.",
+                        checkpoint, os.path.basename(path))
 
     def _load_loss_state(self, directory: str) -> None:
         """Restore learnable loss parameters (e.g. the temperature) saved beside the model."""
