@@ -92,6 +92,10 @@ def library_usage(info: dict[str, Any]) -> str:
 
 def plain_usage(info: dict[str, Any]) -> str:
     usage = info.get("usage") or {}
+    if info["kind"] == "multi_vector" and info.get("family") == "dual_encoder":
+        return "\n".join(["# A dual encoder's token vectors have no plain-transformers or sentence-transformers form:",
+                          "# sentence-transformers cannot encode its image patches (see Serving and",
+                          "# SENTENCE_TRANSFORMERS.md in this folder); encode with hf_mm_rerank, as above."])
     if info["kind"] == "multi_vector":
         return "\n".join(["# The token vectors need hf_mm_rerank's token masks and projection; without it, load the",
                           "# sentence-transformers configuration saved in this folder (see Serving):",

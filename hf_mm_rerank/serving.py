@@ -125,6 +125,8 @@ def _sentence_transformers(model: Any, model_ref: str, exported: str | None,
         return ServingTarget("sentence-transformers", "export",
                              f"{EXPORT.format(model=model_ref, out='OUT', format='sentence-transformers')}",
                              "this export has no sentence-transformers configuration")
+    if model.kind == "multi_vector" and model.spec.family == DUAL:  # no layout is written: st_format says why
+        return ServingTarget("sentence-transformers", "no", "", "; ".join(notes))
     loader = {"bi_encoder": "SentenceTransformer", "multi_vector": "MultiVectorEncoder"}.get(model.kind, "CrossEncoder")
     how = (f"from sentence_transformers import {loader}; model = {loader}({model_ref!r})" if model_ref != "MODEL" else
            f"from sentence_transformers import {loader}; model = {loader}(MODEL)")

@@ -268,6 +268,7 @@ def test_dual_encoder_multi_vector_folder_says_why_it_has_no_sentence_transforme
     card = (out / "README.md").read_text()
     serving = card[card.index("Serving"):]
     assert "sentence-transformers (6.3) MultiVectorEncoder cannot encode a dual encoder's image patches" in serving
+    assert "| sentence-transformers | not served |" in serving and "MultiVectorEncoder(" not in serving
     again = MultiVectorEncoder.from_pretrained(str(out))
     assert_rel_close(again.encode([solid("red")], side="document").embeddings,
                      model.encode([solid("red")], side="document").embeddings)
