@@ -110,9 +110,13 @@ def test_distillation_moves_the_student_toward_the_teacher(tiny_path, tmp_path):
     model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=8, lora_alpha=16))
     rows = _rows()
     before = _agreement(model, rows)
+    # Temperature 0.2, not 0.5: at 0.5 the student's margins (cosines / 0.5) stay within 4, short of the teacher's 7,
+    # so the loss saturated and the outcome sat near the bar. Measured (torch.manual_seed and args seed = 0..3, 30
+    # steps): before -0.083 on every seed; after 0.83, 0.83, 0.75, 0.75 (at 0.5: 0.67, 0.67, 0.75, 0.67). The
+    # smallest gain, 0.83, clears the bar of 0.5 by 0.33.
     trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=30, learning_rate=1e-2,
                                                       per_device_train_batch_size=8),
-                               train_dataset=Dataset.from_list(rows * 2), loss=EmbeddingMarginMSELoss(temperature=0.5))
+                               train_dataset=Dataset.from_list(rows * 2), loss=EmbeddingMarginMSELoss(temperature=0.2))
     trainer.train()
     after = _agreement(model, rows)
     assert after >= before + 0.5, (before, after)

@@ -268,9 +268,10 @@ def test_mining_excludes_every_positive_of_a_repeated_query():
     rows += [{"query": f"{c} square", "positive": solid(c)} for c in NAMES[1:]]
     mined = mine_hard_negatives(_AxisEncoder(), Dataset.from_list(rows), num_negatives=2, duplicate_threshold=None)
     red_bytes = {image.tobytes() for image in reds}
-    for row in mined:
-        if row["query"] == "red square":
-            assert not {row[f"negative_{j}"].tobytes() for j in (1, 2)} & red_bytes
+    red_rows = [row for row in mined if row["query"] == "red square"]
+    assert len(red_rows) == 3  # each red row was mined (a skipped row would leave the check below nothing to see)
+    for row in red_rows:
+        assert not {row[f"negative_{j}"].tobytes() for j in (1, 2)} & red_bytes
 
 
 def test_a_positive_the_first_stage_missed_counts_like_trec_eval():

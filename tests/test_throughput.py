@@ -32,20 +32,30 @@ def test_batch_counts_rows_images_and_tokens(tiny_path):
     assert counts["tokens"] == int(batch["pairs"][0]["attention_mask"].sum())
 
 
-def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path):
+def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path, monkeypatch):
+    import hf_mm_rerank.throughput as throughput
+
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     callback = ThroughputCallback()
+    rows = color_rows(2)  # 16 rows: each log (every 2 steps of 8 rows) covers one epoch, every row once
     trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=4, logging_steps=2),
-                               train_dataset=Dataset.from_list(color_rows(2)), callbacks=[callback])
+                               train_dataset=Dataset.from_list(rows), callbacks=[callback])
     assert trainer.callback_handler.callbacks[0] is callback
+    # The callback's clock reads 0.25 s per finished step, so each log spans exactly 0.5 s and its rates follow
+    # from the rows, images and tokens the trainer consumed.
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: 0.25 * trainer.state.global_step)})
+    monkeypatch.setattr(throughput, "time", clock)
     trainer.train()
+    assert trainer.state.global_step == 4
     logged = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logged) == 2
+    epoch = batch_counts(BiEncoderCollator(model)(rows))  # attention-mask tokens do not depend on the batching
+    assert epoch["samples"] == 16 and epoch["images"] == 32  # one image positive and one image negative per row
     for row in logged:
-        assert row["samples_per_second"] > 0 and row["tokens_per_second"] > 0 and row["peak_memory_gb"] > 0
-        # every row has one image positive and one image negative
-        # (both figures are rounded to 0.01 before logging)
-        assert row["images_per_second"] == pytest.approx(row["samples_per_second"] * 2, rel=1e-3, abs=0.021)
+        assert row["samples_per_second"] == 16 / 0.5
+        assert row["images_per_second"] == 32 / 0.5
+        assert row["tokens_per_second"] == round(epoch["tokens"] / 0.5, 2)
+        assert row["peak_memory_gb"] > 0
 
 
 @pytest.fixture()
