@@ -1,10 +1,13 @@
 """Long runs that survive a kill: SIGKILL after a checkpoint, then ``resume_from_checkpoint=True``, ends on the
-same trainable weights as a run never interrupted, at the library's defaults (persistent DataLoader workers,
-LoRA dropout, a learnable temperature)."""
+same trainable weights and the same count of rows read (the model card's) as a run never interrupted, with LoRA
+dropout and a learnable temperature: each kind with the library's default persistent DataLoader workers (asked for
+explicitly: the suite's conftest turns them off), the bi-encoder also with batches built in the training process;
+and a run with workers ends where one without does. Then checkpoints that appear only when complete."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -18,32 +21,72 @@ from helpers import assert_all_rel_close
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-def _run(kind: str, model: str, out: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(WORKER), kind, model, str(out), str(kill_at)], env=env,
-                          capture_output=True, text=True, timeout=600)
+def _run(kind: str, model: str, out: Path, loading: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+    """One worker run; ``loading`` ("workers" or "main") is passed as an argument and as the variable, not inherited."""
+    auto_workers = {"workers": "1", "main": "0"}[loading]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MM_RERANK_AUTO_WORKERS": auto_workers}
+    run = subprocess.run([sys.executable, str(WORKER), kind, model, str(out), str(kill_at), loading], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode == 0 or kill_at:
+        assert f"loading: {loading} " in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
 
 
-@pytest.mark.parametrize(("kind", "family", "kill_at"), [
-    ("bi_encoder", "clip", 4),  # killed at an epoch boundary (4 steps per epoch)
-    ("grad_cache", "clip", 6),  # killed mid-epoch
-    ("reranker", "qwen2_vl", 6),
-    ("stream", "clip", 6),  # a streamed training set, killed in its second pass
+@pytest.fixture(scope="module")
+def straight_run(tiny_path, tmp_path_factory):
+    """straight_run(kind, family, loading) -> the output folder of an uninterrupted run (each run once per module)."""
+    done: dict[tuple[str, str, str], Path] = {}
+
+    def get(kind: str, family: str, loading: str) -> Path:
+        if (kind, family, loading) not in done:
+            out = tmp_path_factory.mktemp(f"straight-{kind}-{loading}") / "run"
+            run = _run(kind, tiny_path(family), out, loading)
+            assert run.returncode == 0, run.stderr[-3000:]
+            done[kind, family, loading] = out
+        return done[kind, family, loading]
+
+    return get
+
+
+def _facts(out: Path) -> dict:
+    return json.loads((out / "facts.json").read_text())
+
+
+@pytest.mark.parametrize(("kind", "family", "kill_at", "loading"), [
+    ("bi_encoder", "clip", 4, "workers"),  # killed at an epoch boundary (4 steps per epoch)
+    ("bi_encoder", "clip", 6, "main"),  # no DataLoader workers, killed mid-epoch
+    ("grad_cache", "clip", 6, "workers"),  # killed mid-epoch
+    ("reranker", "qwen2_vl", 6, "workers"),
+    ("stream", "clip", 6, "workers"),  # a streamed training set, killed in its second pass
 ])
-def test_sigkill_and_resume_equals_a_straight_run(tiny_path, tmp_path, kind, family, kill_at):
+def test_sigkill_and_resume_equals_a_straight_run(tiny_path, straight_run, tmp_path, kind, family, kill_at, loading):
     model = tiny_path(family)
-    straight = _run(kind, model, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _run(kind, model, tmp_path / "resumed", kill_at=kill_at)
+    straight = straight_run(kind, family, loading)
+    killed = _run(kind, model, tmp_path / "resumed", loading, kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "resumed" / "final.pt").exists()
-    resumed = _run(kind, model, tmp_path / "resumed")
+    resumed = _run(kind, model, tmp_path / "resumed", loading)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint-{kill_at}" in resumed.stdout  # it did resume, from the checkpoint the kill left
-    a = torch.load(tmp_path / "straight" / "final.pt")
+    a = torch.load(straight / "final.pt")
     b = torch.load(tmp_path / "resumed" / "final.pt")
     assert a.keys() == b.keys() and len(a) > 2
     assert_all_rel_close(b, a)
+    # The rows read count the checkpoint's rows too (a stream's card says "a stream: 40 rows read"), not only the
+    # rows read since the resume.
+    assert _facts(tmp_path / "resumed") == _facts(straight)
+    assert _facts(straight)["rows_read"] == 10 * 4
+
+
+def test_training_with_dataloader_workers_equals_training_without(straight_run):
+    # Dropout masks come from the training process's global RNG; workers must not change what it draws (each
+    # DataLoader has a seeded generator of its own: a new iterator per epoch without persistent workers, one with).
+    with_workers = straight_run("bi_encoder", "clip", "workers")
+    without = straight_run("bi_encoder", "clip", "main")
+    a, b = torch.load(without / "final.pt"), torch.load(with_workers / "final.pt")
+    assert a.keys() == b.keys() and len(a) > 2
+    assert_all_rel_close(b, a, rel=1e-6)
+    assert _facts(with_workers) == _facts(without)
 
 
 # ----- checkpoints that appear only when complete ---------------------------------------------------------
