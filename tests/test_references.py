@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import assert_all_rel_close, assert_rel_close
 from images import color_rows, solid
 from peft import LoraConfig
+from torch import nn
 
 from hf_mm_rerank import (
     BiEncoderCollator,
@@ -192,8 +193,7 @@ def _maxsim_by_hand(query, q_mask, document, d_mask) -> torch.Tensor:
     return similarity.max(dim=1).values.sum()
 
 
-@pytest.mark.parametrize("mini_batch_size", [None, 2])
-@pytest.mark.parametrize("kind", ["margin-mse", "kl"])
+@pytest.mark.parametrize("kind, mini_batch_size", [("margin-mse", 2), ("kl", None)])  # the padded test: every pair
 def test_distillation_losses_on_maxsim_equal_hand_computations(tiny_path, kind, mini_batch_size):
     """Rows of a query, a positive page and two negatives (a page and a text of varying length, so documents are
     padded); the reference embeds each column on its own, scores every (query, candidate) pair by hand from the
@@ -233,3 +233,92 @@ def test_distillation_losses_on_maxsim_equal_hand_computations(tiny_path, kind, 
     want.backward()
     assert_rel_close(value, want)
     assert_all_rel_close(got, _grads(model))
+
+
+class _Tokens(nn.Module):
+    """A "model" whose outputs are its parameters: each column's token embeddings ``[N, T, d]`` (zeros: unscored), so
+    the gradients are the token embeddings' own. A chunk names its column and rows; GradCache runs it like a model."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.tables = nn.ParameterDict({name: nn.Parameter(t.clone()) for name, t in tables.items()})
+        self.masks = {name: t.abs().amax(-1) > 0 for name, t in tables.items()}
+
+    def forward(self, *sides):
+        out = tuple(self._side(side) for side in sides)
+        return out if len(out) > 1 else out[0]
+
+    def _side(self, side):
+        if isinstance(side, list):  # chunks: rows one after the other, zero-padded to the longest
+            parts = [self._side(chunk) for chunk in side]
+            width = max(p.shape[1] for p in parts)
+            return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
+        name, start, stop = side["column"], *side["rows"]
+        return self.tables[name][start:stop] * self.masks[name][start:stop, :, None]
+
+
+def _padded_tokens(n, t, d, seed):
+    """``n`` rows of unit vectors, each of a random length in 1..t, zero-padded to t."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, t, d, generator=g), dim=-1)
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    return x * (torch.arange(t)[None, :] < lengths[:, None]).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+@pytest.mark.parametrize("kind", ["margin-mse", "kl"])
+def test_distillation_losses_on_padded_token_embeddings_equal_hand_computations(kind, mini_batch_size, normalize):
+    """Token embeddings of random lengths (zero-padded), and one negative whose every token is opposite to its query's
+    (all similarities negative: a padding zero that took part in the max would win it). Loss and gradients w.r.t. every
+    token embedding; the hand MaxSim scores also equal sentence-transformers' colbert_kd_scores."""
+    from sentence_transformers.multi_vector_encoder.scoring import colbert_kd_scores
+
+    rows, k, dim = 4, 2, 8
+    query, positive, negative = _padded_tokens(rows, 5, dim, 1), _padded_tokens(rows, 7, dim, 2), _padded_tokens(
+        rows * k, 7, dim, 3)
+    cone = F.normalize(torch.randn(5, dim, generator=torch.Generator().manual_seed(4)) * 0.3 + 1.0, dim=-1)
+    query[0] = cone * (query[0].abs().amax(-1, keepdim=True) > 0)  # query 0's tokens in one cone (all dots > 0) ...
+    negative[1] = F.pad(-cone, (0, 0, 0, 2))  # ... its second negative opposite to them
+    teacher = torch.tensor([[3.0, 1.0, -2.0], [0.5, 2.0, 1.0], [1.0, 1.0, 0.0], [-1.0, 2.5, 0.5]])
+    model = _Tokens({"query": query, "positive": positive, "negative": negative})
+
+    def chunks(column, count):
+        size = mini_batch_size or count
+        return [{"column": column, "rows": (s, min(s + size, count))} for s in range(0, count, size)]
+
+    batch = {"query": chunks("query", rows), "positive": chunks("positive", rows),
+             "negative": chunks("negative", rows * k), "teacher": teacher}
+    temperature, teacher_temperature = 0.5, 2.0
+    common = dict(temperature=temperature, mini_batch_size=mini_batch_size, normalize_by_query_length=normalize)
+    if kind == "margin-mse":
+        loss_fn = EmbeddingMarginMSELoss(**common)
+    else:
+        loss_fn = EmbeddingDistillKLLoss(teacher_temperature=teacher_temperature, **common)
+    value = loss_fn(model, batch)
+    value.backward()
+    got = {name: p.grad.clone() for name, p in model.tables.items()}
+
+    leaves = {name: t.clone().requires_grad_(True) for name, t in (("query", query), ("positive", positive),
+                                                                  ("negative", negative))}
+    masks = model.masks
+    candidates = [[(leaves["positive"][i], masks["positive"][i])] + [
+        (leaves["negative"][i * k + j], masks["negative"][i * k + j]) for j in range(k)] for i in range(rows)]
+    student = torch.stack([torch.stack([_maxsim_by_hand(leaves["query"][i], masks["query"][i], doc, d_mask)
+                                        for doc, d_mask in candidates[i]]) for i in range(rows)])
+    if normalize:
+        student = student / masks["query"].sum(1, keepdim=True)
+    assert float(student[0, 2].detach()) < 0  # the opposite negative: only its real tokens scored
+    documents = torch.stack([torch.stack([doc for doc, _ in row]) for row in candidates])
+    d_masks = torch.stack([torch.stack([m for _, m in row]) for row in candidates])
+    assert_rel_close(student, colbert_kd_scores(leaves["query"], documents, masks["query"], d_masks,
+                                                length_normalize=normalize))
+    if kind == "margin-mse":
+        want = (((student[:, :1] - student[:, 1:]) / temperature - (teacher[:, :1] - teacher[:, 1:])) ** 2).mean()
+    else:
+        p_teacher = torch.softmax(teacher / teacher_temperature, 1)
+        log_student = torch.log_softmax(student / temperature, 1)
+        want = (p_teacher * (p_teacher.log() - log_student)).sum(1).mean() * teacher_temperature ** 2
+    want.backward()
+    assert_rel_close(value, want)
+    assert_all_rel_close(got, {name: leaf.grad for name, leaf in leaves.items()})
