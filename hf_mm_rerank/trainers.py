@@ -318,15 +318,18 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         # Each process's count of the rows it read (the stream's skip limit and the card's "rows read"), so that a
         # resumed run goes on counting from the checkpoint instead of from 0.
         os.makedirs(folder, exist_ok=True)
-        torch.save({"rows_read": self.rows_read}, os.path.join(folder, ROWS_READ.format(self.args.process_index)))
+        torch.save({"rows_read": self.rows_read, "skipped_rows": self.skipped_rows.state()},
+                   os.path.join(folder, ROWS_READ.format(self.args.process_index)))
 
     def _load_rows_read(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, ROWS_READ.format(self.args.process_index))
         if os.path.isfile(path):
-            self.rows_read = int(torch.load(path, weights_only=True)["rows_read"])
+            saved = torch.load(path, weights_only=True)
+            self.rows_read = int(saved["rows_read"])
+            pass
         else:  # written by an older version, or by fewer processes
             self.rows_read = 0
-            logger.info("hf_mm_rerank: %s has no %s: the count of training rows read starts again from 0.",
+            logger.info("hf_mm_rerank: %s has no %s: the counts of training rows read and skipped start again from 0.",
                         checkpoint, os.path.basename(path))
 
     def _load_loss_state(self, directory: str) -> None:

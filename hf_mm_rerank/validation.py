@@ -153,6 +153,14 @@ class SkipCounter:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def state(self) -> list[tuple[Any, str]]:
+        """The rows skipped so far, each with its reason (saved in each checkpoint, so a resume goes on counting)."""
+        return list(self.rows)
+
+    def restore(self, rows: list[tuple[Any, str]]) -> None:
+        self.rows = [tuple(row) for row in rows]
+        self._seen = {row for row, _ in self.rows}
+
     def add(self, skipped: list[tuple[Any, str]], dataset_rows: int | None, world_size: int,
             rows_read: int | None = None) -> None:
         """``dataset_rows``: the dataset's length; for a stream, ``rows_read``: the rows this process read so far

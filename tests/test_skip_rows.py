@@ -147,3 +147,24 @@ def test_recipe_validate_data_flag(tiny_path, tmp_path, small_pixel_limit, capsy
     assert "data check: dropping 3 of 20 rows before training (--bad_rows skip)" in capsys.readouterr().out
     card = (tmp_path / "skip" / "README.md").read_text()
     assert "| training rows | 17 |" in card and "| rows dropped by the data check (--validate_data) | 3 |" in card
+
+
+def test_skipped_rows_are_counted_on_after_a_resume(tiny_path, tmp_path):
+    """The rows skipped before a checkpoint stay counted after resuming from it (the card's line and the skip limit):
+    row 5 is read in step 2, before checkpoint-2, and not again in steps 3-4."""
+    rows = _rows(tmp_path, bad={5: BAD[5]})
+
+    def trainer(max_steps):
+        model = BiEncoder.from_pretrained(tiny_path("clip"))
+        settings = args(tmp_path, per_device_train_batch_size=4, max_steps=max_steps, save_strategy="steps",
+                        save_steps=2, train_sampling_strategy="sequential")
+        return BiEncoderTrainer(model=model, args=settings, train_dataset=Dataset.from_list(rows), bad_rows="skip",
+                                max_skipped_fraction=0.2)
+
+    first = trainer(2)
+    first.train()
+    assert [row for row, _ in first.skipped_rows.rows] == [5]
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4 and resumed.rows_read == 16
+    assert [row for row, _ in resumed.skipped_rows.rows] == [5], resumed.skipped_rows.rows
