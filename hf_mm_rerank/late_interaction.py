@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .inputs import MMInput
-from .processing import ChatFeaturizer, DualEncoderFeaturizer
+from .processing import ChatFeaturizer, DualEncoderFeaturizer, vision_tokens
 
 SCORED_TOKENS = ("content", "all")
 TEMPLATES = ("chat", "colpali")
@@ -46,7 +46,10 @@ class MultiVectorChatFeaturizer(ChatFeaturizer):
         self.augmentation_token = tokenizer.pad_token or tokenizer.eos_token
         image_token = getattr(processor, "image_token", None)
         keep = {tokenizer.convert_tokens_to_ids(t) for t in (image_token, self.augmentation_token) if t}
-        self._special = sorted(set(tokenizer.all_special_ids) - keep)
+        # The template's markers are never content, whether or not the tokenizer lists them as special (Qwen's
+        # <|vision_start|> / <|vision_end|> are listed by the Hub tokenizers, not by every tokenizer built in code).
+        markers = {tokenizer.convert_tokens_to_ids(t) for t in vision_tokens(processor)} - {None, tokenizer.unk_token_id}
+        self._special = sorted((set(tokenizer.all_special_ids) | markers) - keep)
         self._edges: dict[str, tuple[int, int]] = {}
         if template == "colpali":
             tokenizer.padding_side = "left"  # as colpali-engine's processors
