@@ -46,6 +46,20 @@ def test_learnable_temperature_gets_a_gradient():
     assert loss_fn.temperature == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("temperature", [0.01, 0.005])
+def test_a_learnable_temperature_at_the_cap_still_learns(temperature):
+    """At the 1/100 cap (0.01 is a common setting; 0.005 starts above it) the temperature keeps its gradient: one SGD
+    step on a batch whose loss wants a softer scale moves it down from the cap (a clamp inside the graph froze it)."""
+    loss_fn = ContrastiveLoss(temperature=temperature, learnable_temperature=True)
+    q, p = _unit(4, 8, seed=1), _unit(4, 8, seed=2)  # random pairs: a large scale is overconfident, the loss wants less
+    loss_fn.objective(q, p, None).backward()
+    grad = loss_fn.log_scale.grad
+    assert grad is not None and grad.item() > 1.0, grad  # d loss / d log scale > 0: lowering the scale helps
+    with torch.no_grad():
+        loss_fn.log_scale -= 0.01 * grad
+    assert loss_fn.temperature > 0.01 * 1.0001  # moved off the cap
+
+
 def test_matryoshka_is_the_weighted_sum_over_prefixes():
     q, p = _unit(4, 8, seed=1), _unit(4, 8, seed=2)
     base = ContrastiveLoss()

@@ -19,6 +19,8 @@ from .grad_cache import grad_cached
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
+MAX_LOG_SCALE = math.log(100.0)  # a learnt temperature stays >= 1/100
+
 
 class ContrastiveLoss(nn.Module):
     """InfoNCE over in-batch and hard negatives (MultipleNegativesRanking / CLIP-style loss).
@@ -57,8 +59,14 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        if isinstance(self.log_scale, nn.Parameter):  # a learnt temperature is capped at 1/100, like CLIP's
-            return self.log_scale.clamp(max=math.log(100.0)).exp()
+        if isinstance(self.log_scale, nn.Parameter):
+            # A learnt temperature is capped at 1/100, like CLIP's: the parameter itself is clamped (as open_clip does
+            # after each step), so its gradient keeps flowing at the cap; a clamp inside the graph would give it a
+            # zero gradient there for good (temperature=0.01 would never move).
+            if self.log_scale.detach() > MAX_LOG_SCALE:
+                with torch.no_grad():
+                    self.log_scale.clamp_(max=MAX_LOG_SCALE)
+            return self.log_scale.exp()
         return self.log_scale.exp()  # a fixed one is used as given
 
     @property
