@@ -1,7 +1,7 @@
 """A LoRA adapter that sentence-transformers trains itself (its own ``add_adapter(LoraConfig)``, its own trainer,
 its own ``save_pretrained``) on a family both libraries support (CLIP), then loaded here.
 
-Runs on the newest releases (peft 0.22) and on the oldest that pyproject.toml allows (peft 0.21.0, transformers 5.20,
+Runs on the newest releases (peft 0.22) and on the oldest that pyproject.toml allows (peft 0.21.0, transformers 5.23,
 sentence-transformers 6.2: scripts/test_oldest.sh). Its CLIP embeddings are ``get_text_features`` /
 ``get_image_features`` without a Normalize module, so they are compared with ours at ``normalize=False``; relative to
 scale, 1e-5 (observed: 0 to 1e-7).
