@@ -54,6 +54,8 @@ _EXPORTS = {
     "RerankingEvaluator": "evaluation",
     "RetrievalEvaluator": "evaluation",
     "ThroughputCallback": "throughput",
+    "TrainerLoss": "losses",
+    "RunFacts": "trainers",
     "Tokens": "minibatch",
     "CheckpointWriteError": "checkpoints",
     "ValidationReport": "validation",

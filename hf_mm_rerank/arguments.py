@@ -8,6 +8,7 @@ import copyreg
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,8 +48,9 @@ class _TrainingArgumentsWithoutSecrets(TrainingArguments):
 
     Trainer writes ``training_args.bin`` (``torch.save(self.args)``) into every checkpoint and into the folder it
     pushes to the Hub: with ``hub_token`` set, the plaintext token would be uploaded. Pickled, this class leaves out
-    every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it is the
-    user's object, token and all. Left out: string fields named like a secret (``hub_token``, ``*_api_key``,
+    every ``*_token`` field and loads back as a plain ``TrainingArguments``; in memory (copies included) it holds what
+    the user's object holds, token and all. The trainers make one from a copy (:func:`own_copy`), never from the
+    user's object itself. Left out: string fields named like a secret (``hub_token``, ``*_api_key``,
     ``*_password``, ...) and any string that looks like a Hugging Face token (``hf_...``), whatever its field.
     """
 
@@ -69,14 +71,48 @@ class _TrainingArgumentsWithoutSecrets(TrainingArguments):
         return clone
 
 
-def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
-    """What the trainers change in the user's plain ``TrainingArguments`` (each change said once in the log):
-    launch checks, no token in pickled copies, raw columns kept, DataLoader workers picked from the CPU count."""
-    args = args if args is not None else TrainingArguments(output_dir="hf_mm_rerank_output")
+@dataclass
+class AutoPipeline:
+    """What the fix-ups picked where the user left the default (explicit settings are never touched); kept on the
+    trainer (``trainer.auto_pipeline``), never written into the user's arguments.
+
+    Attributes:
+        workers: ``dataloader_num_workers`` was 0 and the trainer picked it from the CPU count.
+        threads: ``(all, beside the workers)``: the torch thread counts :class:`~hf_mm_rerank.throughput.PipelinePolicy`
+            chooses between while training on a CPU (applied when training starts, restored when it ends), or None.
+    """
+
+    workers: bool = False
+    threads: tuple[int, int] | None = None
+
+    def refit_threads(self, args: TrainingArguments) -> None:
+        """After the trainers lowered the workers they picked (a stream with few shards): the threads beside them."""
+        if self.threads is not None:
+            every = self.threads[0]
+            self.threads = (every, max(1, min(every, _cpus_per_rank() - args.dataloader_num_workers)))
+
+
+def own_copy(args: TrainingArguments) -> TrainingArguments:
+    """A shallow copy of the user's arguments for the trainer to change (the user's object stays as it was): a plain
+    ``TrainingArguments`` becomes a :class:`_TrainingArgumentsWithoutSecrets` (pickled without tokens); a subclass of
+    the user's own keeps its type (its pickling is theirs). Nested objects are shared: copy one before changing it."""
+    if type(args) is TrainingArguments:
+        clone = object.__new__(_TrainingArgumentsWithoutSecrets)
+        clone.__dict__.update(args.__dict__)
+        return clone
+    return copy.copy(args)
+
+
+def fix_training_arguments(args: TrainingArguments | None) -> tuple[TrainingArguments, AutoPipeline]:
+    """What the trainers change in (a copy of) the user's plain ``TrainingArguments`` (each change said once in the
+    log): launch checks, no token in pickled copies, raw columns kept, DataLoader workers picked from the CPU count.
+
+    Returns the copy and what was picked for the user (:class:`AutoPipeline`); the user's object is left unchanged.
+    """
+    args = own_copy(args) if args is not None else own_copy(TrainingArguments(output_dir="hf_mm_rerank_output"))
+    auto = AutoPipeline()
     check_launch(args)
     say = logger.info if args.process_index == 0 else logger.debug  # each change said once, by the main process
-    if type(args) is TrainingArguments:  # a subclass of the user's own keeps its type (its pickling is theirs)
-        args.__class__ = _TrainingArgumentsWithoutSecrets
     if args.remove_unused_columns:
         # The default would drop our query/positive/negative columns (the model's forward does not name them).
         say("hf_mm_rerank: setting remove_unused_columns=False (the collator reads the raw columns).")
@@ -91,25 +127,14 @@ def fix_training_arguments(args: TrainingArguments | None) -> TrainingArguments:
         # Image decoding and processing belong in DataLoader workers, beside the training step.
         args.dataloader_num_workers = auto_num_workers()
         args.dataloader_persistent_workers = True
-        args.__dict__[AUTO_WORKERS] = True
+        auto.workers = True
         say("hf_mm_rerank: dataloader_num_workers was 0; persistent DataLoader workers from the CPU count: %d (set "
             "HF_MM_RERANK_AUTO_WORKERS=0 to keep loading in the training process).", args.dataloader_num_workers)
         if args.device.type == "cpu":
             # Training on the CPU: leave the workers' cores to them (oversubscription halved throughput when decoding
             # is the bottleneck); PipelinePolicy measures the first steps and gives the step every core when it is not.
+            # The thread count is set only while training (the process's setting is restored after it).
             threads = max(1, _cpus_per_rank() - args.dataloader_num_workers)
             if torch.get_num_threads() > threads:
-                args.__dict__[AUTO_THREADS] = (torch.get_num_threads(), threads)
-                torch.set_num_threads(threads)  # the trainer's PipelinePolicy then says what the step gets
-    return args
-
-
-AUTO_THREADS = "_hf_mm_rerank_threads"  # (all, beside the workers): torch threads the fix-ups chose between
-AUTO_WORKERS = "_hf_mm_rerank_workers"  # set when the fix-ups chose dataloader_num_workers
-
-
-def refit_threads(args: TrainingArguments) -> None:
-    """After the trainers lowered the workers they picked (a stream with few shards): the threads beside them."""
-    if AUTO_THREADS in args.__dict__:
-        every, _ = args.__dict__[AUTO_THREADS]
-        args.__dict__[AUTO_THREADS] = (every, max(1, min(every, _cpus_per_rank() - args.dataloader_num_workers)))
+                auto.threads = (torch.get_num_threads(), threads)
+    return args, auto

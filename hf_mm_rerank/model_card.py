@@ -121,11 +121,11 @@ def _negatives(dataset: Any, kind: str) -> str:
     return f"{prefix}{count} negative(s)" if count else "in-batch only"
 
 
-def _training_rows(trainer: Any, world: int) -> Any:
+def _training_rows(trainer: Any, facts: Any, world: int) -> Any:
     dataset = trainer.train_dataset
     if hasattr(dataset, "__len__"):
         return len(dataset)
-    read = getattr(trainer, "rows_read", 0)  # this process's share of the stream
+    read = facts.rows_read  # this process's share of the stream
     if not read:
         return "a stream"
     return f"a stream: {read} rows read" if world == 1 else f"a stream: {read} rows read by process 0 of {world}"
@@ -155,7 +155,8 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
     spec, args, state = model.spec, trainer.args, trainer.state
     world = max(1, args.world_size)
     runtime = next((row for row in reversed(state.log_history) if "train_runtime" in row), {})
-    before, after = _eval(state.log_history, getattr(trainer, "metrics_before_training", None))
+    facts = trainer.run_facts()  # rows read and skipped, the bad-row rule, the evaluation before training
+    before, after = _eval(state.log_history, facts.metrics_before_training)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else str(model.compute_dtype).replace("torch.", "")
     settings = spec.settings
     info = {
@@ -165,7 +166,7 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         "head": settings.get("head"), "pooling": _pooling(model),
         "normalize": getattr(model, "normalize", None),
         "modalities": ["text", "image"] if model.featurizer.supports_images else ["text"],
-        "loss": _loss(getattr(trainer, "loss", None)),
+        "loss": _loss(trainer.loss),
         "training": {
             "global batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
             "negatives per query": _negatives(trainer.train_dataset, spec.kind),
@@ -177,9 +178,8 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
             "gradient checkpointing": bool(args.gradient_checkpointing), "hardware": _hardware(world),
             "duration": f"{runtime['train_runtime']:.0f} s" if runtime else "n/a",
             "samples/s": round(runtime["train_samples_per_second"], 2) if runtime else "n/a",
-            "training rows": _training_rows(trainer, world),
-            **({"rows skipped as unreadable (bad_rows='skip')": len(trainer.skipped_rows)}
-               if getattr(trainer, "bad_rows", "raise") == "skip" else {}),
+            "training rows": _training_rows(trainer, facts, world),
+            **({"rows skipped as unreadable (bad_rows='skip')": facts.skipped_rows} if facts.bad_rows == "skip" else {}),
         },
         "eval": {"before": before, "after": after},
         "versions": _versions(bool(spec.quantization)),

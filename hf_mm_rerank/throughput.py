@@ -98,13 +98,12 @@ class PipelinePolicy(TrainerCallback):
     depends on the model, the images and the machine (a tiny chat VLM at a small pixel budget is faster with the
     split, GradCache with every thread). A run shorter than ``min_steps`` keeps the start: trying the other setting
     costs a few slow steps (and a new thread pool), which only a longer run earns back. The choice is logged once,
-    with both timings."""
+    with both timings. The thread count is set when training starts and the process's own is restored when it ends
+    (:meth:`restore`: the trainers call it if training stops on an error too)."""
 
     def __init__(self, threads: tuple[int, int], window: int = 10, compute_bound: str | None = None,
                  main_process: bool = True, warmup: int = 1, min_steps: int = 200, margin: float = 0.1) -> None:
         import logging
-
-        import torch
 
         self.all, self.beside = threads
         self.window, self.warmup, self.min_steps, self.margin = window, warmup, min_steps, margin
@@ -115,12 +114,18 @@ class PipelinePolicy(TrainerCallback):
         self._end: float | None = None
         self.decision: str | None = None
         self.say = logging.getLogger(__name__).info if main_process else logging.getLogger(__name__).debug
-        torch.set_num_threads(self.order[0])
+        self.current = self.order[0]  # what the step gets while training
+        self._saved: int | None = None  # the process's own thread count, restored when training ends
         self.say("hf_mm_rerank: the step starts with %s; a run of %d steps or more then times %d with each thread "
                  "count and keeps the faster.", f"all {self.all} threads ({compute_bound})" if compute_bound else
                  f"{self.beside} thread(s) beside the DataLoader workers", min_steps, window)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch
+
+        if self._saved is None:
+            self._saved = torch.get_num_threads()
+        torch.set_num_threads(self.current)
         if self.decision is None and state.max_steps and state.max_steps < max(self.min_steps,
                                                                                self.warmup + 2 * self.window + 1):
             self.decision = (f"{self.order[0]} thread(s) for the step: a run of {state.max_steps} steps is too short "
@@ -142,7 +147,8 @@ class PipelinePolicy(TrainerCallback):
             if len(self.timings[self.order[1]]) >= self.window:
                 self.decide()
             elif len(self.timings[self.order[0]]) == self.window and not self.timings[self.order[1]]:
-                torch.set_num_threads(self.order[1])
+                self.current = self.order[1]
+                torch.set_num_threads(self.current)
                 self._skip = 1
         self._end = now
 
@@ -152,9 +158,21 @@ class PipelinePolicy(TrainerCallback):
         mean = {n: sum(t[-self.window:]) / self.window for n, t in self.timings.items()}
         first, second = self.order
         threads = second if mean[second] < (1 - self.margin) * mean[first] else first  # noise keeps the start
+        self.current = threads
         torch.set_num_threads(threads)
         other = self.beside if threads == self.all else self.all
         self.decision = (f"{threads} thread(s) for the step: {mean[threads]:.3f} s per step against {mean[other]:.3f} s "
                          f"with {other}")
         self.say("hf_mm_rerank: %s.", self.decision)
         return self.decision
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the process back the thread count it had when training started (the next start sets ours again)."""
+        import torch
+
+        if self._saved is not None:
+            torch.set_num_threads(self._saved)
+            self._saved = None

@@ -1,7 +1,7 @@
 """Trainer subclasses driven by a plain ``transformers.TrainingArguments``.
 
-They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups, launch checks),
-``compute_loss``, ``prediction_step``, ``evaluate`` / ``evaluation_loop`` (run the evaluator),
+They override only what the task needs: ``__init__`` (collator, loss, argument fix-ups on a copy of the user's
+arguments, launch checks), ``train`` (the process's torch thread count restored after it), ``compute_loss``, ``prediction_step``, ``evaluate`` / ``evaluation_loop`` (run the evaluator),
 ``_prepare_inputs`` (GradCache keeps mini-batches off the device), ``_get_dataloader`` (a generator per loader, so
 a resume replays the straight run's RNG), ``create_optimizer`` (learnable loss parameters, averaged across ranks),
 ``_save`` (honours the state dict Trainer gathers under FSDP / DeepSpeed), ``_save_checkpoint`` (written aside,
@@ -12,9 +12,11 @@ loss parameters and the count of rows read). Checkpointing, pushing, DDP and log
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,12 +25,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .arguments import AUTO_THREADS, AUTO_WORKERS, fix_training_arguments, refit_threads
+from .arguments import AutoPipeline, fix_training_arguments
 from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
 from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
 from .distributed import all_parameters_term, average_gradients
 from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
+from .losses.base import loss_contract
 from .modeling.backbone import TEXT
 from .pipeline import add_lengths, undecoded_images
 from .schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
@@ -43,7 +46,7 @@ ROWS_READ = "rows_read_{}.pt"  # in each checkpoint, per process (like Trainer's
 
 def _compute_bound(model: Any, loss: Any) -> str | None:
     """Why the inputs alone make a training step compute-bound (PipelinePolicy's start), or None."""
-    if getattr(loss, "mini_batch_size", None):
+    if loss_contract(loss).mini_batch_size:
         return "GradCache encodes every batch twice"
     spec = getattr(model, "spec", None)
     if getattr(spec, "family", None) == TEXT:
@@ -85,16 +88,53 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     return _with_row_index(dataset)
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What a trainer knows about its run beyond ``trainer.state`` (read by the model card): see
+    :meth:`RetrievalTrainerMixin.run_facts`.
+
+    Attributes:
+        rows_read: training rows this process read, kept and skipped (resumes count on from the checkpoint).
+        skipped_rows: rows this process skipped as unreadable (``bad_rows="skip"``).
+        bad_rows: the rule for unreadable rows, ``"raise"`` or ``"skip"``.
+        metrics_before_training: the evaluator's metrics at step 0 (an evaluation before training), or None.
+
+    Example:
+        >>> facts = trainer.run_facts(); print(facts.rows_read, facts.skipped_rows)
+    """
+
+    rows_read: int
+    skipped_rows: int
+    bad_rows: str
+    metrics_before_training: dict[str, float] | None
+
+
 class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving (checkpoints appear only
     when complete) and reloading."""
 
     loss: nn.Module
     evaluator: Any
+    auto_pipeline: AutoPipeline  # what the argument fix-ups picked for the user (workers, threads)
 
-    @staticmethod
-    def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
-        return fix_training_arguments(args)
+    def _fix_args(self, args: TrainingArguments | None) -> TrainingArguments:
+        """A fixed-up copy of the user's arguments (theirs stay as they were)."""
+        args, self.auto_pipeline = fix_training_arguments(args)
+        return args
+
+    def run_facts(self) -> RunFacts:
+        """This process's facts about the run so far (the model card reads them)."""
+        return RunFacts(rows_read=self.rows_read, skipped_rows=len(self.skipped_rows), bad_rows=self.bad_rows,
+                        metrics_before_training=self.metrics_before_training)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        # The thread count PipelinePolicy sets while training is the process's again after train(), even when it
+        # stops on an error (on_train_end is not called then).
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._pipeline_policy is not None:
+                self._pipeline_policy.restore()
 
     def _validate_args(self) -> None:
         # Trainer refuses eval_strategy != "no" without an eval_dataset; an evaluator is enough for us.
@@ -121,7 +161,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         for name, count in counts.items():
             self.input_counts[name] += count
         loss = self.loss(model, inputs)
-        if model.training and not getattr(self.loss, "mini_batch_size", None):  # (GradCache adds it in its 2nd pass)
+        if model.training and not loss_contract(self.loss).mini_batch_size:  # (GradCache adds it in its 2nd pass)
             extra = all_parameters_term(model)
             loss = loss if extra is None else loss + extra
         return (loss, {}) if return_outputs else loss
@@ -135,7 +175,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if ERROR_KEY in inputs:  # a bad row met in a DataLoader worker: raised here, as itself
             raise inputs[ERROR_KEY]
-        if getattr(self.loss, "mini_batch_size", None):
+        if loss_contract(self.loss).mini_batch_size:
             return inputs  # GradCache: the model moves each mini-batch to the device when it embeds it
         return super()._prepare_inputs(inputs)
 
@@ -208,15 +248,21 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
             raise ValueError("bad_rows='skip', but the data_collator passed raises on bad rows. Fix: build it with "
                              "bad_rows='skip', or leave data_collator out.")
         self.bad_rows, self.skipped_rows = collator_rule, SkipCounter(max_skipped_fraction)
-        if hasattr(data_collator, "defer_errors"):
-            data_collator.defer_errors = True  # a bad row in a worker reaches the user as one error (_prepare_inputs)
+        if hasattr(data_collator, "defer_errors") and not data_collator.defer_errors:
+            # A bad row in a worker reaches the user as one error (_prepare_inputs); a collator passed in stays as it
+            # was: the trainer sets this on its own copy.
+            data_collator = copy.copy(data_collator)
+            data_collator.defer_errors = True
         if is_stream(train_dataset):  # see streams.py
             check_max_steps(args)
             if args.accelerator_config.dispatch_batches is None:
+                args.accelerator_config = copy.copy(args.accelerator_config)  # (shared with the user's arguments)
                 args.accelerator_config.dispatch_batches = False  # each process reads its own share of the stream
-            fit_workers(train_dataset, args, auto_workers=AUTO_WORKERS in args.__dict__)
-            refit_threads(args)
+            fit_workers(train_dataset, args, auto_workers=self.auto_pipeline.workers)
+            self.auto_pipeline.refit_threads(args)
         self.rows_read = 0  # training rows this process read (kept and skipped): the skip limit of a stream
+        self.metrics_before_training: dict[str, float] | None = None  # set by an evaluation at step 0
+        self._pipeline_policy: PipelinePolicy | None = None
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=_prepare_dataset(train_dataset, model, args),
                          eval_dataset=_prepare_dataset(eval_dataset, model, args), **kwargs)
@@ -226,10 +272,11 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         for callback in callbacks:
             if isinstance(callback, (HubPushCallback, ThroughputCallback)):
                 callback.attach(self)
-        if AUTO_THREADS in self.args.__dict__:  # workers and threads were ours to pick: measure, then settle
+        if self.auto_pipeline.threads is not None:  # workers and threads were ours to pick: measure, then settle
             prefetched = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
-            self.add_callback(PipelinePolicy(self.args.__dict__[AUTO_THREADS], compute_bound=_compute_bound(model, loss),
-                                             main_process=self.args.process_index == 0, warmup=1 + prefetched))
+            self._pipeline_policy = PipelinePolicy(self.auto_pipeline.threads, compute_bound=_compute_bound(model, loss),
+                                                   main_process=self.args.process_index == 0, warmup=1 + prefetched)
+            self.add_callback(self._pipeline_policy)
         # Throughput goes first so the reporting integrations (TensorBoard, W&B, console) see its figures.
         callbacks.sort(key=lambda cb: not isinstance(cb, ThroughputCallback))
         self.loss.to(self.args.device)
@@ -326,7 +373,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         if os.path.isfile(path):
             saved = torch.load(path, weights_only=True)
             self.rows_read = int(saved["rows_read"])
-            pass
+            self.skipped_rows.restore(saved.get("skipped_rows", []))
         else:  # written by an older version, or by fewer processes
             self.rows_read = 0
             logger.info("hf_mm_rerank: %s has no %s: the counts of training rows read and skipped start again from 0.",
@@ -378,17 +425,18 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
         args = self._fix_args(args)
         if loss is None:  # token embeddings train by MaxSim
             loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
+        contract = loss_contract(loss)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = _columns(dataset, name) if dataset is not None else None
             if columns is not None:
                 check_columns(columns, ("query", "positive"), name)
                 if not is_stream(dataset):
                     check_rows(dataset, name)
-                if getattr(loss, "needs_groups", False) and not negative_columns(columns):
+                if contract.needs_groups and not negative_columns(columns):
                     raise ValueError(f"{name}: {type(loss).__name__} compares each query's candidates (positive and "
                                      "negatives), and the rows have no negative column. Fix: mine them first "
                                      "(mine_hard_negatives(bi_encoder, dataset)), then score_with_teacher(reranker, ...).")
-                if getattr(loss, "needs_teacher", False) and not teacher_columns(columns):
+                if contract.needs_teacher and not teacher_columns(columns):
                     raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
                                      "teacher_scores / teacher_score_0..k column. Fix: dataset = "
                                      "score_with_teacher(reranker, dataset).")
@@ -401,7 +449,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                         "its own positive alone, so the loss is 0 and nothing trains. Fix: at least 2 rows per "
                         "batch (per_device_train_batch_size x processes), or negative columns.")
         if data_collator is None:
-            data_collator = BiEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
+            data_collator = BiEncoderCollator(model, mini_batch_size=contract.mini_batch_size,
                                    bad_rows=bad_rows, cell_types=cell_types)
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
                     bad_rows, max_skipped_fraction)
@@ -447,7 +495,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
         for name, (layout, _, teacher) in layouts.items():
             check_loss_fits(loss, name, layout, teacher)
         if data_collator is None:
-            data_collator = CrossEncoderCollator(model, mini_batch_size=getattr(loss, "mini_batch_size", None),
+            data_collator = CrossEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
                                    bad_rows=bad_rows, cell_types=cell_types)
         self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
                     bad_rows, max_skipped_fraction)

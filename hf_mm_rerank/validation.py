@@ -13,6 +13,7 @@ from torch import nn
 
 from .collators import check_cell_types, featurizer_of, read_bi_encoder_row, read_reranker_row
 from .inputs import InputError, check_decodes
+from .losses.base import loss_contract
 from .schema import (
     GROUPED,
     ROW_KEY,
@@ -194,11 +195,12 @@ def check_rows(dataset: Any, name: str) -> None:
 
 
 def check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
-    if getattr(loss, "needs_groups", False) and layout != GROUPED:
+    contract = loss_contract(loss)
+    if contract.needs_groups and layout != GROUPED:
         raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
                          "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
                          "group the rows (mine_hard_negatives() builds grouped rows).")
-    if getattr(loss, "needs_teacher", False) and not teacher:
+    if contract.needs_teacher and not teacher:
         raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
                          "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")
 

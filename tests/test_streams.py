@@ -117,8 +117,8 @@ def test_workers_beyond_the_shards_are_lowered_or_named(tiny_path, tmp_path, mon
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
     trainer = BiEncoderTrainer(model=model, args=args(tmp_path), train_dataset=rows.to_iterable_dataset(num_shards=2))
     assert trainer.args.dataloader_num_workers == 2  # one per shard
-    assert trainer.args.__dict__[arguments.AUTO_THREADS] == (4, 2)  # and the freed core goes to the step
-    assert chosen[-1] == 2
+    assert trainer.auto_pipeline.threads == (4, 2)  # and the freed core goes to the step
+    assert chosen == []  # (set when training starts, not by the constructor)
 
 
 def _bad_stream(tmp_path, bad: set[int], n: int = 16):

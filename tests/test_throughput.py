@@ -11,6 +11,7 @@ from datasets import Image as ImageFeature
 from helpers import args, assert_rel_close
 from images import COLORS, color_rows, solid
 from PIL import Image
+from transformers import TrainerCallback
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
 from hf_mm_rerank.arguments import auto_num_workers
@@ -58,6 +59,14 @@ def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path, monk
         assert row["peak_memory_gb"] > 0
 
 
+class _RecordThreads(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(torch.get_num_threads())
+
+
 @pytest.fixture()
 def keep_threads():
     threads = torch.get_num_threads()
@@ -76,10 +85,14 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     workers = trainer.args.dataloader_num_workers
     assert workers == auto_num_workers() >= 1 and trainer.args.dataloader_persistent_workers
     assert caplog.text.count("persistent DataLoader workers") == 1
-    # CPU training leaves the workers their cores
-    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - workers)
+    assert torch.get_num_threads() == os.cpu_count()  # the constructor leaves the process's threads alone
+    record = _RecordThreads()
+    trainer.add_callback(record)
     trainer.train()  # the collator runs in the worker processes
     assert trainer.state.global_step == 2
+    # CPU training leaves the workers their cores, and the process gets its own thread count back after it
+    assert record.seen == [max(1, len(os.sched_getaffinity(0)) - workers)] * 2
+    assert torch.get_num_threads() == os.cpu_count()
     assert any(isinstance(cb, PipelinePolicy) for cb in trainer.callback_handler.callbacks)  # measuring the split
     chosen = BiEncoderTrainer(model=model, args=args(tmp_path, dataloader_num_workers=3),
                               train_dataset=Dataset.from_list(color_rows(1)))
@@ -102,8 +115,9 @@ def test_the_pipeline_policy_tries_both_thread_counts_and_keeps_the_faster(monke
                                      ("GradCache", 3, [8, 3, 3])):
         chosen.clear()
         policy = PipelinePolicy((8, 3), window=2, compute_bound=reason, warmup=3, min_steps=10, margin=0.1)
-        assert chosen == expected[:1]  # before the first step
+        assert chosen == []  # nothing set before training starts
         policy.on_train_begin(None, SimpleNamespace(max_steps=100), None)
+        assert chosen == expected[:1]  # before the first step
         for step in range(12):
             switched = step == 5
             seconds = 30.0 if step == 0 else 0.01 if step < 3 else 20.0 if switched else (
@@ -114,6 +128,8 @@ def test_the_pipeline_policy_tries_both_thread_counts_and_keeps_the_faster(monke
                 assert policy.decision is None, step  # 3 warm-up steps, 2 timed, the switch, 2 timed
         assert chosen == expected, (reason, faster)
         assert policy.decision.startswith(f"{faster} thread(s) for the step: 1.000 s per step against 1.500 s")
+        policy.on_train_end(None, None, None)
+        assert chosen[-1] == torch.get_num_threads()  # the process's own count, restored
     chosen.clear()
     short = PipelinePolicy((8, 3), window=2, compute_bound="GradCache", min_steps=50)
     short.on_train_begin(None, SimpleNamespace(max_steps=40), None)

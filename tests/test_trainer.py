@@ -6,7 +6,7 @@ from datasets import Dataset
 from helpers import args, assert_rel_close, fixed_batch_loss
 from images import color_rows
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CachedContrastiveLoss, ContrastiveLoss
 
@@ -141,3 +141,147 @@ def test_bad_cell_error_names_the_dataset_row(clip_lora, tmp_path):
                                train_dataset=data)
     with pytest.raises(ValueError, match=r"row 2, column 'positive': received the image path 'no/such/image.png'"):
         trainer.train()
+
+
+class _RecordThreads(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(torch.get_num_threads())
+
+
+@pytest.fixture()
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_users_arguments_collator_and_threads_stay_theirs(clip_lora, tmp_path, color_dataset, color_evaluator,
+                                                               monkeypatch, keep_threads):
+    """Issue 27 item 2. The trainers fix up a copy: the user's TrainingArguments compares equal to a deepcopy taken
+    before, keeps its class and gets no private keys; a collator passed in is not changed; the thread count is set
+    only while training and is the process's own again after train() (old code: the class was swapped,
+    remove_unused_columns / workers written into the user's object, defer_errors set on their collator,
+    dispatch_batches set on their accelerator_config, and the threads lowered from the constructor for good)."""
+    import copy
+
+    import hf_mm_rerank.arguments as arguments
+    from hf_mm_rerank import BiEncoderCollator
+
+    monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")  # the library's default: workers and threads picked for the user
+    monkeypatch.setattr(arguments, "_cpus_per_rank", lambda: 2)  # 1 worker, 1 thread beside it (of 2)
+    torch.set_num_threads(2)
+    user_args = args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1)
+    before = copy.deepcopy(user_args)
+    collator = BiEncoderCollator(clip_lora)
+    record = _RecordThreads()
+    trainer = BiEncoderTrainer(model=clip_lora, args=user_args, train_dataset=color_dataset, data_collator=collator,
+                               evaluator=color_evaluator, callbacks=[record])
+    assert trainer.args is not user_args and trainer.args.remove_unused_columns is False  # fixed up: the copy
+    assert trainer.auto_pipeline.workers and trainer.auto_pipeline.threads == (2, 1)
+    assert trainer.args.dataloader_num_workers == 1 and trainer.data_collator.defer_errors
+    assert torch.get_num_threads() == 2  # the constructor leaves the process's threads alone
+    trainer.train()
+    assert record.seen == [1, 1]  # the step ran beside the worker
+    assert torch.get_num_threads() == 2  # and the process has its own count back
+    assert user_args == before and type(user_args) is TrainingArguments
+    assert not [k for k in vars(user_args) if k.startswith("_hf_mm_rerank")]
+    assert collator.defer_errors is False
+
+    stream_args = args(tmp_path, max_steps=1)
+    stream_before = copy.deepcopy(stream_args)
+    stream = BiEncoderTrainer(model=clip_lora, args=stream_args, train_dataset=color_dataset.to_iterable_dataset())
+    assert stream.args.accelerator_config.dispatch_batches is False  # each process reads its own share
+    assert stream_args.accelerator_config.dispatch_batches is None and stream_args == stream_before
+
+
+def test_threads_are_restored_when_training_stops_on_an_error(clip_lora, tmp_path, monkeypatch, keep_threads):
+    import hf_mm_rerank.arguments as arguments
+
+    monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
+    monkeypatch.setattr(arguments, "_cpus_per_rank", lambda: 2)
+    torch.set_num_threads(2)
+    rows = [{"query": r["query"], "positive": "no/such/image.png"} for r in color_rows()[:4]]
+    trainer = BiEncoderTrainer(model=clip_lora, args=args(tmp_path, per_device_train_batch_size=4, max_steps=1),
+                               train_dataset=Dataset.from_list(rows))
+    with pytest.raises(ValueError, match="no/such/image.png"):
+        trainer.train()
+    assert torch.get_num_threads() == 2
+
+
+class _PlainLoss(torch.nn.Module):
+    """A user's own loss: no TrainerLoss, none of its attributes."""
+
+    def __init__(self, mini_batch_size=None):
+        super().__init__()
+        self.inner = ContrastiveLoss()
+        if mini_batch_size:
+            self.mini_batch_size = mini_batch_size  # declared by duck typing: still honoured
+
+    def forward(self, model, batch):
+        return self.inner(model, batch)
+
+
+def test_loss_contract_declared_by_ours_and_defaulted_for_a_users_own(clip_lora, tmp_path, color_dataset):
+    """Issue 27 item 3: our losses declare mini_batch_size / needs_groups / needs_teacher (TrainerLoss); a plain
+    nn.Module loss reads through loss_contract with defaults (old code: no TrainerLoss / loss_contract)."""
+    from hf_mm_rerank import (
+        EmbeddingMarginMSELoss,
+        ListwiseSoftmaxLoss,
+        MarginMSELoss,
+        MatryoshkaLoss,
+        MaxSimContrastiveLoss,
+        TrainerLoss,
+    )
+    from hf_mm_rerank.losses import LossContract, loss_contract
+
+    for loss in (ContrastiveLoss(), CachedContrastiveLoss(mini_batch_size=4), ListwiseSoftmaxLoss(),
+                 MarginMSELoss(), EmbeddingMarginMSELoss(), MaxSimContrastiveLoss(), MatryoshkaLoss(
+                     CachedContrastiveLoss(mini_batch_size=4), dims=[16])):
+        assert isinstance(loss, TrainerLoss), type(loss)
+    assert loss_contract(CachedContrastiveLoss(mini_batch_size=4)) == LossContract(4, False, False)
+    assert loss_contract(MatryoshkaLoss(CachedContrastiveLoss(mini_batch_size=4), dims=[16])).mini_batch_size == 4
+    assert loss_contract(MarginMSELoss()) == LossContract(None, True, True)
+    assert loss_contract(EmbeddingMarginMSELoss()) == LossContract(None, True, True)
+    assert loss_contract(_PlainLoss()) == LossContract(None, False, False)
+    assert loss_contract(_PlainLoss(mini_batch_size=3)).mini_batch_size == 3
+
+    trainer = BiEncoderTrainer(model=clip_lora, args=args(tmp_path, max_steps=2), train_dataset=color_dataset,
+                               loss=_PlainLoss())
+    assert trainer.data_collator.mini_batch_size is None
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.run_facts().rows_read == 16 and trainer.run_facts().bad_rows == "raise"
+
+
+def test_the_card_reads_run_facts(clip_lora, tmp_path, color_dataset):
+    """card_info reads the trainer's run through run_facts() (old code: getattr on trainer internals, so facts a
+    trainer reports through run_facts never reached the card)."""
+    from hf_mm_rerank import RunFacts
+    from hf_mm_rerank.model_card import card_info
+
+    trainer = BiEncoderTrainer(model=clip_lora, args=args(tmp_path), train_dataset=color_dataset)
+    assert trainer.run_facts() == RunFacts(rows_read=0, skipped_rows=0, bad_rows="raise", metrics_before_training=None)
+    trainer.run_facts = lambda: RunFacts(rows_read=7, skipped_rows=3, bad_rows="skip",
+                                         metrics_before_training={"ndcg@10": 0.25})
+    trainer.state.log_history += [{"eval_ndcg@10": 0.5}, {"eval_ndcg@10": 0.75}]
+    info = card_info(trainer)
+    assert info["training"]["rows skipped as unreadable (bad_rows='skip')"] == 3
+    assert info["eval"] == {"before": {"ndcg@10": 0.25}, "after": {"ndcg@10": 0.75}}
+
+
+def test_no_duck_typed_reads_of_the_declared_contracts():
+    """The loss contract is read in one place (losses/base.py loss_contract), the card reads run_facts()."""
+    import re
+    from pathlib import Path
+
+    import hf_mm_rerank
+
+    pattern = re.compile(r"getattr\((?:self\.)?loss, \"(?:mini_batch_size|needs_groups|needs_teacher)\"|"
+                         r"getattr\(trainer, \"(?:rows_read|skipped_rows|bad_rows|metrics_before_training|loss)\"")
+    package = Path(hf_mm_rerank.__file__).parent
+    found = [f"{path.relative_to(package)}: {m.group(0)}" for path in sorted(package.rglob("*.py"))
+             for m in pattern.finditer(path.read_text())]
+    assert not found, found

@@ -6,8 +6,12 @@
   :class:`EmbeddingMarginMSELoss`, :class:`EmbeddingDistillKLLoss`;
 - rerankers (:mod:`.reranking`): :class:`BinaryCrossEntropyLoss`, :class:`ListwiseSoftmaxLoss`,
   :class:`LambdaLoss`, :class:`MarginMSELoss`, :class:`DistillKLLoss`.
+
+Each declares what the trainers read (:class:`TrainerLoss`: ``mini_batch_size``, ``needs_groups``,
+``needs_teacher``); a loss of your own reads through :func:`loss_contract` with defaults for what it lacks.
 """
 
+from .base import LossContract, TrainerLoss, loss_contract
 from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
 from .distillation import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from .grad_cache import grad_cached
@@ -31,12 +35,15 @@ __all__ = [
     "EmbeddingDistillKLLoss",
     "EmbeddingMarginMSELoss",
     "LambdaLoss",
+    "LossContract",
     "ListwiseSoftmaxLoss",
     "MarginMSELoss",
     "MatryoshkaLoss",
     "MaxSimContrastiveLoss",
     "MaxSimPairwiseLoss",
     "RerankingLoss",
+    "TrainerLoss",
     "gather_with_grad",
     "grad_cached",
+    "loss_contract",
 ]

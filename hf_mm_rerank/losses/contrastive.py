@@ -15,6 +15,7 @@ from torch import nn
 
 from ..distributed import gather_with_grad, world
 from ..minibatch import check_mini_batch_size
+from .base import TrainerLoss
 from .grad_cache import grad_cached
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -22,7 +23,7 @@ Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.
 MAX_LOG_SCALE = math.log(100.0)  # a learnt temperature stays >= 1/100
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(TrainerLoss):
     """InfoNCE over in-batch and hard negatives (MultipleNegativesRanking / CLIP-style loss).
 
     Each query is scored against every positive and negative in the global batch (other GPUs' included
@@ -40,8 +41,6 @@ class ContrastiveLoss(nn.Module):
         >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
         ...                            loss=ContrastiveLoss(temperature=0.02, symmetric=True))
     """
-
-    mini_batch_size: int | None = None
 
     def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False, symmetric: bool = False,
                  gather_across_devices: bool = True, normalize_by_query_length: bool = False) -> None:
@@ -167,7 +166,7 @@ class CachedContrastiveLoss(ContrastiveLoss):
         return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"))
 
 
-class MatryoshkaLoss(nn.Module):
+class MatryoshkaLoss(TrainerLoss):
     """Applies a contrastive loss at several embedding sizes (Matryoshka Representation Learning).
 
     Embeddings are computed once; the wrapped loss's objective runs on each prefix ``[:, :dim]``

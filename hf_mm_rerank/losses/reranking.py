@@ -16,10 +16,11 @@ from torch import nn
 
 from ..distributed import batch_share, mean_over_ranks
 from ..minibatch import check_mini_batch_size
+from .base import TrainerLoss
 from .grad_cache import grad_cached
 
 
-class RerankingLoss(nn.Module):
+class RerankingLoss(TrainerLoss):
     """Base class: scores the batch's pairs, then applies :meth:`objective` to ``[N]`` scores.
 
     Args:
