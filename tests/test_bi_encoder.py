@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from helpers import args, assert_rel_close, fixed_batch_loss
+from helpers import args, assert_rel_close, fixed_batch_loss, rel_diff
 from images import solid
 from peft import LoraConfig
 from PIL import Image
@@ -93,11 +93,13 @@ def test_pooling_and_prompts(tiny_path):
     last = BiEncoder.from_pretrained(path)
     mean = BiEncoder.from_pretrained(path, pooling="mean")
     assert last.pooling == "last" and mean.pooling == "mean"
-    assert not torch.allclose(last.encode(PROBE), mean.encode(PROBE))
+    # Each switch moves the embeddings by a large share of their scale, not by round-off (REL = 1e-5): measured on
+    # the tiny Qwen3-VL (built with seed 0), last vs mean pooling 0.92, query prompt vs none 0.38; the bar is 0.1.
+    assert rel_diff(last.encode(PROBE), mean.encode(PROBE)) > 0.1
     prompted = BiEncoder.from_pretrained(path, query_prompt="Find the image that matches.")
     q = prompted.encode(["a red square"], side="query")
     d = prompted.encode(["a red square"], side="document")
-    assert not torch.allclose(q, d)
+    assert rel_diff(q, d) > 0.1
     assert_rel_close(d, last.encode(["a red square"], side="document"))
     with pytest.raises(ValueError, match="pooling='cls' is not valid"):
         BiEncoder.from_pretrained(path, pooling="cls")
