@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import Dataset
+from helpers import rel_diff
 from images import COLORS, solid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,26 @@ def _json_data(folder: Path) -> str:
     path = folder / "train.json"
     path.write_text("\n".join(json.dumps(r) for r in rows * 2))
     return str(path)
+
+
+def _steps_run(folder: Path) -> int:
+    """The optimizer steps the run took, as the saved card's facts record them (the Trainer's global_step)."""
+    return json.loads((folder / "model_card.json").read_text())["training"]["steps"]
+
+
+def _smallest_lora_b(folder: Path) -> float:
+    """The smallest max-abs value among the saved adapter's LoRA B matrices (all zero until a step moves them)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "adapter_model.safetensors")
+    lora_b = [float(v.abs().max()) for k, v in weights.items() if "lora_B" in k]
+    assert lora_b, f"no LoRA B in the adapter: {sorted(weights)[:5]}"
+    return min(lora_b)
+
+
+def _assert_same_metrics(reported: dict, direct: dict, names=("ndcg@10", "mrr@10")) -> None:
+    for name in names:
+        assert reported[f"eval_{name}"] == pytest.approx(direct[name], abs=1e-6), (name, reported, direct)
 
 
 def test_every_config_names_its_launch_command():
@@ -192,8 +213,15 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     again = RetrievalEvaluator.from_dataset(held_out)(BiEncoder.from_pretrained(str(tmp_path / "demo")))
     assert report["after"]["eval_ndcg@10"] == pytest.approx(again["ndcg@10"], abs=1e-6)
     assert report["after"]["eval_recall@10"] == pytest.approx(again["recall@10"], abs=1e-6)
-    assert 0 < report["before"]["eval_ndcg@10"] < 1 and report["after"]["eval_ndcg@10"] != report["before"][
-        "eval_ndcg@10"]  # two steps changed the model
+    # Training ran as asked and moved the weights; "before" is the untrained model (LoRA starts as the identity, so
+    # the base itself), evaluated directly: a run that trained nothing, or swapped before and after, fails here.
+    assert _steps_run(tmp_path / "demo") == 2
+    # Adam moves each weight by about the learning rate per step; warmup gives step 1 a rate of 0 and step 2 1e-4:
+    # every LoRA B (zero at the start) measured 1.0e-4 max-abs here and in the multi-vector demo.
+    assert _smallest_lora_b(tmp_path / "demo") > 5e-5
+    base = RetrievalEvaluator.from_dataset(held_out)(BiEncoder.from_pretrained(str(tmp_path / "demo" / "_base_model")))
+    _assert_same_metrics(report["before"], base, ("ndcg@10", "recall@10"))
+    assert 0 < report["before"]["eval_ndcg@10"] < 1
     # --export: the demo in sentence-transformers, in a fresh process from another folder, gives our embeddings.
     assert "sentence-transformers export in" in printed and "reloaded with sentence-transformers" in printed
     import torch
@@ -228,9 +256,25 @@ def test_reranker_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     table = printed[printed.index("before -> after"):].splitlines()
     assert table[1].split()[0] == "ndcg" and "base_mrr" in printed and f"Saved to {out}" in printed
     assert {"eval_ndcg@10", "eval_mrr@10", "eval_map", "eval_base_map"} <= set(report["after"])
-    assert report["after"]["eval_ndcg@10"] != report["before"]["eval_ndcg@10"]  # two steps changed the model
     assert (out / "_base_model" / "config.json").is_file() and (out / "model.safetensors").is_file()
-    from hf_mm_rerank import CrossEncoder
+    from safetensors.torch import load_file
+
+    from hf_mm_rerank import CrossEncoder, RerankingEvaluator
+    from hf_mm_rerank.cli import DataArguments, add_negatives, load_data
+
+    # Two optimizer steps ran and moved the fully trained weights away from the base's; "before" is the base itself
+    # evaluated directly on the same held-out rows and negatives (a swap of before and after fails here).
+    assert _steps_run(out) == 2
+    base_weights, trained = load_file(out / "_base_model" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert trained.keys() == base_weights.keys()
+    # Every tensor moved by about one Adam step (step 2's learning rate 1e-4; step 1's warmup rate is 0) over its
+    # scale: measured 9.8e-5 to 1.4e-3 of it across the 57 tensors.
+    assert min(rel_diff(trained[k], base_weights[k]) for k in trained) > 5e-5
+    _, held_out = load_data(DataArguments(max_train_samples=32, max_eval_samples=16), seed=42)
+    held_out = add_negatives(held_out, 3, None, seed=42)
+    base = CrossEncoder.from_pretrained(str(out / "_base_model"), head="yes_no", system_prompt="", instruction="")
+    _assert_same_metrics(report["before"], RerankingEvaluator.from_dataset(held_out, batch_size=64)(base),
+                         ("ndcg@10", "mrr@10", "map"))
 
     moved = tmp_path / "elsewhere" / "reranker"
     shutil.copytree(out, moved)
@@ -251,12 +295,29 @@ def test_multi_vector_demo_runs_offline_end_to_end(tmp_path, capsys):
     from hf_mm_rerank import MultiVectorEncoder
 
     out = tmp_path / "mv"
-    report = _recipe().main(["--config", str(CONFIGS / "demo_multi_vector.yaml"), "--output_dir", str(out),
-                             "--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "16",
-                             "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0"])
+    argv = ["--config", str(CONFIGS / "demo_multi_vector.yaml"), "--output_dir", str(out), "--max_steps", "2",
+            "--max_train_samples", "32", "--max_eval_samples", "16", "--per_device_train_batch_size", "8",
+            "--dataloader_num_workers", "0"]
+    report = _recipe().main(argv)
     printed = capsys.readouterr().out
     assert "before -> after" in printed and "MultiVectorEncoder.from_pretrained(" in printed
-    assert report["after"]["eval_ndcg@10"] != report["before"]["eval_ndcg@10"]
+    # Two optimizer steps ran and moved the LoRA weights; "before" is the untrained model (its new token projections
+    # drawn from the run's seed, as the recipe draws them), evaluated directly: a swap of before and after fails here.
+    assert _steps_run(out) == 2
+    assert _smallest_lora_b(out) > 5e-5  # measured 1.0e-4 for all 36 (the second step's learning rate, as above)
+    from transformers import TrainingArguments, set_seed
+
+    from hf_mm_rerank import RetrievalEvaluator
+    from hf_mm_rerank.cli import DataArguments, PublishArguments, load_data, parse_with_config
+
+    recipe = _recipe()
+    model_args, data_args, _, run_args = parse_with_config(
+        (recipe.ModelArguments, DataArguments, PublishArguments, TrainingArguments),
+        [*argv, "--overwrite_output_dir", "true"])  # (only parsed: the run's folder is read, its base reused)
+    set_seed(run_args.seed)
+    untrained = recipe.build_model(model_args, run_args)
+    _, held_out = load_data(data_args, seed=run_args.seed)
+    _assert_same_metrics(report["before"], RetrievalEvaluator.from_dataset(held_out, batch_size=128)(untrained))
     again = MultiVectorEncoder.from_pretrained(str(out))
     tokens = again.encode(["grinning face"])
     assert tokens.embeddings.shape[-1] == 128 and tokens.mask.sum() > 1
