@@ -323,6 +323,9 @@ def test_reranker_learns_to_match_emoji_images_to_their_names(reranker_path, tmp
     trainer.train()
     after = trainer.evaluate()
     assert after["eval_base_mrr@10"] == pytest.approx(before["eval_base_mrr@10"])
+    # Measured at these settings over seeds 0-3 (torch.manual_seed before the model and TrainingArguments(seed=)
+    # varied together): MRR@10 0.875 / 1.0 / 0.906 / 1.0 vs the bar 0.632 (incoming order 0.332 + 0.3), nDCG@10
+    # 0.908 / 1.0 / 0.929 / 1.0 vs the bar 0.681 (untrained 0.481 + 0.2): every seed clears both by 0.23 or more.
     assert after["eval_mrr@10"] >= after["eval_base_mrr@10"] + 0.3, (before, after)
     assert after["eval_ndcg@10"] >= before["eval_ndcg@10"] + 0.2, (before, after)
 
