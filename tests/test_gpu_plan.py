@@ -31,7 +31,14 @@ def test_run_installs_what_prepare_fetches():
     # Never carried: the device has them (KINDS.md), and pyarrow alone is 55 MB.
     assert not names & {"torch", "pyarrow", "pandas", "numpy", "pillow", "sentence-transformers", "accelerate"}
     version = next(s for s in fetched if s.startswith("transformers=="))
-    assert tuple(int(p) for p in version.split("==")[1].split(".")[:2]) >= (5, 20)  # pyproject's bound
+    assert tuple(int(p) for p in version.split("==")[1].split(".")[:2]) >= (5, 23)  # pyproject's bound
+    if tuple(int(p) for p in version.split("==")[1].split(".")[:2]) >= (5, 25):
+        # 5.25 needs huggingface_hub>=2.4 (the device has 1.33.0), which imports httpx2 (the device has httpx only).
+        hub = next(s for s in fetched if s.startswith("huggingface_hub=="))
+        assert int(hub.split("==")[1].split(".")[0]) == 2 and {"httpx2", "httpcore2", "truststore"} <= names
+        # ... and turns hub kernels on in from_pretrained, raising without `kernels`: unless it travels, run.sh
+        # must switch them off (they come from the Hub, which the device cannot reach).
+        assert "kernels" in names or "export USE_HUB_KERNELS=NO" in (GPU / "run.sh").read_text()
 
 
 @pytest.fixture(scope="module")

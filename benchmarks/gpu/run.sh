@@ -25,6 +25,9 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export OUT SCRATCH="${SCRATCH:-/tmp/hf-mm-rerank-gpu}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_DISABLE_TELEMETRY=1
+# transformers 5.25's from_pretrained turns hub kernels on by default and raises without the `kernels` package; they
+# come from the Hub, which the device cannot reach, so both modes run the torch implementations (kernels not carried).
+export USE_HUB_KERNELS=NO
 exec > >(tee -a "$OUT/run.log") 2>&1
 START=$SECONDS
 DEADLINE=570  # seconds: the device's 600-s command limit less a margin for the last lines and the copy back
@@ -41,7 +44,8 @@ distributed 55 85"
 if [ "$MODE" = gpu ]; then
   PY=python3
   # The carried wheels, exactly those named in wheels.txt, into /tmp/site (first on the path: the device's own
-  # transformers 5.17 is below our pyproject's >=5.20, so the carried 5.20.2 shadows it, for sentence-transformers too).
+  # transformers 5.17 is below our pyproject's >=5.23, so the carried 5.25.0, with huggingface_hub 2.5.0, shadows it,
+  # for sentence-transformers too).
   FILES=()
   MISSING=()
   for spec in $(bash "$HERE/run.sh" --list); do
