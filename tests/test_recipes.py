@@ -128,7 +128,7 @@ def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path,
 def test_cli_flags_override_the_yaml(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_mm_rerank.cli import DataArguments, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import DataArguments, parse_with_config
 
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: from_yaml\nlearning_rate: 0.5\ndata_files: [a.json, b.json]\n")
@@ -139,7 +139,7 @@ def test_cli_flags_override_the_yaml(tmp_path):
 def test_yaml_values_keep_their_types(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_mm_rerank.cli import DataArguments, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import DataArguments, parse_with_config
 
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1e-6}\n"
@@ -154,7 +154,7 @@ def test_yaml_values_keep_their_types(tmp_path):
 
 
 def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
-    from hf_mm_rerank.demo import EMOJI_FONT
+    from hf_mm_rerank.recipes_kit.demo import EMOJI_FONT
 
     if not os.path.isfile(EMOJI_FONT):
         pytest.fail("fonts-noto-color-emoji is missing: scripts/setup.sh installs it")
@@ -186,7 +186,7 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(numbers) == 2 and numbers[0] == pytest.approx(numbers[1], abs=1e-5)
     # The printed "after" metrics are those of the saved model, reloaded and evaluated on the same held-out rows.
     from hf_mm_rerank import BiEncoder, RetrievalEvaluator
-    from hf_mm_rerank.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
 
     _, held_out = load_data(DataArguments(max_eval_samples=32))
     again = RetrievalEvaluator.from_dataset(held_out)(BiEncoder.from_pretrained(str(tmp_path / "demo")))
@@ -266,7 +266,7 @@ def test_multi_vector_demo_runs_offline_end_to_end(tmp_path, capsys):
 def test_building_the_demo_base_leaves_the_global_rng_alone(tmp_path):
     import torch
 
-    from hf_mm_rerank.demo import build_demo_base
+    from hf_mm_rerank.recipes_kit.demo import build_demo_base
 
     state = torch.random.get_rng_state()
     build_demo_base(tmp_path / "base")
@@ -274,7 +274,7 @@ def test_building_the_demo_base_leaves_the_global_rng_alone(tmp_path):
 
 
 def test_imagefolder_style_columns_are_renamed(tmp_path):
-    from hf_mm_rerank.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
 
     rows = [{"caption": f"a {c} square", "image": f"{c}.png"} for c in COLORS]
     for c in COLORS:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..late_interaction import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
-from ..retrieval import MAXSIM, TokenEmbeddings
+from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
+from ..retrieval.core import MAXSIM, TokenEmbeddings
 from .backbone import CHAT, DUAL
 from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
 from .bi_encoder import BiEncoder
@@ -107,7 +107,7 @@ class MultiVectorEncoder(BiEncoder):
         Args:
             dim: the token vectors' dimension (default 128).
             scored_tokens: ``"content"`` (the input's own tokens; chat VLMs' default) or ``"all"`` (every attended
-                token, as colpali-engine), see :mod:`hf_mm_rerank.late_interaction`.
+                token, as colpali-engine), see :mod:`hf_mm_rerank.data.multi_vector_featurizer`.
             query_augmentation: augmentation tokens appended to each query (colpali-engine: 10).
             template: ``"chat"`` (the model's chat template, the side's prompt as system turn) or ``"colpali"``
                 (colpali-engine's ColQwen2 layout; a colpali checkpoint defaults to it).
@@ -194,7 +194,7 @@ class MultiVectorEncoder(BiEncoder):
 
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
                shard_across_ranks: bool = False) -> TokenEmbeddings:
-        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
+        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.core.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
         from ..distributed import world
 
         read = self.featurizer.read

@@ -23,18 +23,18 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from ..data.collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
+from ..data.pipeline import add_lengths, undecoded_images
+from ..data.schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
+from ..data.streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
+from ..data.validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
+from ..distributed import all_parameters_term, average_gradients
+from ..losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
+from ..modeling.backbone import TEXT
 from .arguments import AUTO_THREADS, AUTO_WORKERS, fix_training_arguments, refit_threads
-from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
-from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
-from .distributed import all_parameters_term, average_gradients
-from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
-from .modeling.backbone import TEXT
-from .pipeline import add_lengths, undecoded_images
-from .schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
-from .streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
+from .hub_push import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
-from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         self._write_card(output_dir)
 
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
-        from .model_card import write_model_card
+        from ..publishing.model_card import write_model_card
 
         repo_id = self.hub_model_id if self.args.push_to_hub and hasattr(self, "hub_model_id") else None
         try:
@@ -279,7 +279,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies only its own modeling files to output_dir before uploading it; copy every loadable
         # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
-        from .callbacks import copy_files, loadable_files
+        from .hub_push import copy_files, loadable_files
 
         if self.is_world_process_zero() and self._checkpoint_staging is None:  # (else pushed once renamed)
             copy_files(checkpoint_folder, self.args.output_dir, loadable_files(checkpoint_folder))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .distributed import check_launch
+from ..distributed import check_launch
 
 logger = logging.getLogger(__name__)
 

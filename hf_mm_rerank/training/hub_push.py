@@ -42,7 +42,7 @@ UPLOAD_EXCLUDES = " ".join(f'--exclude "{pattern}"' for pattern in ("*.pt", "*.p
 def loadable_files(directory: str) -> list[str]:
     """Files of a saved model/checkpoint folder that a user needs to load it (no training state), relative to it:
     the top-level files and sentence-transformers' module folders (``1_Pooling/config.json``, ...)."""
-    from .modeling.st_format import st_paths
+    from ..modeling.st_format import st_paths
 
     top = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))
            and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE)]
@@ -114,7 +114,7 @@ class HubPushCallback(TrainerCallback):
             still pending, and where its files are, and lets the run end (a hung Hub never holds a run long).
         card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
         export: also push, at the end of training, the final model exported for serving engines (``"merged"``,
-            ``"classifier"`` or ``"sentence-transformers"``, see :func:`hf_mm_rerank.export.export`; checked before it
+            ``"classifier"`` or ``"sentence-transformers"``, see :func:`hf_mm_rerank.publishing.export.export`; checked before it
             is pushed), with its own card, through the same retried, ordered pushes.
         export_repo_id: where the export goes (default ``"<repo_id>-<export>"``, e.g. ``me/clip-lora-merged``); or
         export_revision: a branch of ``repo_id`` instead of a repo of its own.
@@ -133,7 +133,7 @@ class HubPushCallback(TrainerCallback):
                  attempt_timeout: float = 600.0, wait_at_end: float = 120.0, card: dict[str, Any] | None = None,
                  export: str | None = None, export_repo_id: str | None = None, export_revision: str | None = None,
                  ) -> None:
-        from .export import FORMATS
+        from ..publishing.export import FORMATS
 
         if push_on not in PUSH_ON:
             raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
@@ -232,7 +232,7 @@ class HubPushCallback(TrainerCallback):
             self._worker.start()
 
     def _write_card(self, staging: str) -> None:
-        from .model_card import write_model_card
+        from ..publishing.model_card import write_model_card
 
         try:
             fields = {**getattr(self.trainer, "model_card_kwargs", {}), **self.card}
@@ -346,8 +346,8 @@ def point_base_at_hub(staging: str, hub_base: str | None, exists: Callable[[str]
     e.g. ``--card_base_model``) when that repo exists, so the pushed repo loads elsewhere and holds no local path."""
     import json
 
-    from .model_card import hub_id
-    from .modeling.spec import CONFIG_NAME, set_json_field
+    from ..modeling.spec import CONFIG_NAME, set_json_field
+    from ..publishing.model_card import hub_id
 
     if not hub_id(hub_base) or not exists(hub_base):
         return
@@ -381,7 +381,7 @@ def _saved_copy(model: Any) -> str:
 
 def _exported_copy(model: Any, format: str) -> str:
     """The model's export (made from its saved folder, so a QLoRA adapter merges into a full-precision base), staged."""
-    from .export import export
+    from ..publishing.export import export
 
     saved = tempfile.mkdtemp(prefix="hf_mm_rerank_save_")
     staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")

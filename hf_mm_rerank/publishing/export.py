@@ -11,7 +11,7 @@
 Each export reloads itself with its target loader and compares with the trained model on probe inputs before it
 reports success; a mismatch raises :class:`ExportError` (nothing is left half-written at the destination).
 
-    python -m hf_mm_rerank.export outputs/demo outputs/demo-merged --format merged [--dtype bfloat16]
+    python -m hf_mm_rerank.publishing.export outputs/demo outputs/demo-merged --format merged [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class ExportReport:
 
 def _load(source: Any, dtype: Any, **kwargs: Any) -> Any:
     """The model class a folder was saved by, loaded from ``source`` (a folder, Hub id, or a model itself)."""
-    from .modeling import BiEncoder, CrossEncoder
-    from .modeling.spec import ModelSpec
+    from ..modeling import BiEncoder, CrossEncoder
+    from ..modeling.spec import ModelSpec
 
     if not isinstance(source, str):
         return source
@@ -96,13 +96,13 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
     quantized = None
     if isinstance(source, str):
         model = _load(source, dtype, quantization_config=False, **load_kwargs)
-        from .modeling.spec import ModelSpec
+        from ..modeling.spec import ModelSpec
 
         if (ModelSpec.find(source) or model.spec).quantization:
             quantized = _load(source, None, **load_kwargs)  # the model as trained: 4/8-bit base + adapter
     else:
         model = source
-        from .modeling.backbone import is_quantized
+        from ..modeling.backbone import is_quantized
 
         if is_quantized(model.base_model):
             raise ExportError("this model runs on a 4/8-bit base, which cannot be merged: export its saved folder "
@@ -146,7 +146,7 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 # ----- writing ----------------------------------------------------------------------------------------------
 def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     """Write the export into ``folder``; returns notes for the report and card."""
-    from .modeling.spec import ModelSpec
+    from ..modeling.spec import ModelSpec
 
     notes: list[str] = []
     merged = _merged_copy(model)
@@ -160,7 +160,7 @@ def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     if format == "classifier":
         spec.settings = {**spec.settings, "head": "classification", "num_labels": 1}
     if format == "sentence-transformers":
-        from .modeling.st_format import write_st_files
+        from ..modeling.st_format import write_st_files
 
         spec.sentence_transformers = write_st_files(merged, folder)
         notes += spec.sentence_transformers
@@ -198,7 +198,7 @@ def _full_model(model: Any, dtype: Any) -> Any:
     they know."""
     import transformers
 
-    from .modeling.backbone import CHAT
+    from ..modeling.backbone import CHAT
 
     backbone = model.base_model
     name = _base_architecture(backbone)
@@ -228,7 +228,7 @@ def _base_with_head(name: str, base: str, backbone: Any) -> Any:
             f"the merged export puts the trained {type(backbone).__name__} back inside {name}, whose LM head (not "
             f"trained, so not saved with the model) comes from the base checkpoint; it was looked for in {where} and "
             f"could not be loaded ({str(error).splitlines()[0][:300]}). Fix: pass the base checkpoint's folder or Hub "
-            "id: export(folder, ..., base_model='PATH_OR_ID') (python -m hf_mm_rerank.export ... --base_model "
+            "id: export(folder, ..., base_model='PATH_OR_ID') (python -m hf_mm_rerank.publishing.export ... --base_model "
             "PATH_OR_ID), or restore it where it was.") from error
 
 
@@ -239,7 +239,7 @@ def _write_full(model: Any, folder: str, dtype: Any) -> None:
     if heads is not None:
         from safetensors.torch import save_file
 
-        from .modeling.spec import HEAD_WEIGHTS
+        from ..modeling.spec import HEAD_WEIGHTS
 
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
                   os.path.join(folder, HEAD_WEIGHTS))
@@ -456,8 +456,8 @@ def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
 
 def _pair_texts(model: Any) -> list[Any]:
     """The probe pairs as the reranker's featurizer renders them (a chat string, or a (query, document) text pair)."""
+    from ..data.inputs import MMInput
     from .card_usage import DOCUMENT_TEXT, QUERY
-    from .inputs import MMInput
 
     featurizer = model.featurizer
     if not featurizer.supports_images:
@@ -474,7 +474,7 @@ def _probe_image() -> Any:
 
 def _snippet_task(model: Any, info_only: bool = False) -> dict[str, Any]:
     """The card's transformers snippet for the merged folder, with the probe inputs swapped in (``info_only``: the
-    snippet's facts, for :func:`~hf_mm_rerank.card_usage.plain_usage`)."""
+    snippet's facts, for :func:`~hf_mm_rerank.publishing.card_usage.plain_usage`)."""
     from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
 
     info = {"kind": model.kind, "adapter": False, "repo_id": None, "base_model": None, "quantization": None,
@@ -508,7 +508,7 @@ def _write_export_card(model: Any, folder: str, report: ExportReport) -> None:
     lines = [f"# {name}", "",
              f"The `{report.format}` export of an hf_mm_rerank {model.kind.replace('_', '-')} ({method}"
              f"{f', base [{base}](https://huggingface.co/{base})' if base else ''}), made by "
-             f"`python -m hf_mm_rerank.export SOURCE {name} --format {report.format}`.", "",
+             f"`python -m hf_mm_rerank.publishing.export SOURCE {name} --format {report.format}`.", "",
              f"- **Checked:** {checked}.", *(f"- **Note:** {note}" for note in report.notes), "",
              "## Usage", "", "```python", _export_usage(model, report.format), "```", "",
              "## Serving", "", *serving_lines(model, exported=report.format, notes=report.notes), ""]
@@ -547,7 +547,7 @@ def _export_usage(model: Any, format: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> ExportReport:
-    parser = argparse.ArgumentParser(prog="python -m hf_mm_rerank.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hf_mm_rerank.publishing.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a folder (or Hub repo) written by hf_mm_rerank's save_pretrained")
     parser.add_argument("destination", help="the folder to write the export to")
     parser.add_argument("--format", choices=FORMATS, default="merged")

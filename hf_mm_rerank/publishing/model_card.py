@@ -37,7 +37,7 @@ def hub_id(name: str | None) -> str | None:
 
 
 def _versions(quantized: bool) -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     out = {"hf_mm_rerank": __version__}
     for name in ["transformers", "peft", "torch", "accelerate", "datasets", "huggingface_hub"] + (
@@ -104,8 +104,8 @@ def _pooling(model: Any) -> str | None:
 
 
 def _negatives(dataset: Any, kind: str) -> str:
-    from .schema import ROW_KEY, negative_cells, negative_columns
-    from .streams import first_rows, is_stream
+    from ..data.schema import ROW_KEY, negative_cells, negative_columns
+    from ..data.streams import first_rows, is_stream
 
     first = ((first_rows(dataset) or [{}])[0] if is_stream(dataset) else None)
     columns = list(first or getattr(dataset, "column_names", None) or [])

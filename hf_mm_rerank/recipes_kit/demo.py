@@ -66,7 +66,7 @@ def emoji_splits(test_fraction: float = 0.2, image_size: int = 64, limit: int | 
 
 def _write_atomically(path: Path, model: object, processor: object, what: str) -> str:
     """Written aside, then renamed: a killed run or a concurrent reader never sees a half-written folder."""
-    from .checkpoints import WRITE_ERRORS, write_error
+    from ..training.checkpoints import WRITE_ERRORS, write_error
 
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
@@ -121,7 +121,7 @@ def build_demo_reranker_base(path: str | Path, seed: int = 0) -> str:
         Qwen2VLVideoProcessor,
     )
 
-    from .processing import RERANK_PROMPT_DEFAULTS
+    from ..data.featurizers import RERANK_PROMPT_DEFAULTS
 
     path = Path(path)
     if (path / "config.json").is_file():
