@@ -13,8 +13,8 @@ from images import color_rows, solid
 from PIL import Image
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoderTrainer, InputError
-from hf_mm_rerank.data.collators import ROW_KEY as ROW
 from hf_mm_rerank.data.featurizers import DEFAULT_TEXT_TOKENS
+from hf_mm_rerank.data.schema import ROW_KEY as ROW
 
 
 def _collate(model, **cells):

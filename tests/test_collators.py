@@ -8,8 +8,8 @@ from images import COLORS, color_rows, solid
 from torch.utils.data import DataLoader
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator
-from hf_mm_rerank.data.collators import negative_columns
-from hf_mm_rerank.data.featurizers import Tokens
+from hf_mm_rerank.data.minibatch import Tokens
+from hf_mm_rerank.data.schema import negative_columns
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def test_plain_list_rows_are_skipped_by_their_dataset_index_and_each_counted(tin
 def test_merged_export_of_a_full_fine_tune_whose_base_is_gone_names_it(tiny_path, tmp_path):
     import shutil
 
-    from hf_mm_rerank.publishing.export import ExportError, export
+    from hf_mm_rerank.publishing.export import export
+    from hf_mm_rerank.publishing.export_check import ExportError
 
     base = tmp_path / "base"
     shutil.copytree(tiny_path("qwen2_vl"), base)

@@ -20,7 +20,7 @@ from hf_mm_rerank import (
     InputError,
     validate_dataset,
 )
-from hf_mm_rerank.data.collators import ROW_KEY
+from hf_mm_rerank.data.schema import ROW_KEY
 
 BAD = {5: ("positive", "never_downloaded.png', which does not exist"), 11: ("query", "an empty string"), 13: ("positive", "(10,000 pixels), over the limit of 6,000 pixels")}
 

@@ -14,8 +14,7 @@ from PIL import Image
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
 from hf_mm_rerank.training.arguments import auto_num_workers
-from hf_mm_rerank.training.hub_push import ThroughputCallback, batch_counts
-from hf_mm_rerank.training.throughput import PipelinePolicy
+from hf_mm_rerank.training.throughput import PipelinePolicy, ThroughputCallback, batch_counts
 
 
 def test_batch_counts_rows_images_and_tokens(tiny_path):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .inputs import InputError, MMInput, to_input
-from .minibatch import Chunker, Tokens, pack  # noqa: F401  (Tokens, pack: also importable from here)
+from .minibatch import Chunker
 
 SIDES = ("query", "document")
 # Default visual-token budget for chat VLMs when the user gives no max_pixels.

@@ -8,7 +8,7 @@
   :class:`LambdaLoss`, :class:`MarginMSELoss`, :class:`DistillKLLoss`.
 """
 
-from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
+from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss
 from .distillation import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from .grad_cache import grad_cached
 from .late_interaction import MaxSimContrastiveLoss, MaxSimPairwiseLoss
@@ -37,6 +37,5 @@ __all__ = [
     "MaxSimContrastiveLoss",
     "MaxSimPairwiseLoss",
     "RerankingLoss",
-    "gather_with_grad",
     "grad_cached",
 ]

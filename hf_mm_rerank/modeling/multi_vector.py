@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
+from ..distributed import world
 from ..retrieval.core import MAXSIM, TokenEmbeddings
-from .backbone import CHAT, DUAL
+from .backbone import CHAT, DUAL, detect_family
 from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
 from .bi_encoder import BiEncoder
 from .spec import resolve_file
@@ -126,7 +127,6 @@ class MultiVectorEncoder(BiEncoder):
         family: list[str] = []
 
         def prepare(backbone: nn.Module, weights: str | None) -> None:
-            from .backbone import detect_family
 
             family.append(detect_family(backbone))
             add_projections(backbone, family[0], size, weights, **hub_kwargs)
@@ -195,7 +195,6 @@ class MultiVectorEncoder(BiEncoder):
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
                shard_across_ranks: bool = False) -> TokenEmbeddings:
         """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.core.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
-        from ..distributed import world
 
         read = self.featurizer.read
         rank, size = world() if shard_across_ranks else (0, 1)

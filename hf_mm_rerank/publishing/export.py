@@ -9,31 +9,31 @@
 - ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.modeling.st_format`).
 
 Each export reloads itself with its target loader and compares with the trained model on probe inputs before it
-reports success; a mismatch raises :class:`ExportError` (nothing is left half-written at the destination).
+reports success (:mod:`.export_check`); a mismatch raises :class:`ExportError` (nothing is left half-written at the
+destination). The export's card is :mod:`.export_card`; the command line is :mod:`.export_cli`:
 
-    python -m hf_mm_rerank.publishing.export outputs/demo outputs/demo-merged --format merged [--dtype bfloat16]
+    python -m hf_mm_rerank.publishing.export_cli outputs/demo outputs/demo-merged --format merged [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..modeling import BiEncoder, CrossEncoder
+from ..modeling.backbone import CHAT, is_quantized
+from ..modeling.spec import HEAD_WEIGHTS, ModelSpec
+from ..modeling.st_format import write_st_files
+from .export_card import write_export_card
+from .export_check import ExportError, probe_outputs, relative_difference, reload_outputs, tolerance, torch_dtype
+
 FORMATS = ("merged", "classifier", "sentence-transformers")
-TOLERANCE = 1e-5  # relative to the scale of the compared outputs
-
-
-class ExportError(RuntimeError):
-    """An export that could not be made, or whose reload does not reproduce the trained model."""
 
 
 @dataclass
@@ -57,8 +57,6 @@ class ExportReport:
 
 def _load(source: Any, dtype: Any, **kwargs: Any) -> Any:
     """The model class a folder was saved by, loaded from ``source`` (a folder, Hub id, or a model itself)."""
-    from ..modeling import BiEncoder, CrossEncoder
-    from ..modeling.spec import ModelSpec
 
     if not isinstance(source, str):
         return source
@@ -96,13 +94,11 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
     quantized = None
     if isinstance(source, str):
         model = _load(source, dtype, quantization_config=False, **load_kwargs)
-        from ..modeling.spec import ModelSpec
 
         if (ModelSpec.find(source) or model.spec).quantization:
             quantized = _load(source, None, **load_kwargs)  # the model as trained: 4/8-bit base + adapter
     else:
         model = source
-        from ..modeling.backbone import is_quantized
 
         if is_quantized(model.base_model):
             raise ExportError("this model runs on a 4/8-bit base, which cannot be merged: export its saved folder "
@@ -119,16 +115,16 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
         notes = _write(model, partial, format, dtype)
         report = ExportReport(format, destination, "(not checked: verify=False)", float("nan"), notes=notes)
         if verify:
-            got, report.loader = _reload(partial, format, model)
-            report.difference = _rel(got, expected)
+            got, report.loader = reload_outputs(partial, format, model)
+            report.difference = relative_difference(got, expected)
             allowed = tolerance(dtype)
             if not report.difference <= allowed:
                 raise ExportError(f"the {format} export does not reproduce the trained model: reloaded with "
                                   f"{report.loader}, its outputs differ by {report.difference:.2e} of their scale "
                                   f"(allowed {allowed:g}). Nothing was written to {destination}.")
             if reference_quantized is not None:
-                report.quantized_difference = _rel(got, reference_quantized)
-        _write_export_card(model, partial, report)
+                report.quantized_difference = relative_difference(got, reference_quantized)
+        write_export_card(model, partial, report)
         if os.path.exists(destination):
             shutil.rmtree(destination)
         os.replace(partial, destination)
@@ -138,15 +134,8 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
     return report
 
 
-def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = float(expected.abs().max()) or 1.0
-    return float((got.float() - expected.float()).abs().max()) / scale
-
-
-# ----- writing ----------------------------------------------------------------------------------------------
 def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     """Write the export into ``folder``; returns notes for the report and card."""
-    from ..modeling.spec import ModelSpec
 
     notes: list[str] = []
     merged = _merged_copy(model)
@@ -160,7 +149,6 @@ def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     if format == "classifier":
         spec.settings = {**spec.settings, "head": "classification", "num_labels": 1}
     if format == "sentence-transformers":
-        from ..modeling.st_format import write_st_files
 
         spec.sentence_transformers = write_st_files(merged, folder)
         notes += spec.sentence_transformers
@@ -198,7 +186,6 @@ def _full_model(model: Any, dtype: Any) -> Any:
     they know."""
     import transformers
 
-    from ..modeling.backbone import CHAT
 
     backbone = model.base_model
     name = _base_architecture(backbone)
@@ -211,7 +198,7 @@ def _full_model(model: Any, dtype: Any) -> Any:
             raise ExportError(f"cannot place the merged {type(backbone).__name__} inside {name} (its base model is "
                               f"{type(inner).__name__}).")
         inner.load_state_dict(backbone.state_dict(), strict=True)
-    return target.to(_dtype(dtype)) if dtype is not None else target
+    return target.to(torch_dtype(dtype)) if dtype is not None else target
 
 
 def _base_with_head(name: str, base: str, backbone: Any) -> Any:
@@ -228,7 +215,7 @@ def _base_with_head(name: str, base: str, backbone: Any) -> Any:
             f"the merged export puts the trained {type(backbone).__name__} back inside {name}, whose LM head (not "
             f"trained, so not saved with the model) comes from the base checkpoint; it was looked for in {where} and "
             f"could not be loaded ({str(error).splitlines()[0][:300]}). Fix: pass the base checkpoint's folder or Hub "
-            "id: export(folder, ..., base_model='PATH_OR_ID') (python -m hf_mm_rerank.publishing.export ... --base_model "
+            "id: export(folder, ..., base_model='PATH_OR_ID') (python -m hf_mm_rerank.publishing.export_cli ... --base_model "
             "PATH_OR_ID), or restore it where it was.") from error
 
 
@@ -239,24 +226,9 @@ def _write_full(model: Any, folder: str, dtype: Any) -> None:
     if heads is not None:
         from safetensors.torch import save_file
 
-        from ..modeling.spec import HEAD_WEIGHTS
 
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()},
                   os.path.join(folder, HEAD_WEIGHTS))
-
-
-def tolerance(dtype: Any) -> float:
-    """The relative difference an export may show: float32's 1e-5, or four machine epsilons of a half-precision
-    export (bfloat16 3.1e-2, float16 3.9e-3): the reloading loader rounds and sums in another order, which moved a
-    two-layer model's half-precision outputs by about 2.3 epsilons; a wrong or missing weight moves them by the order
-    of the outputs themselves, while a change smaller than the precision's own rounding cannot be checked at all."""
-    if dtype is None:
-        return TOLERANCE
-    return max(TOLERANCE, 4 * torch.finfo(_dtype(dtype)).eps)
-
-
-def _dtype(dtype: Any) -> torch.dtype:
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
@@ -337,231 +309,6 @@ def _one_logit_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
         backbone.config.num_labels = 1
         backbone.config.id2label, backbone.config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
     if dtype is not None:
-        backbone = backbone.to(_dtype(dtype))
+        backbone = backbone.to(torch_dtype(dtype))
     backbone.save_pretrained(folder)
     return []
-
-
-# ----- checking ---------------------------------------------------------------------------------------------
-def probe_outputs(model: Any) -> torch.Tensor:
-    """The trained model's outputs on the probe inputs (the same ones the card's snippets use)."""
-    from PIL import Image
-
-    from .card_usage import DOCUMENT_TEXT, QUERY
-
-    red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
-    if model.kind == "bi_encoder":
-        queries, documents = [QUERY, "a blue circle"], [red, blue] if model.featurizer.supports_images else []
-        return torch.cat([model.encode(queries, side="query"), model.encode(documents, side="document")])
-    documents = [red, blue] if model.featurizer.supports_images else [DOCUMENT_TEXT, "A blue circle."]
-    return model.score([(QUERY, d) for d in documents])
-
-
-def _reload(folder: str, format: str, model: Any) -> tuple[torch.Tensor, str]:
-    if format == "sentence-transformers":
-        return _reload_sentence_transformers(folder, model), "sentence-transformers"
-    return _reload_plain(folder, format, model), "plain transformers (a subprocess without peft and hf_mm_rerank)"
-
-
-def _reload_sentence_transformers(folder: str, model: Any) -> torch.Tensor:
-    try:
-        import sentence_transformers
-    except ImportError:
-        raise ExportError("the sentence-transformers export is checked by loading it with sentence-transformers, "
-                          "which is not installed. Fix: pip install 'sentence-transformers>=6.2', or pass "
-                          "verify=False (--no_verify).") from None
-    from PIL import Image
-
-    from .card_usage import DOCUMENT_TEXT, QUERY
-
-    red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
-    if model.kind == "bi_encoder":
-        st = sentence_transformers.SentenceTransformer(folder, device="cpu")
-        queries = st.encode_query([QUERY, "a blue circle"], convert_to_tensor=True)
-        documents = st.encode_document([red, blue], convert_to_tensor=True) if model.featurizer.supports_images else \
-            queries[:0]
-        return torch.cat([queries, documents]).cpu()
-    st = sentence_transformers.CrossEncoder(folder, device="cpu")
-    documents = [red, blue] if model.featurizer.supports_images else [DOCUMENT_TEXT, "A blue circle."]
-    return st.predict([(QUERY, d) for d in documents], convert_to_tensor=True).cpu()
-
-
-_PLAIN_CHECK = r'''
-import sys
-sys.modules["peft"] = None; sys.modules["hf_mm_rerank"] = None  # neither may be needed
-import json, torch
-from PIL import Image
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer
-task = json.load(open(sys.argv[1]))
-folder, out = task["folder"], []
-red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
-if task["mode"] == "snippet":  # the card's own transformers code, run once per probe input
-    found = {name: [] for name in task["results"]}
-    for values in task["runs"]:
-        namespace = {}
-        code = task["code"].replace('MODEL = "."', f"MODEL = {folder!r}")
-        for name, value in values.items():
-            code = code.replace(name, value)
-        exec(compile(code, "<card>", "exec"), namespace)
-        for name in task["results"]:
-            found[name].append(torch.as_tensor(namespace[name]).float().reshape(-1))
-    out = [value for name in task["results"] for value in found[name]]
-elif task["mode"] == "classifier":
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    for text in task["texts"]:
-        args = text if isinstance(text, list) else [text]
-        inputs = tokenizer(*args, return_tensors="pt", truncation="only_second" if len(args) == 2 else True)
-        with torch.no_grad():
-            out.append(model(**inputs).logits[0, :1].float())
-else:  # a *ForSequenceClassification transformers has no class for: its inner model plus the score row
-    from safetensors.torch import load_file
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
-    score = load_file(folder + "/model.safetensors")["score.weight"].float()
-    for text, image in zip(task["texts"], [red, blue]):
-        inputs = processor(text=[text], images=[image] if task["images"] else None, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**inputs, use_cache=False).last_hidden_state[0, -1].float()
-        out.append(hidden @ score[0])
-torch.save(torch.stack([o.reshape(-1) for o in out]).reshape(-1), task["result_file"])
-'''
-
-
-def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
-    """Run the export in a subprocess where peft and hf_mm_rerank cannot be imported."""
-    import transformers
-
-    task: dict[str, Any] = {"folder": os.path.abspath(folder)}
-    if format == "merged":
-        task.update(_snippet_task(model))
-    else:
-        name = json.load(open(os.path.join(folder, "config.json")))["architectures"][0]
-        texts = _pair_texts(model)
-        task.update({"mode": "classifier" if hasattr(transformers, name) else "inner", "texts": texts,
-                     "images": model.featurizer.supports_images})
-    with tempfile.TemporaryDirectory() as scratch:
-        task["result_file"] = os.path.join(scratch, "out.pt")
-        task_file = os.path.join(scratch, "task.json")
-        with open(task_file, "w") as handle:
-            json.dump(task, handle)
-        run = subprocess.run([sys.executable, "-c", _PLAIN_CHECK, task_file], capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=scratch)
-        if run.returncode != 0:
-            raise ExportError(f"plain transformers could not load the {format} export: "
-                              f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
-        result = torch.load(task["result_file"])
-    return result.view(4, -1) if model.kind == "bi_encoder" else result
-
-
-def _pair_texts(model: Any) -> list[Any]:
-    """The probe pairs as the reranker's featurizer renders them (a chat string, or a (query, document) text pair)."""
-    from ..data.inputs import MMInput
-    from .card_usage import DOCUMENT_TEXT, QUERY
-
-    featurizer = model.featurizer
-    if not featurizer.supports_images:
-        return [[QUERY, DOCUMENT_TEXT], [QUERY, "A blue circle."]]
-    image = MMInput(image=_probe_image())
-    return [featurizer.render_pair(MMInput(text=QUERY), image)] * 2
-
-
-def _probe_image() -> Any:
-    from PIL import Image
-
-    return Image.new("RGB", (224, 224), (220, 20, 20))
-
-
-def _snippet_task(model: Any, info_only: bool = False) -> dict[str, Any]:
-    """The card's transformers snippet for the merged folder, with the probe inputs swapped in (``info_only``: the
-    snippet's facts, for :func:`~hf_mm_rerank.publishing.card_usage.plain_usage`)."""
-    from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
-
-    info = {"kind": model.kind, "adapter": False, "repo_id": None, "base_model": None, "quantization": None,
-            "head": model.spec.settings.get("head"), "normalize": getattr(model, "normalize", None),
-            "modalities": ["text", "image"] if model.featurizer.supports_images else ["text"],
-            "usage": usage_info(model)}
-    info["usage"].pop("base_inside", None)
-    if info_only:
-        return info
-    code = plain_usage(info)
-    if model.kind == "bi_encoder":  # [query 1, query 2, image 1, image 2], as probe_outputs orders them
-        runs = [{}, {f'"{QUERY}"': '"a blue circle"', IMAGE: OTHER}]
-        return {"mode": "snippet", "code": code, "results": ["query_embedding", "image_embedding"], "runs": runs}
-    swap = {IMAGE: OTHER} if model.featurizer.supports_images else {f'"{DOCUMENT_TEXT}"': '"A blue circle."'}
-    return {"mode": "snippet", "code": code, "results": ["score"], "runs": [{}, swap]}
-
-
-def _write_export_card(model: Any, folder: str, report: ExportReport) -> None:
-    """The export's card: what it is and where it came from (Hub ids only, never a local path), how it was checked,
-    the code that loads it (the code the check ran, for merged exports) and where it can be served."""
-    from .model_card import hub_id
-    from .serving import serving_lines
-
-    base = hub_id(str(model.spec.base_model))
-    method = ("LoRA" + (" (QLoRA, merged into the full-precision base)" if model.spec.quantization else " merged")
-              if model.is_peft else "fully fine-tuned")
-    checked = (f"reloaded with {report.loader}, equal to the trained model to {report.difference:.1e} of the outputs' "
-               "scale" + (f" ({report.quantized_difference:.1e} from the 4/8-bit model it was trained as)"
-                          if report.quantized_difference is not None else ""))
-    name = os.path.basename(os.path.normpath(report.destination))
-    lines = [f"# {name}", "",
-             f"The `{report.format}` export of an hf_mm_rerank {model.kind.replace('_', '-')} ({method}"
-             f"{f', base [{base}](https://huggingface.co/{base})' if base else ''}), made by "
-             f"`python -m hf_mm_rerank.publishing.export SOURCE {name} --format {report.format}`.", "",
-             f"- **Checked:** {checked}.", *(f"- **Note:** {note}" for note in report.notes), "",
-             "## Usage", "", "```python", _export_usage(model, report.format), "```", "",
-             "## Serving", "", *serving_lines(model, exported=report.format, notes=report.notes), ""]
-    with open(os.path.join(folder, "README.md"), "w") as handle:
-        handle.write("\n".join(lines))
-
-
-def _export_usage(model: Any, format: str) -> str:
-    """Code that loads the export where it is meant to be loaded (run from its folder, or put its path in MODEL)."""
-    from .card_usage import DOCUMENT_TEXT, IMAGE, QUERY, plain_usage
-
-    if format == "sentence-transformers":
-        image = model.featurizer.supports_images
-        if model.kind == "cross_encoder":
-            document = IMAGE if image else f'"{DOCUMENT_TEXT}"'
-            return "\n".join(["from PIL import Image" if image else "", "from sentence_transformers import CrossEncoder",
-                              "", 'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
-                              "model = CrossEncoder(MODEL)", f"document = {document}",
-                              f'print(model.predict([("{QUERY}", document)]))  # raw logits, as hf_mm_rerank\'s score()'
-                              ]).lstrip()
-        loader = "MultiVectorEncoder" if model.kind == "multi_vector" else "SentenceTransformer"
-        return "\n".join(["from PIL import Image", f"from sentence_transformers import {loader}", "",
-                          'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
-                          f"model = {loader}(MODEL)", f"image = {IMAGE}",
-                          f'query = model.encode_query(["{QUERY}"])', "document = model.encode_document([image])",
-                          "print(model.similarity(query, document))"])
-    if format == "classifier":
-        return "\n".join(["import torch", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
-                          'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
-                          "# vLLM: `vllm serve MODEL --runner pooling` (the /score and /rerank APIs); with transformers,",
-                          "# where it has this architecture (text models):",
-                          "model = AutoModelForSequenceClassification.from_pretrained(MODEL).eval()",
-                          "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
-                          "# inputs: each (query, document) pair rendered with the pair prompt in hf_mm_rerank_config.json"])
-    return plain_usage(_snippet_task(model, info_only=True))
-
-
-def main(argv: list[str] | None = None) -> ExportReport:
-    parser = argparse.ArgumentParser(prog="python -m hf_mm_rerank.publishing.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a folder (or Hub repo) written by hf_mm_rerank's save_pretrained")
-    parser.add_argument("destination", help="the folder to write the export to")
-    parser.add_argument("--format", choices=FORMATS, default="merged")
-    parser.add_argument("--dtype", default=None, help="weights dtype of the export (float32, bfloat16, float16)")
-    parser.add_argument("--base_model", default=None, help="the adapter's base, instead of the recorded one")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    parser.add_argument("--no_verify", action="store_true", help="skip reloading and comparing the export")
-    options = parser.parse_args(argv)
-    kwargs = {"base_model": options.base_model} if options.base_model else {}
-    report = export(options.source, options.destination, options.format, dtype=options.dtype,
-                    verify=not options.no_verify, overwrite=options.overwrite, **kwargs)
-    print(report, flush=True)
-    return report
-
-
-if __name__ == "__main__":
-    main()

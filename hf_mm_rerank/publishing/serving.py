@@ -21,7 +21,7 @@ from typing import Any
 
 from ..modeling.backbone import CHAT, DUAL, vision_roots
 
-EXPORT = "python -m hf_mm_rerank.publishing.export {model} {out} --format {format}"
+EXPORT = "python -m hf_mm_rerank.publishing.export_cli {model} {out} --format {format}"
 
 
 @dataclass

@@ -13,9 +13,9 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..data.inputs import fingerprint
 from ..data.pipeline import undecoded_images
+from ..data.schema import negative_cells, negative_columns
 from ..distributed import shard_kwargs
 from . import core
 
@@ -90,12 +90,6 @@ def ranking_metrics(rankings: Sequence[Sequence[Hashable]],
     return {name: value / counted for name, value in sums.items()} if counted else {}
 
 
-def rank_by_score(scores: torch.Tensor, depth: int) -> list[list[int]]:
-    """Indices of the ``depth`` best columns of each row of a score matrix, best first; equal scores keep column
-    order (what :func:`hf_mm_rerank.retrieval.core.top_k` gives without holding the matrix)."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth].tolist()
-
-
 class RetrievalEvaluator:
     """Embeds queries and a corpus with a :class:`BiEncoder` and reports ranking metrics.
 
@@ -162,8 +156,6 @@ class RetrievalEvaluator:
         Queries and documents are keyed by content (text and pixels), so an image with five captions is one
         corpus document relevant to five queries, and a query on several rows is relevant to all their positives.
         """
-        from ..data.inputs import fingerprint
-        from ..data.schema import negative_cells, negative_columns
 
         negatives = negative_columns(dataset.column_names)
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
@@ -257,7 +249,6 @@ class RerankingEvaluator:
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
         """Build from grouped rows (query, positive, negative / negative_1..k) or pointwise rows (query,
         document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
-        from ..data.schema import negative_cells, negative_columns
 
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
         if "document" in dataset.column_names:
@@ -300,7 +291,6 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _pointwise_samples(dataset: Any) -> list[dict[str, Any]]:
-    from ..data.inputs import fingerprint
 
     groups: dict[str, dict[str, Any]] = {}
     for row in dataset:

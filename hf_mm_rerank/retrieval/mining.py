@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from ..data.inputs import fingerprint  # noqa: F401  (also importable from here, its former home)
+from ..data.inputs import fingerprint
 from ..data.pipeline import undecoded_images
+from ..data.schema import check_columns
 from . import core
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,6 @@ def mine_hard_negatives(
 
 
 def _check(dataset: Any, num_negatives: int, sampling: str, range_min: int, range_max: int | None) -> None:
-    from ..data.schema import check_columns
 
     check_columns(list(dataset.column_names), ("query", "positive"), "mine_hard_negatives dataset")
     if num_negatives < 1:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..data.pipeline import undecoded_images
+from ..data.schema import check_columns, negative_cells, negative_columns
 from ..distributed import shard_kwargs
 from . import core
 from .evaluation import RetrievalEvaluator, ranking_metrics
@@ -143,8 +145,6 @@ def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, col
     Text and image documents; batched through ``dataset.map``, whose cache (keyed by the dataset and the reranker's
     weights) makes a rerun, or a resumed run, reuse the scores instead of scoring again.
     """
-    from ..data.pipeline import undecoded_images
-    from ..data.schema import check_columns, negative_cells, negative_columns
 
     pointwise = "document" in dataset.column_names
     check_columns(dataset.column_names, ("query", "document") if pointwise else ("query", "positive"),

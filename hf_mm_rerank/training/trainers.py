@@ -31,9 +31,10 @@ from ..data.validation import SkipCounter, check_cell_type_columns, check_loss_f
 from ..distributed import all_parameters_term, average_gradients
 from ..losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
 from ..modeling.backbone import TEXT
+from ..publishing.model_card import write_model_card
 from .arguments import AUTO_THREADS, AUTO_WORKERS, fix_training_arguments, refit_threads
-from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
-from .hub_push import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
+from .checkpoints import LOSS_WEIGHTS, WRITE_ERRORS, AtomicCheckpointsMixin, copy_files, loadable_files, write_error
+from .hub_push import HubPushCallback, warn_if_local_base
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 
 logger = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
 
     loss: nn.Module
     evaluator: Any
-
-    @staticmethod
-    def _fix_args(args: TrainingArguments | None) -> TrainingArguments:
-        return fix_training_arguments(args)
 
     def _validate_args(self) -> None:
         # Trainer refuses eval_strategy != "no" without an eval_dataset; an evaluator is enough for us.
@@ -256,7 +253,6 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         self._write_card(output_dir)
 
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
-        from ..publishing.model_card import write_model_card
 
         repo_id = self.hub_model_id if self.args.push_to_hub and hasattr(self, "hub_model_id") else None
         try:
@@ -279,7 +275,6 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies only its own modeling files to output_dir before uploading it; copy every loadable
         # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
-        from .hub_push import copy_files, loadable_files
 
         if self.is_world_process_zero() and self._checkpoint_staging is None:  # (else pushed once renamed)
             copy_files(checkpoint_folder, self.args.output_dir, loadable_files(checkpoint_folder))
@@ -375,7 +370,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = self._fix_args(args)
+        args = fix_training_arguments(args)
         if loss is None:  # token embeddings train by MaxSim
             loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -433,7 +428,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = self._fix_args(args)
+        args = fix_training_arguments(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                    if dataset is not None and (columns := _columns(dataset, name)) is not None}
