@@ -3,6 +3,13 @@
 Public names are imported lazily, so ``import hf_mm_rerank`` is cheap. Importing it first also quiets
 bitsandbytes' notice about an optional CPU 4-bit kernel package, which transformers and peft import on every run
 (even without quantization); the notice matters only for 4-bit on a CPU, where loading says so once.
+
+The map: ``data/`` (cells, row schema, featurizers, collators, streams, image pipeline, validation) is the ground
+floor and imports nothing of the package; ``retrieval/`` (the retrieval core, evaluators and ranking metrics, mining,
+retrieve-then-rerank) stands on data; ``modeling/`` and ``losses/`` on data and the retrieval core; ``publishing/``
+(cards, serving notes, exports) on modeling; ``training/`` (trainers, arguments, checkpoints, throughput, the Hub
+push) on all of these; ``recipes_kit/`` (the recipes' helpers) on top. ``distributed.py`` is the low-level utility
+every wing may use. No module imports a wing above its own.
 """
 
 from __future__ import annotations
