@@ -152,7 +152,7 @@ def test_a_mismatching_export_is_an_error_and_leaves_nothing(tiny_path, tmp_path
 
 def test_the_command_line(tiny_path, tmp_path):
     source = _saved(BiEncoder.from_pretrained(tiny_path("siglip"), lora_config=LoraConfig(**LORA)), tmp_path / "s")
-    run = subprocess.run([sys.executable, "-m", "hf_mm_rerank.publishing.export", source, str(tmp_path / "out"), "--format",
+    run = subprocess.run([sys.executable, "-m", "hf_mm_rerank.publishing.export_cli", source, str(tmp_path / "out"), "--format",
                           "sentence-transformers"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
