@@ -31,7 +31,7 @@ import torch
 name, scorer, nq, nc, tq, td, dim, mode = json.loads(sys.argv[1])
 torch.manual_seed(0)
 torch.set_num_threads(2)
-from hf_mm_rerank.retrieval import DENSE, MAXSIM, TokenEmbeddings, maxsim, top_k
+from hf_mm_rerank.retrieval.core import DENSE, MAXSIM, TokenEmbeddings, maxsim, top_k
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 if scorer == "dense":

@@ -3,6 +3,13 @@
 Public names are imported lazily, so ``import hf_mm_rerank`` is cheap. Importing it first also quiets
 bitsandbytes' notice about an optional CPU 4-bit kernel package, which transformers and peft import on every run
 (even without quantization); the notice matters only for 4-bit on a CPU, where loading says so once.
+
+The map: ``data/`` (cells, row schema, featurizers, collators, streams, image pipeline, validation) is the ground
+floor and imports nothing of the package; ``retrieval/`` (the retrieval core, evaluators and ranking metrics, mining,
+retrieve-then-rerank) stands on data; ``modeling/`` and ``losses/`` on data and the retrieval core; ``publishing/``
+(cards, serving notes, exports) on modeling; ``training/`` (trainers, arguments, checkpoints, throughput, the Hub
+push) on all of these; ``recipes_kit/`` (the recipes' helpers) on top. ``distributed.py`` is the low-level utility
+every wing may use. No module imports a wing above its own.
 """
 
 from __future__ import annotations
@@ -24,45 +31,45 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoti
 
 _EXPORTS = {
     "BiEncoder": "modeling",
-    "BiEncoderCollator": "collators",
-    "BiEncoderTrainer": "trainers",
+    "BiEncoderCollator": "data.collators",
+    "BiEncoderTrainer": "training.trainers",
     "BinaryCrossEntropyLoss": "losses",
     "CachedContrastiveLoss": "losses",
     "ContrastiveLoss": "losses",
-    "HubPushCallback": "callbacks",
+    "HubPushCallback": "training.hub_push",
     "CrossEncoder": "modeling",
-    "CrossEncoderCollator": "collators",
-    "CrossEncoderTrainer": "trainers",
+    "CrossEncoderCollator": "data.collators",
+    "CrossEncoderTrainer": "training.trainers",
     "DistillKLLoss": "losses",
     "EmbeddingDistillKLLoss": "losses",
     "EmbeddingMarginMSELoss": "losses",
-    "RetrieveRerankEvaluator": "two_stage",
-    "retrieve_and_rerank": "two_stage",
-    "score_with_teacher": "two_stage",
-    "InputError": "inputs",
+    "RetrieveRerankEvaluator": "retrieval.two_stage",
+    "retrieve_and_rerank": "retrieval.two_stage",
+    "score_with_teacher": "retrieval.two_stage",
+    "InputError": "data.inputs",
     "LambdaLoss": "losses",
     "ListwiseSoftmaxLoss": "losses",
-    "MMInput": "inputs",
+    "MMInput": "data.inputs",
     "MarginMSELoss": "losses",
     "MatryoshkaLoss": "losses",
     "MaxSimContrastiveLoss": "losses",
     "MaxSimPairwiseLoss": "losses",
     "MultiVectorEncoder": "modeling",
-    "TokenEmbeddings": "retrieval",
-    "pool_tokens": "retrieval",
-    "RETRIEVAL_METRIC_PATH": "evaluation",
-    "RerankingEvaluator": "evaluation",
-    "RetrievalEvaluator": "evaluation",
-    "ThroughputCallback": "throughput",
+    "TokenEmbeddings": "retrieval.core",
+    "pool_tokens": "retrieval.core",
+    "RETRIEVAL_METRIC_PATH": "retrieval.evaluation",
+    "RerankingEvaluator": "retrieval.evaluation",
+    "RetrievalEvaluator": "retrieval.evaluation",
+    "ThroughputCallback": "training.throughput",
     "TrainerLoss": "losses",
-    "RunFacts": "trainers",
-    "Tokens": "minibatch",
-    "CheckpointWriteError": "checkpoints",
-    "ValidationReport": "validation",
-    "validate_dataset": "validation",
-    "mine_hard_negatives": "mining",
-    "ranking_metrics": "evaluation",
-    "to_input": "inputs",
+    "RunFacts": "training.trainers",
+    "Tokens": "data.minibatch",
+    "CheckpointWriteError": "training.checkpoints",
+    "ValidationReport": "data.validation",
+    "validate_dataset": "data.validation",
+    "mine_hard_negatives": "retrieval.mining",
+    "ranking_metrics": "retrieval.evaluation",
+    "to_input": "data.inputs",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

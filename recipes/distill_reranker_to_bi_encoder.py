@@ -28,7 +28,9 @@ from hf_mm_rerank import (
     mine_hard_negatives,
     score_with_teacher,
 )
-from hf_mm_rerank.cli import (
+from hf_mm_rerank.losses import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
+from hf_mm_rerank.publishing.model_card import hub_id
+from hf_mm_rerank.recipes_kit.cli import (
     DataArguments,
     LoraArguments,
     PublishArguments,
@@ -43,8 +45,6 @@ from hf_mm_rerank.cli import (
     resume_point,
     run,
 )
-from hf_mm_rerank.losses import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
-from hf_mm_rerank.model_card import hub_id
 
 logger = logging.getLogger(__name__)
 LOSSES = {"margin_mse": EmbeddingMarginMSELoss, "kl": EmbeddingDistillKLLoss}

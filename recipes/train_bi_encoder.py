@@ -28,7 +28,8 @@ from hf_mm_rerank import (
     ThroughputCallback,
     Tokens,
 )
-from hf_mm_rerank.cli import (
+from hf_mm_rerank.data.pipeline import cache_images
+from hf_mm_rerank.recipes_kit.cli import (
     DataArguments,
     LoraArguments,
     PublishArguments,
@@ -43,8 +44,7 @@ from hf_mm_rerank.cli import (
     run,
     validated,
 )
-from hf_mm_rerank.demo import DEMO_MODEL, build_demo_base
-from hf_mm_rerank.pipeline import cache_images
+from hf_mm_rerank.recipes_kit.demo import DEMO_MODEL, build_demo_base
 
 logger = logging.getLogger(__name__)
 

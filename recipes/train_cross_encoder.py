@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments, set_seed
 
 from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
-from hf_mm_rerank.cli import (
+from hf_mm_rerank.data.pipeline import cache_images
+from hf_mm_rerank.losses import RERANKING_LOSSES
+from hf_mm_rerank.publishing.model_card import hub_id
+from hf_mm_rerank.recipes_kit.cli import (
     DataArguments,
     LoraArguments,
     PublishArguments,
@@ -35,10 +38,7 @@ from hf_mm_rerank.cli import (
     run,
     validated,
 )
-from hf_mm_rerank.demo import DEMO_RERANKER, build_demo_reranker_base
-from hf_mm_rerank.losses import RERANKING_LOSSES
-from hf_mm_rerank.model_card import hub_id
-from hf_mm_rerank.pipeline import cache_images
+from hf_mm_rerank.recipes_kit.demo import DEMO_RERANKER, build_demo_reranker_base
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from hf_mm_rerank import (  # noqa: E402
     CrossEncoderTrainer,
 )
 from hf_mm_rerank.losses import ListwiseSoftmaxLoss  # noqa: E402
-from hf_mm_rerank.model_card import card_info  # noqa: E402
+from hf_mm_rerank.publishing.model_card import card_info  # noqa: E402
 
 
 class CheckLoading(TrainerCallback):

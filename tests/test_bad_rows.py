@@ -13,8 +13,8 @@ from images import color_rows, solid
 from PIL import Image
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoderTrainer, InputError
-from hf_mm_rerank.collators import ROW_KEY as ROW
-from hf_mm_rerank.processing import DEFAULT_TEXT_TOKENS
+from hf_mm_rerank.data.featurizers import DEFAULT_TEXT_TOKENS
+from hf_mm_rerank.data.schema import ROW_KEY as ROW
 
 
 def _collate(model, **cells):
@@ -51,7 +51,7 @@ def test_the_pixel_limit_setting_replaces_pils_in_a_fresh_process(tmp_path):
 
     big = tmp_path / "big.png"
     Image.new("L", (1000, 1000)).save(big)  # 1 megapixel
-    code = ("import PIL.Image as I; I.MAX_IMAGE_PIXELS = 100_000; import hf_mm_rerank.inputs as m; "
+    code = ("import PIL.Image as I; I.MAX_IMAGE_PIXELS = 100_000; import hf_mm_rerank.data.inputs as m; "
             f"print(m.to_input({str(big)!r}).image.size)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "HF_MM_RERANK_MAX_IMAGE_PIXELS": "2000000"})

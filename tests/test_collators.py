@@ -8,8 +8,8 @@ from images import COLORS, color_rows, solid
 from torch.utils.data import DataLoader
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator
-from hf_mm_rerank.collators import negative_columns
-from hf_mm_rerank.processing import Tokens
+from hf_mm_rerank.data.minibatch import Tokens
+from hf_mm_rerank.data.schema import negative_columns
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_preshrinking_never_changes_the_patch_grid(tiny_path, family, cap, fast_
     from PIL import Image
 
     from hf_mm_rerank import BiEncoder
-    from hf_mm_rerank.processing import ChatFeaturizer
+    from hf_mm_rerank.data.featurizers import ChatFeaturizer
 
     model = BiEncoder.from_pretrained(tiny_path(family), max_pixels=None if cap else 28 * 28 * 12,
                                       fast_decode=fast_decode)
@@ -204,7 +204,7 @@ def test_images_reach_the_processor_as_planar_tensors_with_the_same_pixels(tiny_
     included."""
     from PIL import Image
 
-    from hf_mm_rerank.inputs import MMInput
+    from hf_mm_rerank.data.inputs import MMInput
 
     featurizer = BiEncoder.from_pretrained(tiny_path(family)).featurizer
     images = [Image.effect_noise((90, 70), 60).convert("RGB"), Image.effect_noise((40, 3), 60).convert("RGB"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_mm_rerank import RETRIEVAL_METRIC_PATH, RetrievalEvaluator, ranking_metrics
-from hf_mm_rerank.inputs import to_input
+from hf_mm_rerank.data.inputs import to_input
 
 
 def test_metrics_equal_hand_computed_values():

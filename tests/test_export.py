@@ -16,7 +16,8 @@ from peft import LoraConfig
 from test_cross_encoder import PLAIN_PROMPT, _bert_classifier
 
 from hf_mm_rerank import BiEncoder, CrossEncoder
-from hf_mm_rerank.export import ExportError, export, probe_outputs
+from hf_mm_rerank.publishing.export import export
+from hf_mm_rerank.publishing.export_check import ExportError, probe_outputs
 
 LORA = dict(r=4, lora_alpha=8, init_lora_weights=False)
 
@@ -127,7 +128,7 @@ def test_a_qlora_export_equals_its_full_precision_base_plus_adapter(tiny_path, t
 def test_a_half_precision_export_is_checked_at_its_own_precision(tiny_path, tmp_path, dtype):
     """The README's `--dtype bfloat16`: the reloaded export differs from the trained model by float rounding of that
     precision (a few of its epsilons), which the check allows; float32's 1e-5 would refuse every such export."""
-    from hf_mm_rerank.export import tolerance
+    from hf_mm_rerank.publishing.export_check import tolerance
 
     source = _saved(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(**LORA)), tmp_path / "t")
     report = export(source, str(tmp_path / "half"), "merged", dtype=dtype)
@@ -137,10 +138,10 @@ def test_a_half_precision_export_is_checked_at_its_own_precision(tiny_path, tmp_
 
 
 def test_a_mismatching_export_is_an_error_and_leaves_nothing(tiny_path, tmp_path, monkeypatch):
-    import hf_mm_rerank.export as module
+    import hf_mm_rerank.publishing.export as module
 
     model = BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(**LORA))
-    monkeypatch.setattr(module, "_reload", lambda folder, format, m: (probe_outputs(m) * 1.01, "a broken loader"))
+    monkeypatch.setattr(module, "reload_outputs", lambda folder, format, m: (probe_outputs(m) * 1.01, "a broken loader"))
     with pytest.raises(ExportError, match=r"does not reproduce the trained model: reloaded with a broken loader, its "
                                           r"outputs differ by 1\.0\de-02 of their scale"):
         export(model, str(tmp_path / "out"), "merged")
@@ -151,7 +152,7 @@ def test_a_mismatching_export_is_an_error_and_leaves_nothing(tiny_path, tmp_path
 
 def test_the_command_line(tiny_path, tmp_path):
     source = _saved(BiEncoder.from_pretrained(tiny_path("siglip"), lora_config=LoraConfig(**LORA)), tmp_path / "s")
-    run = subprocess.run([sys.executable, "-m", "hf_mm_rerank.export", source, str(tmp_path / "out"), "--format",
+    run = subprocess.run([sys.executable, "-m", "hf_mm_rerank.publishing.export_cli", source, str(tmp_path / "out"), "--format",
                           "sentence-transformers"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -18,7 +18,7 @@ from test_cross_encoder import PLAIN_PROMPT, red_rows
 from transformers import TrainingArguments
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, CrossEncoder, CrossEncoderTrainer, HubPushCallback
-from hf_mm_rerank.callbacks import stage
+from hf_mm_rerank.training.hub_push import stage
 
 TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth"}
 PROBE = ["a red square", solid("blue")]
@@ -109,7 +109,7 @@ def test_failed_push_is_reported_and_training_and_checkpoints_survive(hub, tiny_
     hub.state.fail_next_commits = 100
     callback = HubPushCallback("me/down", max_retries=2, backoff=0.01)
     trainer = _bi_trainer(tiny_path, tmp_path, callback)
-    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.training.hub_push"):
         trainer.train()
     assert trainer.state.global_step == 4
     assert all(r.attempts == 3 and "HTTP 500" in r.error for r in callback.records) and len(callback.records) == 2
@@ -133,7 +133,7 @@ def test_pushes_run_beside_training(hub, tiny_path, tmp_path, caplog):
     hub.state.hang_commits = True  # every upload hangs: training must not wait for it
     callback = HubPushCallback("me/slow", max_retries=0, attempt_timeout=60, wait_at_end=0.2)
     trainer = _bi_trainer(tiny_path, tmp_path, callback)
-    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.training.hub_push"):
         trainer.train()
     assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "out" / "checkpoint-4")
     assert all(r.commit_url is None and r.error is None for r in callback.records)  # still in flight
@@ -173,7 +173,7 @@ def test_staging_is_removed_on_every_path(hub, tiny_path, tmp_path, monkeypatch)
     import shutil
     import tempfile
 
-    import hf_mm_rerank.callbacks as callbacks
+    import hf_mm_rerank.training.hub_push as callbacks
 
     temp = tmp_path / "temp"
     temp.mkdir()
@@ -204,7 +204,7 @@ def test_staging_is_removed_on_every_path(hub, tiny_path, tmp_path, monkeypatch)
 def test_refused_token_is_retried_then_reported_without_leaking(hub, tiny_path, tmp_path, caplog):
     hub.state.token = "a-different-token"
     callback = HubPushCallback("me/private", push_on="end", max_retries=2, backoff=0.01)
-    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.training.hub_push"):
         _bi_trainer(tiny_path, tmp_path, callback, save_strategy="no").train()
     (record,) = callback.records
     assert record.attempts == 3 and "HTTP 401" in record.error
@@ -319,7 +319,7 @@ def test_recipe_pushes_with_the_callback_and_trainer_push(hub, tiny_path, tmp_pa
 
 
 def test_a_local_staging_failure_is_reported_not_raised(hub, tiny_path, tmp_path, monkeypatch, caplog):
-    import hf_mm_rerank.callbacks as callbacks
+    import hf_mm_rerank.training.hub_push as callbacks
 
     def full_disk(directory):
         raise OSError(28, "No space left on device")
@@ -327,7 +327,7 @@ def test_a_local_staging_failure_is_reported_not_raised(hub, tiny_path, tmp_path
     monkeypatch.setattr(callbacks, "stage", full_disk)
     callback = HubPushCallback("me/full", backoff=0.01)
     trainer = _bi_trainer(tiny_path, tmp_path, callback)
-    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.callbacks"):
+    with caplog.at_level(logging.ERROR, logger="hf_mm_rerank.training.hub_push"):
         trainer.train()
     assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "out" / "checkpoint-4")
     assert [r.label for r in callback.records] == ["step 2", "step 4"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_mm_rerank.inputs import InputError, fit_pixels, load_image, to_input
+from hf_mm_rerank.data.inputs import InputError, fit_pixels, load_image, to_input
 
 
 def _png_bytes(image):

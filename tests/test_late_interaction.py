@@ -21,7 +21,7 @@ from hf_mm_rerank import (
     TokenEmbeddings,
     pool_tokens,
 )
-from hf_mm_rerank.retrieval import DENSE, MAXSIM, maxsim, top_k
+from hf_mm_rerank.retrieval.core import DENSE, MAXSIM, maxsim, top_k
 
 LORA = dict(r=4, lora_alpha=8, init_lora_weights=False)
 
@@ -143,7 +143,7 @@ def test_chunked_top_k_equals_one_sorted_matrix_ties_included(kind):
 def test_the_chunked_evaluator_equals_one_matrix_and_pytrec_eval(tiny_path, monkeypatch):
     import pytrec_eval
 
-    import hf_mm_rerank.retrieval as core
+    import hf_mm_rerank.retrieval.core as core
 
     model = MultiVectorEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(**LORA))
     queries = {c: f"a {c} square" for c in COLORS}

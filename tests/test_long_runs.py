@@ -140,7 +140,7 @@ def _check_failed_save_left_nothing(out: Path, error: Exception, tiny) -> None:
 
 def test_a_full_disk_mid_checkpoint_leaves_no_partial_checkpoint(tiny_path, tmp_path, monkeypatch):
     # The write that fails: optimizer.pt of checkpoint-4 (after the model files), half written, then ENOSPC.
-    from hf_mm_rerank.checkpoints import CheckpointWriteError
+    from hf_mm_rerank.training.checkpoints import CheckpointWriteError
 
     real_save = torch.save
 
@@ -167,7 +167,7 @@ def _mount_tmpfs(folder: Path, size: int) -> bool:
 
 
 def test_a_real_full_disk_mid_checkpoint(tiny_path, tmp_path):
-    from hf_mm_rerank.checkpoints import CheckpointWriteError
+    from hf_mm_rerank.training.checkpoints import CheckpointWriteError
 
     probe = _clip_trainer(tiny_path("clip"), tmp_path / "probe", max_steps=2)
     probe.train()

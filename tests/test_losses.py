@@ -221,7 +221,7 @@ def test_token_budget_mini_batches(tiny_path):
     from peft import LoraConfig
 
     from hf_mm_rerank import Tokens
-    from hf_mm_rerank.processing import pack
+    from hf_mm_rerank.data.minibatch import pack
 
     assert [list(g) for g in pack([5, 5, 5, 9, 1, 20, 2], 10)] == [[0, 1], [2], [3], [4], [5], [6]]
     assert [list(g) for g in pack([2, 2, 3, 6, 1], 10)] == [[0, 1, 2], [3], [4]]  # 3 x 3 fits; 4 x 6 padded does not

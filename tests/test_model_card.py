@@ -14,8 +14,8 @@ from images import color_rows
 from peft import LoraConfig
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer
-from hf_mm_rerank.model_card import card_info, hub_id, render_card
-from hf_mm_rerank.processing import RERANK_PROMPT_DEFAULTS
+from hf_mm_rerank.data.featurizers import RERANK_PROMPT_DEFAULTS
+from hf_mm_rerank.publishing.model_card import card_info, hub_id, render_card
 
 GOLDEN = Path(__file__).resolve().parent.parent / "model_cards"
 VERSIONS = {"hf_mm_rerank": "0.1.0", "transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1",

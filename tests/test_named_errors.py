@@ -38,7 +38,7 @@ def _list_trainer(tiny_path, tmp_path, rows, **kwargs):
 def test_plain_list_rows_are_skipped_by_their_dataset_index_and_each_counted(tiny_path, tmp_path, caplog):
     rows = _list_rows(tmp_path)
     trainer = _list_trainer(tiny_path, tmp_path, rows, bad_rows="skip", max_skipped_fraction=0.25)
-    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.validation"):
+    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.data.validation"):
         trainer.train()
     assert sorted(row for row, _ in trainer.skipped_rows.rows) == list(BAD_AT_ONE)  # before: ["1 of the batch"]
     for i in BAD_AT_ONE:
@@ -56,7 +56,8 @@ def test_plain_list_rows_are_skipped_by_their_dataset_index_and_each_counted(tin
 def test_merged_export_of_a_full_fine_tune_whose_base_is_gone_names_it(tiny_path, tmp_path):
     import shutil
 
-    from hf_mm_rerank.export import ExportError, export
+    from hf_mm_rerank.publishing.export import export
+    from hf_mm_rerank.publishing.export_check import ExportError
 
     base = tmp_path / "base"
     shutil.copytree(tiny_path("qwen2_vl"), base)

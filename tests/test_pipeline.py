@@ -7,7 +7,7 @@ from helpers import REL, args, assert_rel_close, rel_diff
 from test_throughput import _jpeg
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer
-from hf_mm_rerank.pipeline import add_lengths, cache_images
+from hf_mm_rerank.data.pipeline import add_lengths, cache_images
 
 
 def _jpeg_rows(colors=("red", "blue", "green", "yellow"), size=(640, 480)):
@@ -76,7 +76,7 @@ def test_every_path_sees_the_same_upright_pixels(tiny_path, tmp_path):
     """Training, the evaluators' from_dataset, mining, cache_images and encode() on paths decode one way:
     reduced-scale JPEG decoding and the EXIF orientation applied."""
     from hf_mm_rerank import RerankingEvaluator, RetrievalEvaluator, mine_hard_negatives
-    from hf_mm_rerank.inputs import to_input
+    from hf_mm_rerank.data.inputs import to_input
 
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     paths = [_rotated_jpeg(tmp_path / f"{i}.jpg") for i in range(3)]
@@ -118,6 +118,6 @@ def test_every_path_sees_the_same_upright_pixels(tiny_path, tmp_path):
 
 
 def _same_file(cell, path):
-    from hf_mm_rerank.inputs import to_input
+    from hf_mm_rerank.data.inputs import to_input
 
     return to_input(cell).image.tobytes() == to_input(path).image.tobytes()

@@ -87,7 +87,7 @@ def test_push_staging_folders_are_removed_at_interpreter_exit(tmp_path):
     temp.mkdir()
     code = textwrap.dedent(f"""
         import os
-        from hf_mm_rerank.callbacks import stage
+        from hf_mm_rerank.training.hub_push import stage
         child = os.fork()
         staging = stage({str(tmp_path / "model")!r})
         print("child" if child == 0 else "parent", staging, sorted(os.listdir(staging)), flush=True)
@@ -111,7 +111,7 @@ def test_push_staging_folders_are_removed_at_interpreter_exit(tmp_path):
 def test_pointwise_teacher_score_equals_the_teachers_own_scores(tiny_path):
     from test_reranking import _reranker
 
-    from hf_mm_rerank.two_stage import score_with_teacher
+    from hf_mm_rerank.retrieval.two_stage import score_with_teacher
 
     reranker = _reranker(tiny_path("qwen2_vl"), head="yes_no")
     rows = [{"query": "a red square", "document": "the square is red", "label": 1.0},
@@ -196,7 +196,7 @@ def test_a_failed_write_of_either_kind_is_named_and_leaves_no_partial_checkpoint
     import peft.peft_model
     from test_long_runs import _check_failed_save_left_nothing, _clip_trainer
 
-    from hf_mm_rerank.checkpoints import CheckpointWriteError
+    from hf_mm_rerank.training.checkpoints import CheckpointWriteError
 
     real_torch, real_safetensors = torch.save, peft.peft_model.safe_save_file
 

@@ -19,7 +19,7 @@ from hf_mm_rerank import (
     RerankingEvaluator,
     mine_hard_negatives,
 )
-from hf_mm_rerank.inputs import to_input
+from hf_mm_rerank.data.inputs import to_input
 from hf_mm_rerank.losses import (
     BinaryCrossEntropyLoss,
     DistillKLLoss,
@@ -289,7 +289,7 @@ def test_a_positive_the_first_stage_missed_counts_like_trec_eval():
 
 
 def test_random_negatives_never_repeat_the_positive():
-    from hf_mm_rerank.cli import random_negatives
+    from hf_mm_rerank.recipes_kit.cli import random_negatives
 
     data = Dataset.from_list([{"query": f"q{i}", "positive": solid(c)} for i, c in enumerate(NAMES)])
     out = random_negatives(data, 3, seed=1)
@@ -304,7 +304,7 @@ def test_reranker_learns_to_match_emoji_images_to_their_names(reranker_path, tmp
     better than the chance-level incoming order (memorisation of 8 pairs: a random tiny VLM cannot generalise).
     At learning rate 2e-3 the outcome swung with the seed and with float rounding (MRR 0.49 to 1.0 over seeds 0-3;
     a rounding-level change of the patch embedding moved seed 0 below the bar); at 5e-4 seeds 0-3 end at 0.88-1.0."""
-    from hf_mm_rerank.demo import emoji_pairs
+    from hf_mm_rerank.recipes_kit.demo import emoji_pairs
 
     pairs = emoji_pairs(image_size=32)[::97][:8]
     rng = random.Random(0)

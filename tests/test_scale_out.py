@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_recipes import CONFIGS, ROOT, _json_data
 
 from hf_mm_rerank import BiEncoder, BiEncoderTrainer, ContrastiveLoss, CrossEncoder, CrossEncoderTrainer
-from hf_mm_rerank.callbacks import loadable_files
+from hf_mm_rerank.training.checkpoints import loadable_files
 
 # The README's two-CPU-process launch.
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -116,7 +116,7 @@ def test_the_loopback_hub_with_an_empty_cache(hub, tiny_path, tmp_path):
 
 
 def test_the_serving_check_names_the_engines_that_take_the_adapter_as_it_is(tiny_path, tmp_path):
-    from hf_mm_rerank.serving import serving_targets
+    from hf_mm_rerank.publishing.serving import serving_targets
 
     def engines(model):
         return {t.engine: t for t in serving_targets(model, "me/model", "tiny/base")}
@@ -128,7 +128,7 @@ def test_the_serving_check_names_the_engines_that_take_the_adapter_as_it_is(tiny
     saved = engines(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["merger"])))
     assert saved["vLLM"].status == "export" and "rejects modules_to_save weights (merger)" in saved["vLLM"].note
-    assert saved["vLLM"].how.startswith("python -m hf_mm_rerank.export me/model OUT --format merged && vllm serve OUT")
+    assert saved["vLLM"].how.startswith("python -m hf_mm_rerank.publishing.export_cli me/model OUT --format merged && vllm serve OUT")
     vision = engines(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(
         r=4, target_modules=["qkv", "q_proj"])))  # qkv: the vision blocks' attention
     assert vision["vLLM"].status == "export" and "LoRA on the vision tower (visual)" in vision["vLLM"].note

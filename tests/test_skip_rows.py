@@ -20,7 +20,7 @@ from hf_mm_rerank import (
     InputError,
     validate_dataset,
 )
-from hf_mm_rerank.collators import ROW_KEY
+from hf_mm_rerank.data.schema import ROW_KEY
 
 BAD = {5: ("positive", "never_downloaded.png', which does not exist"), 11: ("query", "an empty string"), 13: ("positive", "(10,000 pixels), over the limit of 6,000 pixels")}
 
@@ -60,7 +60,7 @@ def _trainer(tiny_path, tmp_path, rows, max_steps=5, **kwargs):
 
 def test_skip_drops_logs_and_counts_bad_rows(tiny_path, tmp_path, small_pixel_limit, caplog):
     trainer = _trainer(tiny_path, tmp_path, _rows(tmp_path), max_steps=15, bad_rows="skip", max_skipped_fraction=0.2)
-    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.validation"):
+    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.data.validation"):
         trainer.train()
     assert trainer.state.global_step == 15  # three epochs (20 rows, 4 per batch), every batch trained
     assert sorted(row for row, _ in trainer.skipped_rows.rows) == [5, 11, 13]  # each bad row once, not per epoch

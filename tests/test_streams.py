@@ -99,11 +99,11 @@ def test_an_empty_stream_and_a_stream_without_max_steps_are_named(tiny_path, tmp
 
 
 def test_workers_beyond_the_shards_are_lowered_or_named(tiny_path, tmp_path, monkeypatch, caplog):
-    import hf_mm_rerank.arguments as arguments
+    import hf_mm_rerank.training.arguments as arguments
 
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     rows = Dataset.from_list(color_rows())
-    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.streams"):
+    with caplog.at_level(logging.WARNING, logger="hf_mm_rerank.data.streams"):
         trainer = BiEncoderTrainer(model=model, args=args(tmp_path, dataloader_num_workers=3),
                                    train_dataset=rows.to_iterable_dataset(num_shards=2))
     assert trainer.args.dataloader_num_workers == 3  # the user's choice is kept, and the idle worker named
@@ -165,7 +165,7 @@ def test_the_bi_encoder_recipe_streams_its_data_files_and_holds_out_the_first_ro
     assert "eval_ndcg@10" in report["before"] and "eval_ndcg@10" in report["after"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "a stream: 8 rows read" in card  # 2 steps x 4 rows, after the 4 held out
-    from hf_mm_rerank.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
 
     train, held = load_data(DataArguments(data_files=[data], streaming=True, max_eval_samples=4))
     assert [row["query"] for row in held] == [f"a {c} square" for c in list(COLORS)[:4]]

@@ -14,9 +14,8 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
-from hf_mm_rerank.arguments import auto_num_workers
-from hf_mm_rerank.callbacks import ThroughputCallback, batch_counts
-from hf_mm_rerank.throughput import PipelinePolicy
+from hf_mm_rerank.training.arguments import auto_num_workers
+from hf_mm_rerank.training.throughput import PipelinePolicy, ThroughputCallback, batch_counts
 
 
 def test_batch_counts_rows_images_and_tokens(tiny_path):
@@ -34,7 +33,7 @@ def test_batch_counts_rows_images_and_tokens(tiny_path):
 
 
 def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path, monkeypatch):
-    import hf_mm_rerank.throughput as throughput
+    import hf_mm_rerank.training.throughput as throughput
 
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     callback = ThroughputCallback()
@@ -79,7 +78,7 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
     torch.set_num_threads(os.cpu_count())
     model = BiEncoder.from_pretrained(tiny_path("clip"))
-    with caplog.at_level(logging.INFO, logger="hf_mm_rerank.arguments"):
+    with caplog.at_level(logging.INFO, logger="hf_mm_rerank.training.arguments"):
         trainer = BiEncoderTrainer(model=model, args=args(tmp_path, max_steps=2),
                                    train_dataset=Dataset.from_list(color_rows(2)))
     workers = trainer.args.dataloader_num_workers
@@ -105,7 +104,7 @@ def test_the_pipeline_policy_tries_both_thread_counts_and_keeps_the_faster(monke
     here 30 s and 0.01 s) and the first step after the switch (a new thread pool: 20 s). A short run keeps the start."""
     from types import SimpleNamespace
 
-    import hf_mm_rerank.throughput as throughput
+    import hf_mm_rerank.training.throughput as throughput
 
     clock = [0.0]
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
@@ -141,7 +140,7 @@ def test_the_pipeline_policy_tries_both_thread_counts_and_keeps_the_faster(monke
 
 def test_the_inputs_choose_the_start(tiny_path):
     from hf_mm_rerank import CachedContrastiveLoss, ContrastiveLoss, CrossEncoder
-    from hf_mm_rerank.trainers import _compute_bound
+    from hf_mm_rerank.training.trainers import _compute_bound
 
     clip, qwen = BiEncoder.from_pretrained(tiny_path("clip")), BiEncoder.from_pretrained(tiny_path("qwen2_vl"))
     assert _compute_bound(clip, ContrastiveLoss()) is None  # a dual encoder beside JPEG decoding

@@ -167,7 +167,7 @@ def test_the_users_arguments_collator_and_threads_stay_theirs(clip_lora, tmp_pat
     dispatch_batches set on their accelerator_config, and the threads lowered from the constructor for good)."""
     import copy
 
-    import hf_mm_rerank.arguments as arguments
+    import hf_mm_rerank.training.arguments as arguments
     from hf_mm_rerank import BiEncoderCollator
 
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")  # the library's default: workers and threads picked for the user
@@ -198,7 +198,7 @@ def test_the_users_arguments_collator_and_threads_stay_theirs(clip_lora, tmp_pat
 
 
 def test_threads_are_restored_when_training_stops_on_an_error(clip_lora, tmp_path, monkeypatch, keep_threads):
-    import hf_mm_rerank.arguments as arguments
+    import hf_mm_rerank.training.arguments as arguments
 
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
     monkeypatch.setattr(arguments, "_cpus_per_rank", lambda: 2)
@@ -260,7 +260,7 @@ def test_the_card_reads_run_facts(clip_lora, tmp_path, color_dataset):
     """card_info reads the trainer's run through run_facts() (old code: getattr on trainer internals, so facts a
     trainer reports through run_facts never reached the card)."""
     from hf_mm_rerank import RunFacts
-    from hf_mm_rerank.model_card import card_info
+    from hf_mm_rerank.publishing.model_card import card_info
 
     trainer = BiEncoderTrainer(model=clip_lora, args=args(tmp_path), train_dataset=color_dataset)
     assert trainer.run_facts() == RunFacts(rows_read=0, skipped_rows=0, bad_rows="raise", metrics_before_training=None)

@@ -12,7 +12,7 @@ Each declares what the trainers read (:class:`TrainerLoss`: ``mini_batch_size``,
 """
 
 from .base import LossContract, TrainerLoss, loss_contract
-from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss, gather_with_grad
+from .contrastive import CachedContrastiveLoss, ContrastiveLoss, MatryoshkaLoss
 from .distillation import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from .grad_cache import grad_cached
 from .late_interaction import MaxSimContrastiveLoss, MaxSimPairwiseLoss
@@ -43,7 +43,6 @@ __all__ = [
     "MaxSimPairwiseLoss",
     "RerankingLoss",
     "TrainerLoss",
-    "gather_with_grad",
     "grad_cached",
     "loss_contract",
 ]

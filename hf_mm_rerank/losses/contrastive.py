@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.minibatch import check_mini_batch_size
 from ..distributed import gather_with_grad, world
-from ..minibatch import check_mini_batch_size
+from ..retrieval.core import grouped_maxsim, maxsim
 from .base import TrainerLoss
 from .grad_cache import grad_cached
 
@@ -119,7 +120,6 @@ def similarity(query: torch.Tensor, documents: torch.Tensor, normalize_by_query_
     the number of scored query tokens."""
     if query.dim() < 3:
         return query.float() @ documents.float().T
-    from ..retrieval import maxsim
 
     q_mask, d_mask = query.abs().amax(-1) > 0, documents.abs().amax(-1) > 0
     scores = maxsim(query, q_mask, documents, d_mask)
@@ -134,7 +134,6 @@ def candidate_scores(query: torch.Tensor, positive: torch.Tensor, negative: torc
     if query.dim() < 3:
         candidates = torch.cat([positive.unsqueeze(1), negative.view(rows, -1, negative.shape[-1])], dim=1)
         return torch.einsum("bd,bkd->bk", query.float(), candidates.float())
-    from ..retrieval import grouped_maxsim
 
     documents = cat_rows([positive, negative])
     candidates = torch.cat([documents[:rows].unsqueeze(1), documents[rows:].view(rows, -1, *documents.shape[1:])], 1)

@@ -1,5 +1,5 @@
 """Bi-encoder distillation: the embedder's similarities over each row's candidates (positive first, then its
-negatives) learn the teacher's scores (e.g. a reranker's, from :func:`hf_mm_rerank.two_stage.score_with_teacher`).
+negatives) learn the teacher's scores (e.g. a reranker's, from :func:`hf_mm_rerank.retrieval.two_stage.score_with_teacher`).
 
 Rows carry ``teacher_scores`` (a list, positive first) or ``teacher_score_0 ... teacher_score_k``; the collator
 puts them in ``batch["teacher"]`` as ``[rows, 1 + k]``.
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.minibatch import check_mini_batch_size
 from ..distributed import batch_share
-from ..minibatch import check_mini_batch_size
 from .contrastive import ContrastiveLoss, candidate_scores
 from .grad_cache import grad_cached
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.minibatch import check_mini_batch_size
 from ..distributed import batch_share, gather_with_grad
-from ..minibatch import check_mini_batch_size
 from .contrastive import ContrastiveLoss, Objective, candidate_scores, similarity
 from .grad_cache import grad_cached
 

@@ -1,7 +1,7 @@
 """Reranker (cross-encoder) losses: pointwise BCE, listwise softmax, pairwise LambdaLoss, distillation.
 
 Reranker batches are ``{"pairs": chunks, "targets": [N], "group_size": g, "teacher": [N]?}`` (see
-:class:`~hf_mm_rerank.collators.CrossEncoderCollator`): grouped rows give ``g = 1 + k`` consecutive pairs
+:class:`~hf_mm_rerank.data.collators.CrossEncoderCollator`): grouped rows give ``g = 1 + k`` consecutive pairs
 per query, positive first. With ``mini_batch_size`` a loss scores the pairs one mini-batch at a time
 (GradCache): the same loss and gradients with the activation memory of one mini-batch, so large groups fit.
 """
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.minibatch import check_mini_batch_size
 from ..distributed import batch_share, mean_over_ranks
-from ..minibatch import check_mini_batch_size
 from .base import TrainerLoss
 from .grad_cache import grad_cached
 

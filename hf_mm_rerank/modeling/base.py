@@ -43,6 +43,7 @@ from .spec import (
     resolve_file,
     set_json_field,
 )
+from .st_format import write_st_files
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,6 @@ class AdapterModel(nn.Module):
                       os.path.join(directory, HEAD_WEIGHTS))
         if save_processor and self.processor is not None:
             self.processor.save_pretrained(directory)
-            from .st_format import write_st_files
 
             self.spec.sentence_transformers = write_st_files(self, directory)  # SentenceTransformer(folder) loads it
         self.spec.adapter = self.is_peft

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..processing import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
+from ..data.featurizers import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
 from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
 

@@ -16,7 +16,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from ..processing import (
+from ..data.featurizers import (
     RERANK_PROMPT_DEFAULTS,
     ChatPairFeaturizer,
     Featurizer,

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..late_interaction import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
-from ..retrieval import MAXSIM, TokenEmbeddings
-from .backbone import CHAT, DUAL
+from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
+from ..distributed import world
+from ..retrieval.core import MAXSIM, TokenEmbeddings
+from .backbone import CHAT, DUAL, detect_family
 from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
 from .bi_encoder import BiEncoder
 from .spec import resolve_file
@@ -107,7 +108,7 @@ class MultiVectorEncoder(BiEncoder):
         Args:
             dim: the token vectors' dimension (default 128).
             scored_tokens: ``"content"`` (the input's own tokens; chat VLMs' default) or ``"all"`` (every attended
-                token, as colpali-engine), see :mod:`hf_mm_rerank.late_interaction`.
+                token, as colpali-engine), see :mod:`hf_mm_rerank.data.multi_vector_featurizer`.
             query_augmentation: augmentation tokens appended to each query (colpali-engine: 10).
             template: ``"chat"`` (the model's chat template, the side's prompt as system turn) or ``"colpali"``
                 (colpali-engine's ColQwen2 layout; a colpali checkpoint defaults to it).
@@ -126,7 +127,6 @@ class MultiVectorEncoder(BiEncoder):
         family: list[str] = []
 
         def prepare(backbone: nn.Module, weights: str | None) -> None:
-            from .backbone import detect_family
 
             family.append(detect_family(backbone))
             add_projections(backbone, family[0], size, weights, **hub_kwargs)
@@ -194,8 +194,7 @@ class MultiVectorEncoder(BiEncoder):
 
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
                shard_across_ranks: bool = False) -> TokenEmbeddings:
-        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
-        from ..distributed import world
+        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.core.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
 
         read = self.featurizer.read
         rank, size = world() if shard_across_ranks else (0, 1)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .backbone import DUAL
+from .spec import base_reference
 
 ST_MODULES = {
     "transformer": "sentence_transformers.base.modules.transformer.Transformer",
@@ -68,7 +69,6 @@ class _Layout:
 def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """``({relative path: JSON object, tensors or text}, [what sentence-transformers does differently])`` for ``model``
     (a :class:`BiEncoder` or :class:`CrossEncoder`) saved in ``directory``."""
-    from .spec import base_reference
 
     layout, limits = _Layout(), []
     featurizer, spec = model.featurizer, model.spec
@@ -78,7 +78,7 @@ def st_layout(model: Any, directory: str | None = None) -> tuple[dict[str, Any],
     if model.is_peft and base_reference(str(spec.base_model), directory or ".").startswith("./"):
         limits.append("the adapter's base model is stored inside this folder, which sentence-transformers looks for "
                       "from the working directory: run from inside the folder, or load the sentence-transformers export "
-                      "(python -m hf_mm_rerank.export FOLDER OUT --format sentence-transformers)")
+                      "(python -m hf_mm_rerank.publishing.export_cli FOLDER OUT --format sentence-transformers)")
     if spec.quantization:
         limits.append("trained on a 4/8-bit base: sentence-transformers loads the base in full precision, as the "
                       "merged export does (the card states the measured difference)")
@@ -225,7 +225,7 @@ def _chat_processing(featurizer: Any) -> dict[str, Any]:
 
 def pair_template(featurizer: Any) -> str:
     """The model's own chat template behind a prelude that turns sentence-transformers' (query, document) messages
-    into the one system + user turn :class:`~hf_mm_rerank.processing.ChatPairFeaturizer` renders (instruction and
+    into the one system + user turn :class:`~hf_mm_rerank.data.featurizers.ChatPairFeaturizer` renders (instruction and
     prefixes, each side's image before its text), and appends the assistant prefix after the generation prompt.
     Other conversations render exactly as with the original template."""
     p = featurizer.prompt

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from . import retrieval
-from .distributed import shard_kwargs
+from ..data.pipeline import undecoded_images
+from ..data.schema import check_columns, negative_cells, negative_columns
+from ..distributed import shard_kwargs
+from . import core
 from .evaluation import RetrievalEvaluator, ranking_metrics
 
 
@@ -83,7 +85,7 @@ class RetrieveRerankEvaluator:
         cells = r.corpus.cells([j for row in candidates for j in row])
         pairs = list(zip((query for query, row in zip(r.queries, candidates) for _ in row), cells))
         scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
-        order = retrieval.rank_groups(retrieval.split_groups(scores.float().tolist(), [len(c) for c in candidates]))
+        order = core.rank_groups(core.split_groups(scores.float().tolist(), [len(c) for c in candidates]))
         rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]  # ties: retrieval order
         reranked = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
         ceiling = self._retriever[f"recall@{self.top_k}"]
@@ -122,13 +124,13 @@ def retrieve_and_rerank(bi_encoder: Any, reranker: Any, queries: Sequence[Any] |
     elif len(corpus_embeddings) != len(ids):
         raise ValueError(f"corpus_embeddings has {len(corpus_embeddings)} rows for {len(ids)} documents.")
     query_embeddings = bi_encoder.encode(list(queries), side="query", batch_size=batch_size)
-    similarity, best = retrieval.top_k(retrieval.scorer_of(bi_encoder), query_embeddings, corpus_embeddings, top_k)
+    similarity, best = core.top_k(core.scorer_of(bi_encoder), query_embeddings, corpus_embeddings, top_k)
     best, similarity = best.tolist(), similarity.tolist()
     pairs = [(query, documents[j]) for query, row in zip(queries, best) for j in row[:rerank_k]]
     scores = reranker.score(pairs, batch_size=rerank_batch_size).float().tolist() if pairs else []
-    groups = retrieval.split_groups(scores, [len(row[:rerank_k]) for row in best])
+    groups = core.split_groups(scores, [len(row[:rerank_k]) for row in best])
     results = []
-    for row, retrieved, group, ranked in zip(best, similarity, groups, retrieval.rank_groups(groups)):
+    for row, retrieved, group, ranked in zip(best, similarity, groups, core.rank_groups(groups)):
         out = [{"corpus_id": ids[row[i]], "score": group[i], "retrieval_score": retrieved[i]} for i in ranked]
         out += [{"corpus_id": ids[j], "score": None, "retrieval_score": r} for j, r in
                 zip(row[rerank_k:], retrieved[rerank_k:])]
@@ -143,8 +145,6 @@ def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, col
     Text and image documents; batched through ``dataset.map``, whose cache (keyed by the dataset and the reranker's
     weights) makes a rerun, or a resumed run, reuse the scores instead of scoring again.
     """
-    from .pipeline import undecoded_images
-    from .schema import check_columns, negative_cells, negative_columns
 
     pointwise = "document" in dataset.column_names
     check_columns(dataset.column_names, ("query", "document") if pointwise else ("query", "positive"),

@@ -1,7 +1,7 @@
 """Retrieval metrics and the evaluator the bi-encoder trainer runs in ``evaluate()``.
 
 :func:`ranking_metrics` is the one implementation of the metrics; the ``evaluate`` metric module shipped in
-``hf_mm_rerank/metrics/retrieval_metrics`` (see :data:`RETRIEVAL_METRIC_PATH`) wraps it, so
+``hf_mm_rerank/retrieval/metrics/retrieval_metrics`` (see :data:`RETRIEVAL_METRIC_PATH`) wraps it, so
 ``evaluate.load(RETRIEVAL_METRIC_PATH)`` works offline.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import retrieval
-from .distributed import shard_kwargs
-from .pipeline import undecoded_images
+from ..data.inputs import fingerprint
+from ..data.pipeline import undecoded_images
+from ..data.schema import negative_cells, negative_columns
+from ..distributed import shard_kwargs
+from . import core
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +90,6 @@ def ranking_metrics(rankings: Sequence[Sequence[Hashable]],
     return {name: value / counted for name, value in sums.items()} if counted else {}
 
 
-def rank_by_score(scores: torch.Tensor, depth: int) -> list[list[int]]:
-    """Indices of the ``depth`` best columns of each row of a score matrix, best first; equal scores keep column
-    order (what :func:`hf_mm_rerank.retrieval.top_k` gives without holding the matrix)."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth].tolist()
-
-
 class RetrievalEvaluator:
     """Embeds queries and a corpus with a :class:`BiEncoder` and reports ranking metrics.
 
@@ -103,7 +97,7 @@ class RetrievalEvaluator:
         queries: ``{query_id: input}``; inputs are text, images, paths, bytes or ``{"text", "image"}``.
         corpus: ``{doc_id: input}``, or a corpus too large for memory: a ``datasets.Dataset`` or ``IterableDataset``
             (a stream) with an id and a document column (``corpus_columns``), or a re-iterable of ``(doc_id, input)``
-            pairs; it is read and encoded ``chunk_rows`` documents at a time (:class:`retrieval.CorpusSource`).
+            pairs; it is read and encoded ``chunk_rows`` documents at a time (:class:`core.CorpusSource`).
         relevant: ``{query_id: {doc_id, ...}}``, or graded ``{query_id: {doc_id: grade}}`` (grade > 0 is relevant;
             ndcg uses the grades as gains). Metrics follow trec_eval (see :func:`ranking_metrics`); equal scores
             are ranked in corpus order.
@@ -114,7 +108,7 @@ class RetrievalEvaluator:
             gets all embeddings, so the metrics equal one process's. Every rank must then call the evaluator (as
             Trainer does); pass False to evaluate on one rank alone.
         token_pooling: multi-vector models: pool each document's token vectors by this factor before scoring
-            (:func:`~hf_mm_rerank.retrieval.pool_tokens`); the metrics then include ``index_vectors``, the number of
+            (:func:`~hf_mm_rerank.retrieval.core.pool_tokens`); the metrics then include ``index_vectors``, the number of
             vectors the corpus keeps.
         corpus_columns: ``(id column, document column)`` of a dataset corpus (default ``("id", "document")``).
         store: a folder for the corpus's dense embeddings, memory-mapped (one file per process, rewritten at each
@@ -130,8 +124,8 @@ class RetrievalEvaluator:
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
                  batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True,
                  token_pooling: int | None = None, corpus_columns: tuple[str, str] = ("id", "document"),
-                 store: str | None = None, store_dtype: str = "float32", chunk_rows: int = retrieval.CHUNK_ROWS) -> None:
-        corpus = retrieval.CorpusSource(corpus, corpus_columns)
+                 store: str | None = None, store_dtype: str = "float32", chunk_rows: int = core.CHUNK_ROWS) -> None:
+        corpus = core.CorpusSource(corpus, corpus_columns)
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -162,8 +156,6 @@ class RetrievalEvaluator:
         Queries and documents are keyed by content (text and pixels), so an image with five captions is one
         corpus document relevant to five queries, and a query on several rows is relevant to all their positives.
         """
-        from .inputs import fingerprint
-        from .schema import negative_cells, negative_columns
 
         negatives = negative_columns(dataset.column_names)
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
@@ -190,14 +182,14 @@ class RetrievalEvaluator:
 
     def rankings(self, model: Any, depth: int) -> list[list[Hashable]]:
         """Per query, the ids of its ``depth`` best documents (the model's scorer, scored in corpus chunks). For
-        multi-vector models ``token_pooling=k`` pools each document's tokens first (:func:`retrieval.pool_tokens`)."""
-        documents = retrieval.encode_corpus(model, self.corpus, self.batch_size, self.shard_across_ranks,
+        multi-vector models ``token_pooling=k`` pools each document's tokens first (:func:`core.pool_tokens`)."""
+        documents = core.encode_corpus(model, self.corpus, self.batch_size, self.shard_across_ranks,
                                             store=self.store, dtype=self.store_dtype, chunk_rows=self.chunk_rows)
-        if isinstance(documents, retrieval.TokenEmbeddings):
-            documents = retrieval.pool_tokens(documents, self.token_pooling or 1)
+        if isinstance(documents, core.TokenEmbeddings):
+            documents = core.pool_tokens(documents, self.token_pooling or 1)
             self.index_vectors = documents.tokens()
-        queries = retrieval.encode(model, self.queries, "query", self.batch_size, self.shard_across_ranks)
-        _, best = retrieval.top_k(retrieval.scorer_of(model), queries, documents, depth)
+        queries = core.encode(model, self.queries, "query", self.batch_size, self.shard_across_ranks)
+        _, best = core.top_k(core.scorer_of(model), queries, documents, depth)
         return [[self.doc_ids[i] for i in row] for row in best.tolist()]
 
 
@@ -257,7 +249,6 @@ class RerankingEvaluator:
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> RerankingEvaluator:
         """Build from grouped rows (query, positive, negative / negative_1..k) or pointwise rows (query,
         document, label): pointwise rows of one query form one sample, label >= 0.5 meaning relevant."""
-        from .schema import negative_cells, negative_columns
 
         dataset = undecoded_images(dataset)  # images decoded as in training (reduced-scale JPEG, EXIF)
         if "document" in dataset.column_names:
@@ -270,7 +261,7 @@ class RerankingEvaluator:
     def __call__(self, model: Any) -> dict[str, float]:
         pairs = [(q, doc) for q, docs in zip(self.queries, self.candidates) for doc in docs]
         scores = model.score(pairs, batch_size=self.batch_size, **shard_kwargs(self.shard_across_ranks)).tolist()
-        rankings = retrieval.rank_groups(retrieval.split_groups(scores, [len(docs) for docs in self.candidates]))
+        rankings = core.rank_groups(core.split_groups(scores, [len(docs) for docs in self.candidates]))
         incoming = [list(range(len(docs))) for docs in self.candidates]
         return {**self._metrics(rankings, ""), **self._metrics(incoming, "base_")}
 
@@ -300,7 +291,6 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _pointwise_samples(dataset: Any) -> list[dict[str, Any]]:
-    from .inputs import fingerprint
 
     groups: dict[str, dict[str, Any]] = {}
     for row in dataset:

@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from .featurizers import featurizer_of
 from .inputs import looks_like_image_path
-from .processing import featurizer_of
 
 IMAGE_COLUMNS_HINT = ("query", "positive", "document", "negative")
 

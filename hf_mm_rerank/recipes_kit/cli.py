@@ -15,9 +15,16 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .demo import DEMO_DATA
-from .distributed import check_launch
-from .streams import check_max_steps
+from ..data.minibatch import Tokens
+from ..data.schema import negative_columns
+from ..data.streams import check_max_steps, first_rows, is_stream, stream_columns
+from ..data.validation import validate_dataset
+from ..distributed import check_launch
+from ..modeling import BiEncoder
+from ..publishing.export import export
+from ..retrieval.mining import mine_hard_negatives
+from ..training.hub_push import HubPushCallback
+from .demo import DEMO_DATA, emoji_splits
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +162,6 @@ def validated(train: Any, model: Any, data: DataArguments, args: TrainingArgumen
     """``--validate_data``: every unreadable row listed at once; stop (``--bad_rows raise``) or drop them (skip)."""
     if not data.validate_data:
         return train
-    from .validation import validate_dataset
 
     report = validate_dataset(train, model)
     if report.ok or data.bad_rows == "raise" or -1 in report.bad_rows:  # -1: dataset-wide (mixed negative counts)
@@ -179,7 +185,6 @@ def load_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any]:
     """Return (train, eval) datasets with canonical column names; eval may be None."""
     from datasets import load_dataset
 
-    from .demo import emoji_splits
 
     builder = _builder(args)
     if args.streaming:
@@ -234,7 +239,6 @@ def _load_stream(builder: str, args: DataArguments) -> tuple[Any, Any]:
             held_stream = held_stream.take(args.max_eval_samples)
     elif args.max_eval_samples:
         held_stream, train = train.take(args.max_eval_samples), train.skip(args.max_eval_samples)
-        from .streams import first_rows
 
         if not first_rows(train):
             raise ValueError(f"--max_eval_samples {args.max_eval_samples} held out every row of the stream, so none is "
@@ -272,7 +276,6 @@ def _builder(args: DataArguments) -> str:
 
 
 def _canonical(dataset: Any, args: DataArguments) -> Any:
-    from .streams import is_stream, stream_columns
 
     columns = stream_columns(dataset, f"--{args.train_split} split") if is_stream(dataset) else dataset.column_names
     found = list(columns)
@@ -365,7 +368,6 @@ class PublishArguments:
         return {"license": self.card_license, "datasets": self.card_datasets, "base_model": self.card_base_model}
 
     def callbacks(self, args: Any) -> list[Any]:
-        from .callbacks import HubPushCallback
 
         if not self.hub_push_on:
             return []
@@ -386,7 +388,6 @@ class PublishArguments:
         """``--export``: the saved model exported (and checked) beside ``output_dir``; the main process only."""
         if not self.export or args.process_index != 0:
             return None
-        from .export import export
 
         report = export(args.output_dir, self.export_dir or f"{args.output_dir.rstrip('/')}-{self.export}",
                         self.export, dtype=self.export_dtype, overwrite=True)
@@ -399,7 +400,6 @@ def mini_batch_flag(size: int, tokens: int, loss: str | None = None, auto: str =
     when tokens are given, else the size, None for neither), checked when the flags are parsed, before any data or
     model is loaded: a negative number, or mini-batches with ``--loss auto`` (picked from the rows once they are
     loaded, and not a cached one), are refused there with the flag named."""
-    from .minibatch import Tokens
 
     for flag, value in (("--mini_batch_size", size), ("--mini_batch_tokens", tokens)):
         if value < 0:
@@ -497,8 +497,6 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
     other rows' positives drawn at random (Arrow-level: no image is decoded; the main process writes the
     ``datasets`` cache first).
     """
-    from .schema import negative_columns
-    from .streams import is_stream, stream_columns
 
     if dataset is None:
         return dataset
@@ -511,8 +509,6 @@ def add_negatives(dataset: Any, num_negatives: int, mining_model: str | None = N
                          "(query, positive, negative_1..k) or pointwise rows (query, document, label), e.g. mined "
                          "once with mine_hard_negatives() and saved; or drop --streaming.")
     if mining_model:
-        from .mining import mine_hard_negatives
-        from .modeling import BiEncoder
 
         with hub_model(mining_model, "--mining_model"):
             encoder = BiEncoder.from_pretrained(mining_model, is_trainable=False)

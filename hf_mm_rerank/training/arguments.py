@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .distributed import check_launch
+from ..distributed import check_launch
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AutoPipeline:
 
     Attributes:
         workers: ``dataloader_num_workers`` was 0 and the trainer picked it from the CPU count.
-        threads: ``(all, beside the workers)``: the torch thread counts :class:`~hf_mm_rerank.throughput.PipelinePolicy`
+        threads: ``(all, beside the workers)``: the torch thread counts :class:`~hf_mm_rerank.training.throughput.PipelinePolicy`
             chooses between while training on a CPU (applied when training starts, restored when it ends), or None.
     """
 

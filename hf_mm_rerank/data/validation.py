@@ -11,9 +11,11 @@ from typing import Any
 from PIL import Image
 from torch import nn
 
-from .collators import check_cell_types, featurizer_of, read_bi_encoder_row, read_reranker_row
+from ..losses.base import loss_contract
+from .collators import check_cell_types, read_bi_encoder_row, read_reranker_row
+from .featurizers import featurizer_of
 from .inputs import InputError, check_decodes
-from .losses.base import loss_contract
+from .pipeline import undecoded_images
 from .schema import (
     GROUPED,
     ROW_KEY,
@@ -83,7 +85,6 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
         >>> report = validate_dataset(train, model)
         >>> print(report); train = train.select([i for i in range(len(train)) if i not in set(report.bad_rows)])
     """
-    from .pipeline import undecoded_images
 
     featurizer = featurizer_of(model)
     columns = list(dataset.column_names)

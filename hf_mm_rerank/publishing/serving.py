@@ -1,7 +1,7 @@
 """Where a trained model can be served, and how: the check behind the card's "Serving" section.
 
 For each engine (sentence-transformers 6.2, vLLM, TEI) :func:`serving_targets` says whether it takes the saved folder
-as it is, needs an export (:mod:`hf_mm_rerank.export`), or cannot serve the model, with the command to run and the
+as it is, needs an export (:mod:`hf_mm_rerank.publishing.export`), or cannot serve the model, with the command to run and the
 prompts and pooling to configure. The engine facts it encodes (verified against their documentation and, for
 sentence-transformers, by the test suite):
 
@@ -19,9 +19,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .modeling.backbone import CHAT, DUAL, vision_roots
+from ..modeling.backbone import CHAT, DUAL, vision_roots
 
-EXPORT = "python -m hf_mm_rerank.export {model} {out} --format {format}"
+EXPORT = "python -m hf_mm_rerank.publishing.export_cli {model} {out} --format {format}"
 
 
 @dataclass

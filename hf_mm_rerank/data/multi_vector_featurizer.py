@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from .featurizers import ChatFeaturizer, DualEncoderFeaturizer, vision_tokens
 from .inputs import MMInput
-from .processing import ChatFeaturizer, DualEncoderFeaturizer, vision_tokens
 
 SCORED_TOKENS = ("content", "all")
 TEMPLATES = ("chat", "colpali")

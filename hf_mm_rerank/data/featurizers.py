@@ -1,4 +1,4 @@
-"""Featurizers: lists of :class:`~hf_mm_rerank.inputs.MMInput` in, processor tensors out.
+"""Featurizers: lists of :class:`~hf_mm_rerank.data.inputs.MMInput` in, processor tensors out.
 
 A featurizer is the processor-side half of a backbone family. Collators call it in DataLoader workers;
 ``BiEncoder.encode`` and the evaluators call the very same object, so training and inference see identical
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .inputs import InputError, MMInput, to_input
-from .minibatch import Chunker, Tokens, pack  # noqa: F401  (Tokens, pack: also importable from here)
+from .minibatch import Chunker
 
 SIDES = ("query", "document")
 # Default visual-token budget for chat VLMs when the user gives no max_pixels.
@@ -144,7 +144,7 @@ class Featurizer:
         return values.to(dtype)
 
     def cache_form(self, item: MMInput) -> Any:
-        """For :func:`~hf_mm_rerank.pipeline.cache_images`: a smaller image that this featurizer turns into exactly
+        """For :func:`~hf_mm_rerank.data.pipeline.cache_images`: a smaller image that this featurizer turns into exactly
         the pixels it makes of ``item`` (the processor's own resized output, checked), or None (keep the cell)."""
         if self.fast_decode:
             return self.fit(item)
@@ -178,7 +178,7 @@ class Featurizer:
 
     def cost(self, item: Any, side: str = "query") -> int:
         """The positions an input (or a (query, document) pair) takes as :meth:`__call__` featurizes it for ``side``
-        (:class:`~hf_mm_rerank.minibatch.Tokens`); each family counts its own way."""
+        (:class:`~hf_mm_rerank.data.minibatch.Tokens`); each family counts its own way."""
         raise NotImplementedError
 
     def visual_tokens(self, item: MMInput) -> int:

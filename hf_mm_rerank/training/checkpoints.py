@@ -10,6 +10,7 @@ folder and raises :class:`CheckpointWriteError`, naming the folder and the free 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import logging
 import os
@@ -19,11 +20,33 @@ from typing import Any
 from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..modeling.st_format import st_paths
+
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = "_partial-"
 # What a failed write raises: OSError (Python), RuntimeError (torch.save's C++ stream), SafetensorError (Rust I/O).
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# The learnable parameters of a training loss (e.g. its temperature), saved with each checkpoint for resuming.
+LOSS_WEIGHTS = "loss_state.safetensors"
+# Training state, never pushed: optimizer/scheduler/scaler/RNG state, loss state, trainer state and arguments.
+TRAINING_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+                  "training_args.bin", LOSS_WEIGHTS, "*.pt", "*.pth", "*.bin"]
+
+
+def loadable_files(directory: str) -> list[str]:
+    """Files of a saved model/checkpoint folder that a user needs to load it (no training state), relative to it:
+    the top-level files and sentence-transformers' module folders (``1_Pooling/config.json``, ...)."""
+    top = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))
+           and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE)]
+    return sorted(set(top) | set(st_paths(directory)))
+
+
+def copy_files(source: str, target: str, names: list[str]) -> None:
+    """Copy ``names`` (relative paths, maybe in subfolders) from ``source`` to ``target``."""
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
+        shutil.copy2(os.path.join(source, name), os.path.join(target, name))
 
 
 class CheckpointWriteError(OSError):

@@ -8,7 +8,6 @@ touched (the callback uploads a staged copy of the loadable files only).
 from __future__ import annotations
 
 import atexit
-import fnmatch
 import logging
 import os
 import queue
@@ -22,39 +21,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .throughput import ThroughputCallback, batch_counts  # noqa: F401  (their former home)
+from ..modeling.spec import CONFIG_NAME, set_json_field
+from ..publishing.export import FORMATS, export
+from ..publishing.model_card import hub_id, write_model_card
+from .checkpoints import LOSS_WEIGHTS, copy_files, loadable_files
 
 logger = logging.getLogger(__name__)
 
 PUSH_ON = ("save", "best", "end")
-# The learnable parameters of a training loss (e.g. its temperature), saved with each checkpoint for resuming.
-LOSS_WEIGHTS = "loss_state.safetensors"
-# Training state, never pushed: optimizer/scheduler/scaler/RNG state, loss state, trainer state and arguments.
-TRAINING_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
-                  "training_args.bin", LOSS_WEIGHTS, "*.pt", "*.pth", "*.bin"]
-
-
-# The same exclusion for a manual upload of a checkpoint folder (hf CLI flags).
+# The exclusion of the training state (checkpoints.TRAINING_STATE) for a manual upload of a checkpoint (hf CLI flags).
 UPLOAD_EXCLUDES = " ".join(f'--exclude "{pattern}"' for pattern in ("*.pt", "*.pth", "*.bin", "trainer_state.json",
                                                                       LOSS_WEIGHTS))
-
-
-def loadable_files(directory: str) -> list[str]:
-    """Files of a saved model/checkpoint folder that a user needs to load it (no training state), relative to it:
-    the top-level files and sentence-transformers' module folders (``1_Pooling/config.json``, ...)."""
-    from .modeling.st_format import st_paths
-
-    top = [name for name in os.listdir(directory) if os.path.isfile(os.path.join(directory, name))
-           and not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_STATE)]
-    return sorted(set(top) | set(st_paths(directory)))
-
-
-def copy_files(source: str, target: str, names: list[str]) -> None:
-    """Copy ``names`` (relative paths, maybe in subfolders) from ``source`` to ``target``."""
-    for name in names:
-        os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
-        shutil.copy2(os.path.join(source, name), os.path.join(target, name))
-
 
 # Staging folders not yet removed; whatever a killed push thread leaves is removed when the interpreter exits.
 _LIVE_STAGING: set[str] = set()
@@ -114,7 +91,7 @@ class HubPushCallback(TrainerCallback):
             still pending, and where its files are, and lets the run end (a hung Hub never holds a run long).
         card: extra model-card fields (``license``, ``datasets``, ``language``, ``model_name``, ``dataset_name``).
         export: also push, at the end of training, the final model exported for serving engines (``"merged"``,
-            ``"classifier"`` or ``"sentence-transformers"``, see :func:`hf_mm_rerank.export.export`; checked before it
+            ``"classifier"`` or ``"sentence-transformers"``, see :func:`hf_mm_rerank.publishing.export.export`; checked before it
             is pushed), with its own card, through the same retried, ordered pushes.
         export_repo_id: where the export goes (default ``"<repo_id>-<export>"``, e.g. ``me/clip-lora-merged``); or
         export_revision: a branch of ``repo_id`` instead of a repo of its own.
@@ -133,7 +110,6 @@ class HubPushCallback(TrainerCallback):
                  attempt_timeout: float = 600.0, wait_at_end: float = 120.0, card: dict[str, Any] | None = None,
                  export: str | None = None, export_repo_id: str | None = None, export_revision: str | None = None,
                  ) -> None:
-        from .export import FORMATS
 
         if push_on not in PUSH_ON:
             raise ValueError(f"push_on={push_on!r}: use one of {PUSH_ON}.")
@@ -232,7 +208,6 @@ class HubPushCallback(TrainerCallback):
             self._worker.start()
 
     def _write_card(self, staging: str) -> None:
-        from .model_card import write_model_card
 
         try:
             fields = {**getattr(self.trainer, "model_card_kwargs", {}), **self.card}
@@ -346,8 +321,6 @@ def point_base_at_hub(staging: str, hub_base: str | None, exists: Callable[[str]
     e.g. ``--card_base_model``) when that repo exists, so the pushed repo loads elsewhere and holds no local path."""
     import json
 
-    from .model_card import hub_id
-    from .modeling.spec import CONFIG_NAME, set_json_field
 
     if not hub_id(hub_base) or not exists(hub_base):
         return
@@ -381,7 +354,6 @@ def _saved_copy(model: Any) -> str:
 
 def _exported_copy(model: Any, format: str) -> str:
     """The model's export (made from its saved folder, so a QLoRA adapter merges into a full-precision base), staged."""
-    from .export import export
 
     saved = tempfile.mkdtemp(prefix="hf_mm_rerank_save_")
     staging = tempfile.mkdtemp(prefix="hf_mm_rerank_push_")

@@ -15,7 +15,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .card_usage import usage_info
+from .. import __version__
+from ..data.schema import ROW_KEY, negative_cells, negative_columns
+from ..data.streams import first_rows, is_stream
+from .card_usage import library_usage, plain_usage, usage_info
+from .serving import serving_lines
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_NAME = "README.md"
@@ -37,7 +41,6 @@ def hub_id(name: str | None) -> str | None:
 
 
 def _versions(quantized: bool) -> dict[str, str]:
-    from . import __version__
 
     out = {"hf_mm_rerank": __version__}
     for name in ["transformers", "peft", "torch", "accelerate", "datasets", "huggingface_hub"] + (
@@ -104,8 +107,6 @@ def _pooling(model: Any) -> str | None:
 
 
 def _negatives(dataset: Any, kind: str) -> str:
-    from .schema import ROW_KEY, negative_cells, negative_columns
-    from .streams import first_rows, is_stream
 
     first = ((first_rows(dataset) or [{}])[0] if is_stream(dataset) else None)
     columns = list(first or getattr(dataset, "column_names", None) or [])
@@ -198,7 +199,6 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         info["model_name"] = os.path.basename(os.path.normpath(args.output_dir)) or None
     info["base_model"] = hub_id(info["base_model"])  # an override may name the Hub original of a local copy
     info["datasets"] = [d for d in (info["datasets"] or []) if hub_id(d)]
-    from .serving import serving_lines
 
     info["serving"] = serving_lines(model, info["repo_id"] or ".", info["base_model"] or "BASE")
     return info
@@ -211,7 +211,6 @@ def _method(info: dict[str, Any]) -> tuple[str, str]:
 
 
 def _usage(info: dict[str, Any]) -> tuple[str, str]:
-    from .card_usage import library_usage, plain_usage
 
     return library_usage(info), plain_usage(info)
 

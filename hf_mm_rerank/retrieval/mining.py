@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from . import retrieval
-from .inputs import fingerprint  # noqa: F401  (also importable from here, its former home)
-from .pipeline import undecoded_images
+from ..data.inputs import fingerprint
+from ..data.pipeline import undecoded_images
+from ..data.schema import check_columns
+from . import core
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def mine_hard_negatives(
         corpus: candidate documents (default: the dataset's distinct positives): a list of cells, or a corpus too
             large for memory, read and encoded chunk by chunk: a ``datasets.Dataset`` / ``IterableDataset`` with the
             document column ``corpus_columns[1]`` (default ``"document"``), or a re-iterable of ``(id, cell)``
-            pairs (see :class:`retrieval.CorpusSource`).
+            pairs (see :class:`core.CorpusSource`).
         num_negatives: negatives per row; rows with fewer eligible candidates are skipped and counted.
         range_min, range_max: only candidates ranked in ``[range_min, range_max)`` for the query are eligible
             (skipping the very top avoids unlabelled positives).
@@ -75,16 +76,16 @@ def mine_hard_negatives(
     undecoded = undecoded_images(dataset.select_columns(["query", "positive"]))  # decoded as in training
     queries, positives = list(undecoded["query"]), list(undecoded["positive"])
     derived = corpus is None
-    source = retrieval.CorpusSource(_distinct(positives) if derived else corpus, corpus_columns, "corpus")
+    source = core.CorpusSource(_distinct(positives) if derived else corpus, corpus_columns, "corpus")
     corpus_fp = [fingerprint(cell) for chunk in source.chunks() for cell in chunk]
     positive_fp = [fingerprint(cell) for cell in positives]
-    scorer = retrieval.scorer_of(bi_encoder)
-    encode = functools.partial(retrieval.encode, bi_encoder, batch_size=batch_size, shard=shard_across_ranks)
-    docs = retrieval.encode_corpus(bi_encoder, source, batch_size, shard_across_ranks, store=store, dtype=store_dtype)
+    scorer = core.scorer_of(bi_encoder)
+    encode = functools.partial(core.encode, bi_encoder, batch_size=batch_size, shard=shard_across_ranks)
+    docs = core.encode_corpus(bi_encoder, source, batch_size, shard_across_ranks, store=store, dtype=store_dtype)
     pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
     query_emb = encode(queries, side="query")
     depth = min(range_max or len(source), len(source))
-    candidate_scores, order = retrieval.top_k(scorer, query_emb, docs, depth)
+    candidate_scores, order = core.top_k(scorer, query_emb, docs, depth)
     positive_scores = scorer.pairwise(query_emb, pos)
     # Every positive of a query (it may sit on several rows, e.g. one image per caption) is excluded for each of
     # its rows, and so are the near-duplicates of any of them.
@@ -133,7 +134,6 @@ def mine_hard_negatives(
 
 
 def _check(dataset: Any, num_negatives: int, sampling: str, range_min: int, range_max: int | None) -> None:
-    from .schema import check_columns
 
     check_columns(list(dataset.column_names), ("query", "positive"), "mine_hard_negatives dataset")
     if num_negatives < 1:
@@ -166,7 +166,7 @@ def _positive_embeddings(encode: Any, positives: list[Any], positive_fp: list[st
     if isinstance(docs, torch.Tensor):
         return torch.stack([encoded[slot[i]] if i in slot else docs[where[positive_fp[i]]]
                             for i in range(len(positives))])
-    return retrieval.TokenEmbeddings.pack([encoded[slot[i]] if i in slot else docs[where[positive_fp[i]]]
+    return core.TokenEmbeddings.pack([encoded[slot[i]] if i in slot else docs[where[positive_fp[i]]]
                                            for i in range(len(positives))])
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.featurizers import RERANK_PROMPT_DEFAULTS
+from ..training.checkpoints import WRITE_ERRORS, write_error
+
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_RANGES = (range(0x1F300, 0x1FAFF), range(0x2600, 0x27BF))
 DEMO_MODEL = "builtin:minilm-vit"
@@ -66,7 +69,6 @@ def emoji_splits(test_fraction: float = 0.2, image_size: int = 64, limit: int | 
 
 def _write_atomically(path: Path, model: object, processor: object, what: str) -> str:
     """Written aside, then renamed: a killed run or a concurrent reader never sees a half-written folder."""
-    from .checkpoints import WRITE_ERRORS, write_error
 
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
@@ -121,7 +123,6 @@ def build_demo_reranker_base(path: str | Path, seed: int = 0) -> str:
         Qwen2VLVideoProcessor,
     )
 
-    from .processing import RERANK_PROMPT_DEFAULTS
 
     path = Path(path)
     if (path / "config.json").is_file():

@@ -12,16 +12,14 @@ from typing import Any
 
 import torch
 
+from .featurizers import Featurizer, featurizer_of
 from .inputs import CELL_KINDS, InputError, MMInput
 from .minibatch import Chunker, check_mini_batch_size
-from .processing import Featurizer, featurizer_of  # noqa: F401  (featurizer_of: also importable from here)
-from .schema import (  # noqa: F401  (also importable from here, their former home)
+from .schema import (
     _NUMBERED,
-    GROUPED,
     POINTWISE,
     ROW_KEY,
     check_columns,
-    check_negative_counts,
     negative_cells,
     negative_columns,
     reranker_layout,

@@ -1,12 +1,12 @@
 """`evaluate` metric module: ranking metrics (ndcg@k, mrr@k, recall@k, map@100) for retrieval runs.
 
-Load it offline with ``evaluate.load(hf_mm_rerank.evaluation.RETRIEVAL_METRIC_PATH)``.
+Load it offline with ``evaluate.load(hf_mm_rerank.retrieval.evaluation.RETRIEVAL_METRIC_PATH)``.
 """
 
 import datasets
 import evaluate
 
-from hf_mm_rerank.evaluation import ranking_metrics
+from hf_mm_rerank.retrieval.evaluation import ranking_metrics
 
 _DESCRIPTION = """Ranking metrics with binary relevance. predictions: per query, the retrieved document ids best
 first; references: per query, the ids of its relevant documents. Queries without relevant documents are skipped."""

@@ -25,19 +25,20 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from ..data.collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
+from ..data.pipeline import add_lengths, undecoded_images
+from ..data.schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
+from ..data.streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
+from ..data.validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
+from ..distributed import all_parameters_term, average_gradients
+from ..losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
+from ..losses.base import loss_contract
+from ..modeling.backbone import TEXT
+from ..publishing.model_card import write_model_card
 from .arguments import AutoPipeline, fix_training_arguments
-from .callbacks import LOSS_WEIGHTS, HubPushCallback, warn_if_local_base
-from .checkpoints import WRITE_ERRORS, AtomicCheckpointsMixin, write_error
-from .collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
-from .distributed import all_parameters_term, average_gradients
-from .losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
-from .losses.base import loss_contract
-from .modeling.backbone import TEXT
-from .pipeline import add_lengths, undecoded_images
-from .schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
-from .streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
+from .checkpoints import LOSS_WEIGHTS, WRITE_ERRORS, AtomicCheckpointsMixin, copy_files, loadable_files, write_error
+from .hub_push import HubPushCallback, warn_if_local_base
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
-from .validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         self._write_card(output_dir)
 
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
-        from .model_card import write_model_card
 
         repo_id = self.hub_model_id if self.args.push_to_hub and hasattr(self, "hub_model_id") else None
         try:
@@ -326,7 +326,6 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies only its own modeling files to output_dir before uploading it; copy every loadable
         # file (head, hf_mm_rerank config, processor, card) so each checkpoint push is a complete repo.
-        from .callbacks import copy_files, loadable_files
 
         if self.is_world_process_zero() and self._checkpoint_staging is None:  # (else pushed once renamed)
             copy_files(checkpoint_folder, self.args.output_dir, loadable_files(checkpoint_folder))
@@ -422,7 +421,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = self._fix_args(args)
+        args = fix_training_arguments(args)
         if loss is None:  # token embeddings train by MaxSim
             loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
         contract = loss_contract(loss)
@@ -481,7 +480,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = self._fix_args(args)
+        args = fix_training_arguments(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                    if dataset is not None and (columns := _columns(dataset, name)) is not None}

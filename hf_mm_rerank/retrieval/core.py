@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .distributed import shard_kwargs
+from ..data.pipeline import undecoded_images
+from ..data.streams import is_stream, stream_columns
+from ..distributed import shard_kwargs, world
 
 SCORE_BUDGET = 1 << 23  # scores (token-pair similarities, for MaxSim) computed at once: 32 MB, ~300 MB working set
 
@@ -164,8 +166,6 @@ class CorpusSource:
 
         from datasets import Dataset, IterableDataset
 
-        from .pipeline import undecoded_images
-        from .streams import is_stream, stream_columns
 
         self.kind, self.what = None, what
         self.id_column, self.document_column = columns
@@ -280,7 +280,6 @@ def encode_corpus(model: Any, source: CorpusSource, batch_size: int, shard: bool
         if stored is None:
             import os
 
-            from .distributed import world
 
             os.makedirs(store, exist_ok=True)
             name = f"corpus-rank{world()[0]}-{str(dtype).removeprefix('torch.')}.bin"

@@ -1,0 +1,1 @@
+"""Publishing a trained model: model cards (+ ``templates/``), card usage snippets, serving notes and exports."""

@@ -1,0 +1,52 @@
+"""Reloads an export with plain transformers (neither peft nor hf_mm_rerank importable) and saves its outputs.
+
+Run by :mod:`.export_check` in a subprocess: ``python -m hf_mm_rerank.publishing.plain_check TASK.json``. Python
+imports the (lazy, light) package ``hf_mm_rerank`` to find this file; both are then made unimportable, so the
+transformers code below cannot lean on them.
+"""
+import sys
+
+sys.modules["peft"] = None  # neither may be needed: from here on, importing them fails
+sys.modules["hf_mm_rerank"] = None
+
+# Imported after the two lines above on purpose (E402), so that nothing they pull in can lean on peft or hf_mm_rerank.
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer  # noqa: E402
+
+task = json.load(open(sys.argv[1]))
+folder, out = task["folder"], []
+red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
+if task["mode"] == "snippet":  # the card's own transformers code, run once per probe input
+    found = {name: [] for name in task["results"]}
+    for values in task["runs"]:
+        namespace = {}
+        code = task["code"].replace('MODEL = "."', f"MODEL = {folder!r}")
+        for name, value in values.items():
+            code = code.replace(name, value)
+        exec(compile(code, "<card>", "exec"), namespace)
+        for name in task["results"]:
+            found[name].append(torch.as_tensor(namespace[name]).float().reshape(-1))
+    out = [value for name in task["results"] for value in found[name]]
+elif task["mode"] == "classifier":
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for text in task["texts"]:
+        args = text if isinstance(text, list) else [text]
+        inputs = tokenizer(*args, return_tensors="pt", truncation="only_second" if len(args) == 2 else True)
+        with torch.no_grad():
+            out.append(model(**inputs).logits[0, :1].float())
+else:  # a *ForSequenceClassification transformers has no class for: its inner model plus the score row
+    from safetensors.torch import load_file
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    score = load_file(folder + "/model.safetensors")["score.weight"].float()
+    for text, image in zip(task["texts"], [red, blue]):
+        inputs = processor(text=[text], images=[image] if task["images"] else None, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**inputs, use_cache=False).last_hidden_state[0, -1].float()
+        out.append(hidden @ score[0])
+torch.save(torch.stack([o.reshape(-1) for o in out]).reshape(-1), task["result_file"])

@@ -1,0 +1,1 @@
+"""Training: the trainers, the TrainingArguments fixes, checkpoint layout and atomic writes, throughput, the Hub push."""
