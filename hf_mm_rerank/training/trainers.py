@@ -421,7 +421,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = fix_training_arguments(args)
+        args = self._fix_args(args)
         if loss is None:  # token embeddings train by MaxSim
             loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
         contract = loss_contract(loss)
@@ -480,7 +480,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
                  eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
                  data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
                  max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
-        args = fix_training_arguments(args)
+        args = self._fix_args(args)
         layouts = {name: reranker_layout(columns) for name, dataset in
                    (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                    if dataset is not None and (columns := _columns(dataset, name)) is not None}
