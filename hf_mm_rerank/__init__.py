@@ -23,11 +23,16 @@ __version__ = "0.1.0"
 
 class _OptionalKernelNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in str(record.msg)
+        return "kernels-community" not in record.getMessage()
 
 
-# A logger obtained before bitsandbytes creates it is the one it will use.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+# A logger obtained before bitsandbytes (or kernels) creates it is the one it will use. A logger's filter sees only
+# what is logged on that very logger, so each one that speaks of the kernel is named: bitsandbytes' own, and the
+# kernels package's Hub check ("Skipping publisher trust check for 'kernels-community/...' because Hugging Face Hub
+# is in offline mode", kernels 0.19 under HF_HUB_OFFLINE=1, as the demo scripts run).
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).addFilter(_OptionalKernelNotice())
+del _name
 
 _EXPORTS = {
     "BiEncoder": "modeling",
