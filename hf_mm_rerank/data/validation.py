@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from torch import nn
 
-from ..losses.base import loss_contract
 from .collators import check_cell_types, read_bi_encoder_row, read_reranker_row
 from .featurizers import featurizer_of
 from .inputs import InputError, check_decodes
@@ -193,17 +191,6 @@ def check_rows(dataset: Any, name: str) -> None:
         raise ValueError(f"{name} has no rows (columns {list(dataset.column_names)}). Fix: check the split, and any filter or "
                          "select that emptied it.")
     check_negative_counts(dataset)
-
-
-def check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
-    contract = loss_contract(loss)
-    if contract.needs_groups and layout != GROUPED:
-        raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
-                         "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
-                         "group the rows (mine_hard_negatives() builds grouped rows).")
-    if contract.needs_teacher and not teacher:
-        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
-                         "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")
 
 
 def check_cell_type_columns(cell_types: dict[str, str] | None, *datasets: Any) -> None:

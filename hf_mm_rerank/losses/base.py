@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from ..data.schema import GROUPED
+
 
 class TrainerLoss(nn.Module):
     """Base of the hf_mm_rerank losses: an ``nn.Module`` called as ``loss(model, batch)`` that declares what the
@@ -50,3 +52,15 @@ def loss_contract(loss: nn.Module | None) -> LossContract:
     if isinstance(loss, TrainerLoss):
         return LossContract(loss.mini_batch_size, loss.needs_groups, loss.needs_teacher)
     return LossContract(**{f.name: getattr(loss, f.name, f.default) for f in fields(LossContract)})
+
+
+def check_loss_fits(loss: nn.Module, name: str, layout: str, teacher: list[str]) -> None:
+    """Before training: a loss that needs grouped rows or teacher scores refused, by name, on a dataset without them."""
+    contract = loss_contract(loss)
+    if contract.needs_groups and layout != GROUPED:
+        raise ValueError(f"{name}: {type(loss).__name__} needs grouped rows (query, positive, negative_1..k); the "
+                         "dataset is pointwise (query, document, label). Fix: use BinaryCrossEntropyLoss, or "
+                         "group the rows (mine_hard_negatives() builds grouped rows).")
+    if contract.needs_teacher and not teacher:
+        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
+                         "teacher_scores / teacher_score_0..k column. Fix: add the teacher's scores per document.")

@@ -29,10 +29,10 @@ from ..data.collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEnc
 from ..data.pipeline import add_lengths, undecoded_images
 from ..data.schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
 from ..data.streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
-from ..data.validation import SkipCounter, check_cell_type_columns, check_loss_fits, check_rows
+from ..data.validation import SkipCounter, check_cell_type_columns, check_rows
 from ..distributed import all_parameters_term, average_gradients
 from ..losses import BinaryCrossEntropyLoss, ContrastiveLoss, ListwiseSoftmaxLoss, MaxSimContrastiveLoss, RerankingLoss
-from ..losses.base import loss_contract
+from ..losses.base import check_loss_fits, loss_contract
 from ..modeling.backbone import TEXT
 from ..publishing.model_card import write_model_card
 from .arguments import AutoPipeline, fix_training_arguments
