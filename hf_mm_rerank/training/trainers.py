@@ -321,7 +321,7 @@ class RetrievalTrainerMixin(AtomicCheckpointsMixin):
         if os.path.isfile(path):
             saved = torch.load(path, weights_only=True)
             self.rows_read = int(saved["rows_read"])
-            pass
+            self.skipped_rows.restore(saved["skipped_rows"])
         else:  # written by an older version, or by fewer processes
             self.rows_read = 0
             logger.info("hf_mm_rerank: %s has no %s: the counts of training rows read and skipped start again from 0.",
