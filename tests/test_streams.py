@@ -216,7 +216,8 @@ class _Pairs:
 
 
 def test_the_evaluator_reads_a_corpus_dataset_stream_or_iterable_in_chunks(tiny_path, tmp_path):
-    from hf_mm_rerank import RetrievalEvaluator, retrieval
+    from hf_mm_rerank import RetrievalEvaluator
+    from hf_mm_rerank.retrieval import core as retrieval
 
     model = BiEncoder.from_pretrained(tiny_path("clip"))
     queries, corpus, relevant = _corpus_parts()
