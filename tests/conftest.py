@@ -76,3 +76,11 @@ def hub(monkeypatch):
     HUB.reset()
     yield HUB
     HUB.reset()
+
+
+@pytest.fixture()
+def keep_threads():
+    """The process's torch thread count, restored after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from transformers import TrainingArguments
+import torch
+from transformers import TrainerCallback, TrainingArguments
 
 
 def args(tmp_path, **overrides) -> TrainingArguments:
@@ -73,3 +74,13 @@ def assert_all_rel_close(actual: dict, expected: dict, rel: float = REL, floor: 
     for name in expected:
         own = float(expected[name].detach().abs().max()) if expected[name].numel() else 0.0
         assert_rel_close(actual[name], expected[name], rel, scale=max(own, floor * largest), msg=name)
+
+
+class RecordThreads(TrainerCallback):
+    """The torch thread count at the end of each training step (``.seen``)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(torch.get_num_threads())

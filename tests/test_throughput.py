@@ -8,10 +8,9 @@ import pytest
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from helpers import args, assert_rel_close
+from helpers import RecordThreads, args, assert_rel_close
 from images import COLORS, color_rows, solid
 from PIL import Image
-from transformers import TrainerCallback
 
 from hf_mm_rerank import BiEncoder, BiEncoderCollator, BiEncoderTrainer, CrossEncoder, CrossEncoderCollator
 from hf_mm_rerank.training.arguments import auto_num_workers
@@ -58,21 +57,6 @@ def test_throughput_is_logged_first_for_every_reporter(tiny_path, tmp_path, monk
         assert row["peak_memory_gb"] > 0
 
 
-class _RecordThreads(TrainerCallback):
-    def __init__(self):
-        self.seen = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seen.append(torch.get_num_threads())
-
-
-@pytest.fixture()
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_path, monkeypatch, caplog,
                                                                    keep_threads):
     monkeypatch.delenv("HF_MM_RERANK_AUTO_WORKERS")
@@ -85,7 +69,7 @@ def test_workers_are_chosen_from_the_cpu_count_when_left_at_zero(tiny_path, tmp_
     assert workers == auto_num_workers() >= 1 and trainer.args.dataloader_persistent_workers
     assert caplog.text.count("persistent DataLoader workers") == 1
     assert torch.get_num_threads() == os.cpu_count()  # the constructor leaves the process's threads alone
-    record = _RecordThreads()
+    record = RecordThreads()
     trainer.add_callback(record)
     trainer.train()  # the collator runs in the worker processes
     assert trainer.state.global_step == 2

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import args, assert_rel_close, fixed_batch_loss
+from helpers import RecordThreads, args, assert_rel_close, fixed_batch_loss
 from images import color_rows
 from peft import LoraConfig
 from transformers import TrainerCallback, TrainingArguments
@@ -143,21 +143,6 @@ def test_bad_cell_error_names_the_dataset_row(clip_lora, tmp_path):
         trainer.train()
 
 
-class _RecordThreads(TrainerCallback):
-    def __init__(self):
-        self.seen = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seen.append(torch.get_num_threads())
-
-
-@pytest.fixture()
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_users_arguments_collator_and_threads_stay_theirs(clip_lora, tmp_path, color_dataset, color_evaluator,
                                                                monkeypatch, keep_threads):
     """Issue 27 item 2. The trainers fix up a copy: the user's TrainingArguments compares equal to a deepcopy taken
@@ -176,7 +161,7 @@ def test_the_users_arguments_collator_and_threads_stay_theirs(clip_lora, tmp_pat
     user_args = args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1)
     before = copy.deepcopy(user_args)
     collator = BiEncoderCollator(clip_lora)
-    record = _RecordThreads()
+    record = RecordThreads()
     trainer = BiEncoderTrainer(model=clip_lora, args=user_args, train_dataset=color_dataset, data_collator=collator,
                                evaluator=color_evaluator, callbacks=[record])
     assert trainer.args is not user_args and trainer.args.remove_unused_columns is False  # fixed up: the copy
