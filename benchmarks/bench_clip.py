@@ -29,7 +29,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -120,34 +119,8 @@ def _is_vlm(opts) -> bool:
 
 
 # ----- timing ----------------------------------------------------------------------------------------------
-class StepTimer:
-    """Trainer callback: wall time from the end of step ``warmup`` to the end of the last step."""
-
-    def __init__(self, warmup: int) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                timer.tick(state.global_step)
-
-        self.callback = _Callback()
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
-
-    def tick(self, step: int) -> None:
-        _sync()
-        if step == self.warmup:
-            self.start = time.perf_counter()
-        elif step > self.warmup:
-            self.end, self.steps = time.perf_counter(), step - self.warmup
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+from common import StepTimer  # noqa: E402  (the GPU plan's timer: one copy for both benchmarks)
 
 
 def _peak_memory_mb() -> float:
