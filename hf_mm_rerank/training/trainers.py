@@ -64,11 +64,6 @@ def _columns(dataset: Any, name: str = "dataset") -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def _with_row_index(dataset: Any) -> Any:
-    """Add the row index (a column of a datasets.Dataset, a key of each row of a plain list) so errors name the row."""
-    return with_row_index(dataset)
-
-
 def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     """Image cells left undecoded for the collator (which decodes JPEGs at reduced scale), a row index for
     error messages, and with ``train_sampling_strategy="group_by_length"`` a length column estimated from text
@@ -86,7 +81,7 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
         logger.info("hf_mm_rerank: grouping batches by length: estimating sequence lengths into column %r.",
                     args.length_column_name)
         dataset = add_lengths(dataset, model, column=args.length_column_name)
-    return _with_row_index(dataset)
+    return with_row_index(dataset)  # errors name the row (a column, or a key of each plain-list row)
 
 
 @dataclass(frozen=True)
