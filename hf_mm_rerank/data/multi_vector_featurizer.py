@@ -46,8 +46,8 @@ class MultiVectorChatFeaturizer(ChatFeaturizer):
         self.augmentation_token = tokenizer.pad_token or tokenizer.eos_token
         image_token = getattr(processor, "image_token", None)
         keep = {tokenizer.convert_tokens_to_ids(t) for t in (image_token, self.augmentation_token) if t}
-        # The template's markers are never content, whether or not the tokenizer lists them as special (Qwen's
-        # <|vision_start|> / <|vision_end|> are listed by the Hub tokenizers, not by every tokenizer built in code).
+        # The template's markers are never content, whether or not the tokenizer lists them as special (the tiny
+        # Qwen tokenizers of the tests do not list <|vision_start|> / <|vision_end|>: tests/test_references.py).
         markers = {tokenizer.convert_tokens_to_ids(t) for t in vision_tokens(processor)} - {None, tokenizer.unk_token_id}
         self._special = sorted((set(tokenizer.all_special_ids) | markers) - keep)
         self._edges: dict[str, tuple[int, int]] = {}
