@@ -4,7 +4,8 @@
 - :func:`sharded_inference`: every rank encodes/scores a share of the items, all ranks get every output, in
   the single-process order and from the same batches (so metrics and mined negatives equal one process);
 - :func:`no_sync`: DDP's ``no_sync`` for GradCache chunks, so a step all-reduces its gradients once;
-- :func:`check_launch`: refuse launches whose processes would train as independent copies.
+- :func:`check_launch`: refuse launches whose processes would train as independent copies;
+- :func:`close_process_group`: the orderly end of a multi-process run.
 
 Everything is a no-op in a single process (no process group, or a group of one).
 """
@@ -27,6 +28,19 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group, if this process has one.
+
+    A process that exits with its group alive can abort in the interpreter's teardown (gloo's worker threads still
+    hold work: SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), which turns a
+    finished run into a failed launch. Call it only after a run that succeeded on every rank: a rank that failed
+    never reaches the barrier, and the others would wait for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class _AllGather(torch.autograd.Function):

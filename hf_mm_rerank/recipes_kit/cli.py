@@ -19,7 +19,7 @@ from ..data.minibatch import Tokens
 from ..data.schema import negative_columns
 from ..data.streams import check_max_steps, first_rows, is_stream, stream_columns
 from ..data.validation import validate_dataset
-from ..distributed import check_launch
+from ..distributed import check_launch, close_process_group
 from ..modeling import BiEncoder
 from ..publishing.export import export
 from ..retrieval.mining import mine_hard_negatives
@@ -454,9 +454,11 @@ def report_table(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 def run(main: Any) -> None:
     """A recipe's entry point: an error of ours (a message with its fix) is printed as that one message, without a
-    traceback, and exits with status 2; anything else surfaces as it is."""
+    traceback, and exits with status 2; anything else surfaces as it is. After a run that succeeded, a
+    multi-process launch ends its process group in order (:func:`close_process_group`)."""
     try:
         main()
+        close_process_group()
     except (ValueError, OSError) as error:
         if "Fix:" not in str(error):
             raise
