@@ -51,6 +51,7 @@ def main() -> None:
     from transformers import TrainingArguments
 
     from hf_mm_rerank import BiEncoder, BiEncoderTrainer, ContrastiveLoss
+    from hf_mm_rerank.distributed import close_process_group
 
     common.reset_peak()
     timer = common.StepTimer(1)
@@ -66,6 +67,7 @@ def main() -> None:
               "samples_per_second": timer.rate(options.batch) if options.steps > 1 else None}
     Path(options.report).write_text(json.dumps(report, default=str))
     print("REPORT " + json.dumps(report, default=str), flush=True)
+    close_process_group()
 
 
 if __name__ == "__main__":
