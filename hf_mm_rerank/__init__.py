@@ -53,6 +53,7 @@ _EXPORTS = {
     "score_with_teacher": "retrieval.two_stage",
     "InputError": "data.inputs",
     "LambdaLoss": "losses",
+    "LoadOptions": "modeling",
     "ListwiseSoftmaxLoss": "losses",
     "MMInput": "data.inputs",
     "MarginMSELoss": "losses",

@@ -29,11 +29,11 @@ from .backbone import (
     apply_lora,
     detect_family,
     dtype_of,
-    hub_kwargs_of,
     is_quantized,
     load_backbone,
     quiet_peft,
 )
+from .options import LoadOptions
 from .spec import (
     ADAPTER_WEIGHTS,
     HEAD_WEIGHTS,
@@ -131,53 +131,61 @@ class AdapterModel(nn.Module):
 
     # ----- loading ------------------------------------------------------------------------------------
     @classmethod
-    def find_spec(cls, name_or_path: str, base_model: str | None, hub_kwargs: dict[str, Any],
-                  verify_checksums: bool = True) -> ModelSpec | None:
-        """The saved spec of a folder/repo written by this class (None for a base checkpoint), with its base model
-        resolved (``base_model`` overrides it) and checked, and its weight files' checksums verified."""
-        spec = ModelSpec.find(name_or_path, **hub_kwargs)
+    def find_spec(cls, name_or_path: str, options: LoadOptions,
+                  defaults: dict[str, Any] | None = None) -> ModelSpec | None:
+        """The saved spec of a folder/repo: one written by this class, with its base resolved (``options.base_model``
+        overrides it) and checked and its weight files' checksums verified; or, given ``defaults`` (the settings of a
+        new model of this class), a plain PEFT adapter folder (``adapter_config.json`` naming its base, as peft,
+        transformers and sentence-transformers save one) read as an adapter with those settings. None for a base
+        checkpoint."""
+        spec = ModelSpec.find(name_or_path, **options.hub_kwargs)
+        if spec is None:
+            spec = _plain_adapter_spec(cls.kind, name_or_path, options, defaults) if defaults is not None else None
+        elif spec.kind != cls.kind:
+            raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
+        elif options.verify_checksums:
+            spec.verify(name_or_path, **options.hub_kwargs)
         if spec is None:
             return None
-        if spec.kind != cls.kind:
-            raise ValueError(f"{name_or_path} holds a {spec.kind}, not a {cls.kind}; load it with the matching class.")
-        if verify_checksums:
-            spec.verify(name_or_path, **hub_kwargs)
-        if base_model is not None:
-            spec.base_model = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+        if options.base_model is not None:
+            base = options.base_model
+            spec.base_model = os.path.abspath(base) if os.path.isdir(base) else base
         if spec.adapter:
             check_base(spec.base_model, name_or_path)
         return spec
 
     @classmethod
-    def _load_parts(cls, name_or_path: str, *, lora_config: Any, quantization_config: Any,
-                    gradient_checkpointing: bool, is_trainable: bool, model_kwargs: dict[str, Any],
-                    auto_class: Any = None, spec: ModelSpec | None = None,
-                    prepare: Callable[[nn.Module, str | None], None] | None = None,
+    def _load_parts(cls, name_or_path: str, options: LoadOptions, *, auto_class: Any = None,
+                    spec: ModelSpec | None = None, prepare: Callable[[nn.Module, str | None], None] | None = None,
                     processor_from: str | None = None) -> tuple[nn.Module, Any, ModelSpec | None]:
         """Backbone (with its adapter or a new one), processor and spec. ``prepare(backbone, weights)`` adds modules
         of the model's own to the bare backbone before any adapter (``weights``: the folder whose full weights hold
         their trained values, or None when an adapter restores them)."""
-        hub_kwargs = hub_kwargs_of(model_kwargs)
+        hub_kwargs, model_kwargs = options.hub_kwargs, options.model_kwargs
         if spec is not None and spec.adapter:
-            quantization_config = _recorded_quantization(spec, quantization_config, name_or_path)
+            quantization_config = _recorded_quantization(spec, options.quantization_config, name_or_path)
             base_kwargs = {k: v for k, v in model_kwargs.items() if k != "revision"}  # the revision is the adapter's
             backbone = load_backbone(spec.base_model, quantization_config=quantization_config, auto_class=auto_class,
                                      **base_kwargs)
+            spec.family = spec.family or detect_family(backbone)  # a plain PEFT folder does not record it
             if prepare is not None:
                 prepare(backbone, None)
-            backbone = _load_adapter(backbone, name_or_path, is_trainable, gradient_checkpointing, hub_kwargs,
-                                     spec.base_model)
-            if lora_config is not None:
+            backbone = _load_adapter(backbone, name_or_path, options.is_trainable, options.gradient_checkpointing,
+                                     hub_kwargs, spec.base_model)
+            if options.lora_config is not None:
                 logger.warning("lora_config ignored: %s already holds an adapter, which is loaded instead.",
                                name_or_path)
+            if processor_from is None and not _has_processor(name_or_path, hub_kwargs):
+                processor_from = spec.base_model  # a plain PEFT folder may hold the adapter alone
         else:
-            quantization_config = quantization_config or None  # False: full precision, as for a fresh base
+            quantization_config = options.quantization_config or None  # False: full precision, as for a fresh base
             backbone = load_backbone(name_or_path, quantization_config=quantization_config, auto_class=auto_class,
                                      **model_kwargs)
             if prepare is not None:
                 prepare(backbone, name_or_path if spec is not None else None)
-            if lora_config is not None:
-                backbone = apply_lora(backbone, lora_config, gradient_checkpointing=gradient_checkpointing)
+            if options.lora_config is not None:
+                backbone = apply_lora(backbone, options.lora_config,
+                                      gradient_checkpointing=options.gradient_checkpointing)
             elif is_quantized(backbone):
                 raise ValueError(
                     "quantization_config without lora_config: a 4/8-bit model cannot be fully fine-tuned. "
@@ -188,9 +196,9 @@ class AdapterModel(nn.Module):
 
     @staticmethod
     def _new_spec(kind: str, name_or_path: str, backbone: nn.Module, settings: dict[str, Any],
-                  quantization_config: Any) -> ModelSpec:
+                  options: LoadOptions) -> ModelSpec:
         base = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
-        quant = quantization_config.to_dict() if quantization_config else None
+        quant = options.quantization_config.to_dict() if options.quantization_config else None
         local = os.path.isdir(name_or_path)  # kept absolute in memory; saved relative to the folder when inside it
         return ModelSpec(kind=kind, base_model=os.path.abspath(name_or_path) if local else str(name_or_path),
                          family=detect_family(base),
@@ -326,6 +334,33 @@ def _recorded_quantization(spec: ModelSpec, quantization_config: Any, name_or_pa
     logger.info("%s was trained on a %s-bit base: loading it quantized the same way (pass quantization_config=False "
                 "for full precision).", name_or_path, 4 if recorded.load_in_4bit else 8)
     return recorded
+
+
+def _plain_adapter_spec(kind: str, name_or_path: str, options: LoadOptions,
+                        defaults: dict[str, Any]) -> ModelSpec | None:
+    """A spec for a PEFT adapter folder/repo that this package did not write (its family is read from the base when
+    it loads), or None when ``name_or_path`` holds no ``adapter_config.json``."""
+    path = resolve_file(name_or_path, "adapter_config.json", **options.hub_kwargs)
+    if path is None:
+        return None
+    with open(path) as handle:
+        try:
+            base = json.load(handle).get("base_model_name_or_path")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the file is damaged or was cut short. Fix: copy or "
+                             "save the adapter again.") from None
+    if not base and options.base_model is None:
+        raise ValueError(f"{name_or_path} is a PEFT adapter whose adapter_config.json names no base model. Fix: pass "
+                         "base_model='<Hub id or local folder of the base it was trained on>'.")
+    base = base or options.base_model
+    return ModelSpec(kind=kind, base_model=os.path.abspath(base) if os.path.isdir(base) else base, family="",
+                     adapter=True, settings=dict(defaults))
+
+
+def _has_processor(name_or_path: str, hub_kwargs: dict[str, Any]) -> bool:
+    """Whether a folder/repo holds a whole processor (an image processor's config, not only a tokenizer)."""
+    return any(resolve_file(name_or_path, name, **hub_kwargs) is not None
+               for name in ("processor_config.json", "preprocessor_config.json"))
 
 
 def _prefixed(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

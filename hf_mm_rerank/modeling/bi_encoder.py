@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 from ..data.featurizers import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
-from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
+from .base import AdapterModel, ModelSpec, to_device
+from .options import LoadOptions
+from .spec import resolve_file
 
 POOLINGS = {DUAL: ("auto", "model"), CHAT: ("auto", "last", "mean")}
 
@@ -68,60 +71,39 @@ class BiEncoder(AdapterModel):
         cls,
         name_or_path: str,
         *,
-        lora_config: Any = None,
-        quantization_config: Any = None,
         pooling: str | None = None,
         normalize: bool | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
-        max_pixels: int | None = None,
-        max_length: int | None = None,
-        fast_decode: bool | None = None,
-        gradient_checkpointing: bool = False,
-        is_trainable: bool = True,
-        base_model: str | None = None,
-        verify_checksums: bool = True,
-        **model_kwargs: Any,
+        options: LoadOptions | None = None,
+        **kwargs: Any,
     ) -> BiEncoder:
-        """Load a base checkpoint (optionally adding LoRA / QLoRA) or a folder/repo saved by this class.
+        """Load a base checkpoint (optionally adding LoRA / QLoRA), a folder/repo saved by this class, or a plain
+        PEFT adapter folder (peft's, transformers', or sentence-transformers' after ``add_adapter``) on its base.
 
         Args:
-            name_or_path: a transformers checkpoint (CLIP, SigLIP, VisionTextDualEncoder, a chat VLM) or a
-                folder / Hub repo written by :meth:`save_pretrained`.
-            lora_config: a ``peft.LoraConfig``; ``target_modules=None`` adapts the language model's linears.
-            quantization_config: a ``transformers.BitsAndBytesConfig`` (4- or 8-bit, needs lora_config). A saved
-                adapter reloads on its base quantized as it was trained, unless this is given; ``False`` loads
-                the base in full precision.
+            name_or_path: a transformers checkpoint (CLIP, SigLIP, VisionTextDualEncoder, a chat VLM), a folder /
+                Hub repo written by :meth:`save_pretrained`, or a PEFT adapter folder naming its base.
             pooling: ``"auto"``, ``"last"`` or ``"mean"`` (chat VLMs); dual encoders use their own heads.
-            normalize: L2-normalise embeddings (default True).
+            normalize: L2-normalise embeddings (default True; a sentence-transformers folder: whether its
+                ``modules.json`` lists a Normalize module).
             query_prompt, document_prompt: instruction per side (system turn for VLMs, prefix otherwise).
-            max_pixels: chat VLMs: the processor's pixel budget per image (visual tokens x patch area; default 768
-                visual tokens, or the processor's own cap when lower), applied by the processor's own resize. Dual
-                encoders: with ``fast_decode``, the size images are pre-shrunk to before their processor resizes them.
-            max_length: token limit for the text part of an input.
-            fast_decode: decode JPEGs at reduced scale and pre-shrink images in the DataLoader workers (faster on large
-                photos; pixels then differ slightly from what the model's processor makes of the original, see the
-                README's "Speed"). Default False: every image reaches the model exactly as its processor makes it.
-            gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
-            is_trainable: load a saved adapter trainable (default) or frozen for inference.
-            base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id, or a local folder
-                when the recorded local base is not on this machine).
-            verify_checksums: check each weight file against the sha256 recorded when it was saved (default).
-            **model_kwargs: passed to ``AutoModel.from_pretrained`` (``dtype``, ``attn_implementation``, ...);
-                ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
+            options: the loading options every model shares (:class:`LoadOptions`: ``lora_config``,
+                ``quantization_config``, ``max_pixels``, ``max_length``, ``fast_decode``, ``base_model``, ...).
+            **kwargs: any :class:`LoadOptions` field by name (over ``options``); the rest go to the transformers
+                ``from_pretrained`` (``dtype``, ``attn_implementation``, ``token``, ``revision``, ...).
         """
-        spec = cls.find_spec(name_or_path, base_model, hub_kwargs_of(model_kwargs), verify_checksums)
-        backbone, processor, spec = cls._load_parts(
-            name_or_path, lora_config=lora_config, quantization_config=quantization_config,
-            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
-            spec=spec)
-        given = {"pooling": pooling, "normalize": normalize, "max_pixels": max_pixels, "max_length": max_length,
-                 "fast_decode": fast_decode}
-        prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
+        options = LoadOptions.merged(options, kwargs)
+        defaults = {"pooling": "auto", "normalize": True, "max_pixels": None, "max_length": None}
+        spec = cls.find_spec(name_or_path, options, defaults)
+        if spec is not None and not spec.family:  # a plain PEFT folder: sentence-transformers' may say it normalises
+            spec.settings.update(_st_normalize(name_or_path, options))
+        backbone, processor, spec = cls._load_parts(name_or_path, options, spec=spec)
         if spec is None:
-            settings = {"pooling": "auto", "normalize": True, "max_pixels": None, "max_length": None}
-            spec = cls._new_spec(cls.kind, name_or_path, backbone, settings, quantization_config)
-        spec.settings.update({k: v for k, v in given.items() if v is not None})
+            spec = cls._new_spec(cls.kind, name_or_path, backbone, defaults, options)
+        given = {"pooling": pooling, "normalize": normalize}
+        spec.settings.update({**{k: v for k, v in given.items() if v is not None}, **options.settings()})
+        prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
         if prompts:
             spec.settings["prompts"] = {**spec.settings.get("prompts", {}), **prompts}
         return cls(backbone, processor, spec)
@@ -191,3 +173,13 @@ class BiEncoder(AdapterModel):
             return self.featurizer([read(cell, start + i, side) for i, cell in enumerate(chunk)], side)
 
         return self._run_batched(inputs, batch_size, featurize, shard_across_ranks)
+
+
+def _st_normalize(name_or_path: str, options: LoadOptions) -> dict[str, Any]:
+    """A sentence-transformers folder normalises exactly when its ``modules.json`` lists a Normalize module."""
+    path = resolve_file(name_or_path, "modules.json", **options.hub_kwargs)
+    if path is None:
+        return {}
+    with open(path) as handle:
+        modules = json.load(handle)
+    return {"normalize": any(str(m.get("type", "")).endswith("Normalize") for m in modules)}

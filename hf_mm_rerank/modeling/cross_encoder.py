@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +23,9 @@ from ..data.featurizers import (
     Featurizer,
     TextPairFeaturizer,
 )
-from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
+from .base import AdapterModel, ModelSpec, to_device
 from .bi_encoder import last_token_pool
+from .options import LoadOptions
 
 HEADS = ("auto", "yes_no", "linear", "mlp", "classification")
 
@@ -147,8 +149,6 @@ class CrossEncoder(AdapterModel):
         name_or_path: str,
         *,
         head: str = "auto",
-        lora_config: Any = None,
-        quantization_config: Any = None,
         instruction: str | None = None,
         system_prompt: str | None = None,
         query_prefix: str | None = None,
@@ -156,44 +156,36 @@ class CrossEncoder(AdapterModel):
         assistant_prefix: str | None = None,
         yes_token: str | None = None,
         no_token: str | None = None,
-        max_pixels: int | None = None,
-        max_length: int | None = None,
-        fast_decode: bool | None = None,
-        gradient_checkpointing: bool = False,
-        is_trainable: bool = True,
-        base_model: str | None = None,
-        verify_checksums: bool = True,
-        **model_kwargs: Any,
+        options: LoadOptions | None = None,
+        **kwargs: Any,
     ) -> CrossEncoder:
-        """Load a reranker or a base checkpoint (optionally adding LoRA / QLoRA and a head).
+        """Load a reranker, a base checkpoint (optionally adding LoRA / QLoRA and a head), or a plain PEFT adapter
+        folder on its base.
 
         Args:
-            name_or_path: a transformers checkpoint, or a folder / Hub repo written by :meth:`save_pretrained`.
-            head: ``"auto"``, ``"yes_no"``, ``"linear"``, ``"mlp"`` or ``"classification"`` (see the class doc).
-            lora_config: a ``peft.LoraConfig``; default targets are the language model's linears. A new
-                classification head is added to ``modules_to_save`` so it trains and is saved with the adapter.
-            quantization_config: a ``transformers.BitsAndBytesConfig`` (needs lora_config). A saved adapter
-                reloads on its base quantized as it was trained, unless this is given; ``False``: full precision.
+            name_or_path: a transformers checkpoint, a folder / Hub repo written by :meth:`save_pretrained`, or a
+                PEFT adapter folder naming its base.
+            head: ``"auto"``, ``"yes_no"``, ``"linear"``, ``"mlp"`` or ``"classification"`` (see the class doc). A new
+                classification head is added to the ``lora_config``'s ``modules_to_save`` so it trains and is saved
+                with the adapter.
             instruction, system_prompt, query_prefix, document_prefix, assistant_prefix: how a pair is
                 framed in the chat template (defaults follow Qwen3-VL-Reranker).
             yes_token, no_token: the tokens of the yes_no head (default ``"yes"`` / ``"no"``).
-            max_pixels: pixel budget per image (applied by the processor's own resize); max_length: token limit per
-                text part (the pair, for text cross-encoders).
-            fast_decode: reduced-scale JPEG decoding and pre-shrinking in the workers (faster, pixels slightly
-                different from the processor's; see :meth:`BiEncoder.from_pretrained`). Default False.
-            gradient_checkpointing: prepare k-bit models for checkpointing (Trainer enables it itself).
-            is_trainable: load a saved adapter trainable (default) or frozen.
-            base_model: the base a saved adapter goes on, instead of the recorded one (a Hub id or local folder).
-            verify_checksums: check each weight file against the sha256 recorded when it was saved (default).
-            **model_kwargs: passed to the transformers ``from_pretrained`` (``dtype``, ``attn_implementation``...);
-                ``token``, ``revision`` and ``cache_dir`` also reach every config, processor and file lookup.
+            options: the loading options every model shares (:class:`LoadOptions`: ``lora_config``,
+                ``quantization_config``, ``max_pixels``, ``max_length`` (the pair's, for text cross-encoders),
+                ``fast_decode``, ``base_model``, ...).
+            **kwargs: any :class:`LoadOptions` field by name (over ``options``); the rest go to the transformers
+                ``from_pretrained`` (``dtype``, ``attn_implementation``, ``token``, ``revision``, ...).
         """
-        hub_kwargs = hub_kwargs_of(model_kwargs)
-        spec = cls.find_spec(name_or_path, base_model, hub_kwargs, verify_checksums)
-        saved = spec is not None
+        options = LoadOptions.merged(options, kwargs)
+        model_kwargs = options.model_kwargs
+        defaults = {"yes_token": "yes", "no_token": "no", "max_pixels": None, "max_length": None,
+                    "prompt": dict(RERANK_PROMPT_DEFAULTS)}
+        spec = cls.find_spec(name_or_path, options, defaults)
+        saved = spec is not None and bool(spec.family)  # ours; a plain PEFT folder has no head file of ours
         on_base = spec is not None and spec.adapter
         base = spec.base_model if on_base else name_or_path
-        config_kwargs = {k: v for k, v in hub_kwargs.items() if not (on_base and k == "revision")}  # the adapter's
+        config_kwargs = {k: v for k, v in options.hub_kwargs.items() if not (on_base and k == "revision")}
         config = AutoConfig.from_pretrained(base, trust_remote_code=model_kwargs.get("trust_remote_code", False),
                                             **config_kwargs)
         head = resolve_head(head, config, spec)
@@ -202,28 +194,26 @@ class CrossEncoder(AdapterModel):
                 model_kwargs.setdefault("num_labels", spec.settings["num_labels"])
             elif not any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
                 model_kwargs.setdefault("num_labels", 1)
+        lora_config = options.lora_config
         if lora_config is not None and head == "classification" and not getattr(lora_config, "modules_to_save", None):
             lora_config = copy.deepcopy(lora_config)
             lora_config.modules_to_save = _classifier_modules(config)
-        backbone, processor, spec = cls._load_parts(
-            name_or_path, lora_config=lora_config, quantization_config=quantization_config,
-            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
-            auto_class=_auto_class(head, config), spec=spec)
+        options = dataclasses.replace(options, lora_config=lora_config)
+        backbone, processor, spec = cls._load_parts(name_or_path, options, auto_class=_auto_class(head, config),
+                                                    spec=spec)
         if spec is None:
-            settings = {"head": head, "yes_token": "yes", "no_token": "no", "max_pixels": None, "max_length": None,
-                        "prompt": dict(RERANK_PROMPT_DEFAULTS)}
-            if head == "classification":
-                settings["num_labels"] = int(backbone.config.num_labels)
-            spec = cls._new_spec(cls.kind, name_or_path, backbone, settings, quantization_config)
-        given = {"yes_token": yes_token, "no_token": no_token, "max_pixels": max_pixels, "max_length": max_length,
-                 "fast_decode": fast_decode}
-        spec.settings.update({k: v for k, v in given.items() if v is not None})
+            spec = cls._new_spec(cls.kind, name_or_path, backbone, defaults, options)
+        spec.settings.setdefault("head", head)
+        if head == "classification":
+            spec.settings.setdefault("num_labels", int(backbone.config.num_labels))
+        tokens = {"yes_token": yes_token, "no_token": no_token}
+        spec.settings.update({**{k: v for k, v in tokens.items() if v is not None}, **options.settings()})
         prompt = {"instruction": instruction, "system_prompt": system_prompt, "query_prefix": query_prefix,
                   "document_prefix": document_prefix, "assistant_prefix": assistant_prefix}
         spec.settings["prompt"] = {**spec.settings.get("prompt", {}), **{k: v for k, v in prompt.items() if v is not None}}
         model = cls(backbone, processor, spec)
         if saved:  # a folder written by save_pretrained must carry its head; a base checkpoint starts a fresh one
-            model._load_head(name_or_path, **hub_kwargs)
+            model._load_head(name_or_path, **options.hub_kwargs)
         return model
 
     # ----- scoring ------------------------------------------------------------------------------------

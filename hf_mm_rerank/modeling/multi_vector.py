@@ -9,7 +9,10 @@ colpali-engine ColQwen2 / ColQwen2.5 adapter loads as it is.
 
 from __future__ import annotations
 
-import os
+import copy
+import dataclasses
+import inspect
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,8 +24,9 @@ from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVecto
 from ..distributed import world
 from ..retrieval.core import MAXSIM, TokenEmbeddings
 from .backbone import CHAT, DUAL, detect_family
-from .base import AdapterModel, ModelSpec, hub_kwargs_of, to_device
+from .base import AdapterModel, ModelSpec, to_device
 from .bi_encoder import BiEncoder
+from .options import LoadOptions
 from .spec import resolve_file
 
 PROJECTIONS = {CHAT: ("custom_text_proj",), DUAL: ("custom_text_proj", "custom_image_proj")}
@@ -95,13 +99,10 @@ class MultiVectorEncoder(BiEncoder):
             self.featurizer.image_tokens = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, lora_config: Any = None, quantization_config: Any = None,
-                        dim: int | None = None, scored_tokens: str | None = None, query_augmentation: int | None = None,
-                        template: str | None = None, query_prompt: str | None = None,
-                        document_prompt: str | None = None, max_pixels: int | None = None,
-                        max_length: int | None = None, fast_decode: bool | None = None,
-                        gradient_checkpointing: bool = False, is_trainable: bool = True, base_model: str | None = None,
-                        verify_checksums: bool = True, **model_kwargs: Any) -> MultiVectorEncoder:
+    def from_pretrained(cls, name_or_path: str, *, dim: int | None = None, scored_tokens: str | None = None,
+                        query_augmentation: int | None = None, template: str | None = None,
+                        query_prompt: str | None = None, document_prompt: str | None = None,
+                        options: LoadOptions | None = None, **kwargs: Any) -> MultiVectorEncoder:
         """Load a base checkpoint (adding the token projections, and LoRA / QLoRA), a folder / Hub repo saved by this
         class, or a colpali-engine ColQwen2 / ColQwen2.5 adapter (``custom_text_proj`` in its ``modules_to_save``).
 
@@ -112,39 +113,42 @@ class MultiVectorEncoder(BiEncoder):
             query_augmentation: augmentation tokens appended to each query (colpali-engine: 10).
             template: ``"chat"`` (the model's chat template, the side's prompt as system turn) or ``"colpali"``
                 (colpali-engine's ColQwen2 layout; a colpali checkpoint defaults to it).
-            The other arguments are :meth:`BiEncoder.from_pretrained`'s; ``lora_config`` also trains the projections
-            (added to its ``modules_to_save``).
+            query_prompt, document_prompt: instruction per side, as in :meth:`BiEncoder.from_pretrained`.
+            options, **kwargs: the loading options every model shares (:class:`LoadOptions`), as in
+                :meth:`BiEncoder.from_pretrained`; ``lora_config`` also trains the projections (added to its
+                ``modules_to_save``).
         """
-        import copy
-
-        hub_kwargs = hub_kwargs_of(model_kwargs)
-        spec = cls.find_spec(name_or_path, base_model, hub_kwargs, verify_checksums)
+        options = LoadOptions.merged(options, kwargs)
+        hub_kwargs = options.hub_kwargs
+        spec = cls.find_spec(name_or_path, options)
         colpali = spec is None and _is_colpali_adapter(name_or_path, hub_kwargs)
-        if colpali:
-            spec = _colpali_spec(name_or_path, base_model, hub_kwargs)
+        if colpali:  # a PEFT folder of colpali-engine's layout: all tokens, 10 augmentation tokens
+            spec = cls.find_spec(name_or_path, options, {
+                "dim": DEFAULT_DIM, "scored_tokens": "all", "query_augmentation": 10, "template": "colpali",
+                "max_pixels": None, "max_length": None})
+        elif spec is None and resolve_file(name_or_path, "adapter_config.json", **hub_kwargs) is not None:
+            raise ValueError(
+                f"{name_or_path} is a plain PEFT adapter: it holds no token projections, so it is no multi-vector "
+                "model. Fix: load it with BiEncoder.from_pretrained (or CrossEncoder), or pass its base model here "
+                "with lora_config= to train a multi-vector model.")
         settings = dict(spec.settings) if spec is not None else {}
         size = int(dim or settings.get("dim", DEFAULT_DIM))
-        family: list[str] = []
 
         def prepare(backbone: nn.Module, weights: str | None) -> None:
+            add_projections(backbone, detect_family(backbone), size, weights, **hub_kwargs)
 
-            family.append(detect_family(backbone))
-            add_projections(backbone, family[0], size, weights, **hub_kwargs)
-
-        if lora_config is not None and spec is None:
-            lora_config = copy.deepcopy(lora_config)
+        if options.lora_config is not None and spec is None:
+            lora_config = copy.deepcopy(options.lora_config)
             extra = list(PROJECTIONS[DUAL])  # names a chat model does not have are ignored by peft
             lora_config.modules_to_save = sorted(set(lora_config.modules_to_save or []) | set(extra))
+            options = dataclasses.replace(options, lora_config=lora_config)
         backbone, processor, spec = cls._load_parts(
-            name_or_path, lora_config=lora_config, quantization_config=quantization_config,
-            gradient_checkpointing=gradient_checkpointing, is_trainable=is_trainable, model_kwargs=model_kwargs,
-            spec=spec, prepare=prepare, processor_from=spec.base_model if colpali else None)
+            name_or_path, options, spec=spec, prepare=prepare, processor_from=spec.base_model if colpali else None)
         if spec is None:
-            spec = cls._new_spec(cls.kind, name_or_path, backbone, {"max_pixels": None, "max_length": None},
-                                 quantization_config)
+            spec = cls._new_spec(cls.kind, name_or_path, backbone, {"max_pixels": None, "max_length": None}, options)
         given = {"dim": size, "scored_tokens": scored_tokens, "query_augmentation": query_augmentation,
-                 "template": template, "max_pixels": max_pixels, "max_length": max_length, "fast_decode": fast_decode}
-        spec.settings.update({k: v for k, v in given.items() if v is not None})
+                 "template": template}
+        spec.settings.update({**{k: v for k, v in given.items() if v is not None}, **options.settings()})
         prompts = {k: v for k, v in (("query", query_prompt), ("document", document_prompt)) if v is not None}
         if prompts:
             spec.settings["prompts"] = {**spec.settings.get("prompts", {}), **prompts}
@@ -229,31 +233,14 @@ class MultiVectorEncoder(BiEncoder):
 
 def _call(module: nn.Module, features: dict[str, Any]) -> Any:
     """``module(**features)`` with only the inputs its forward takes (a BERT tower takes token_type_ids, CLIP's not)."""
-    import inspect
-
     accepted = inspect.signature(module.forward).parameters
     return module(**{k: v for k, v in features.items() if k in accepted})
 
 
 def _is_colpali_adapter(name_or_path: str, hub_kwargs: dict[str, Any]) -> bool:
-    import json
-
     path = resolve_file(name_or_path, "adapter_config.json", **hub_kwargs)
     if path is None:
         return False
     with open(path) as handle:
         config = json.load(handle)
     return "custom_text_proj" in (config.get("modules_to_save") or [])
-
-
-def _colpali_spec(name_or_path: str, base_model: str | None, hub_kwargs: dict[str, Any]) -> ModelSpec:
-    """A spec for a colpali-engine ColQwen adapter: its base, its layout (all tokens, 10 augmentation tokens)."""
-    import json
-
-    with open(resolve_file(name_or_path, "adapter_config.json", **hub_kwargs)) as handle:
-        base = base_model or json.load(handle)["base_model_name_or_path"]
-    if os.path.isdir(base):
-        base = os.path.abspath(base)
-    return ModelSpec(kind=MultiVectorEncoder.kind, base_model=base, family=CHAT, adapter=True,
-                     settings={"dim": DEFAULT_DIM, "scored_tokens": "all", "query_augmentation": 10,
-                               "template": "colpali", "max_pixels": None, "max_length": None})
