@@ -46,7 +46,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 @dataclass
 class MMInput:
     """One model input: text, an RGB image, or both. ``source_size`` is the upright image's (width, height) before
-    any shrinking, so featurizers can size it as the processor would size the original."""
+    any shrinking, so featurizers can size it as the processor would size the original.
+
+    Example:
+        >>> item = to_input({"text": "a red bicycle", "image": "bike.jpg"}, max_pixels=448 * 448)
+        >>> item.text, item.image.size, item.source_size   # a 1000x800 file: 'a red bicycle', (500, 400), (1000, 800)
+        >>> to_input("a red bicycle")                       # MMInput(text='a red bicycle', image=None, ...)
+    """
 
     text: str | None = None
     image: Image.Image | None = None
@@ -54,7 +60,14 @@ class MMInput:
 
 
 class InputError(ValueError):
-    """A dataset cell that cannot be turned into text or an image (names the row and column)."""
+    """A dataset cell that cannot be turned into text or an image (names the row and column). A ``ValueError``.
+
+    Example:
+        >>> try:
+        ...     to_input("photos/missing.jpg", row=7, column="positive")
+        ... except InputError as error:
+        ...     print(error)   # row 7, column 'positive': received the image path 'photos/missing.jpg', which does ...
+    """
 
 
 def _where(row: Any, column: str | None) -> str:

@@ -12,7 +12,13 @@ class Tokens(int):
 
     An input's tokens are those its featurizer makes: special and chat-template tokens (system prompt, turn markers,
     a reranker's instruction), its text after truncation and its visual tokens. A mini-batch of ``k`` inputs costs
-    ``k`` times its longest input (sequences are padded to the longest)."""
+    ``k`` times its longest input (sequences are padded to the longest).
+
+    Example:
+        >>> loss = CachedContrastiveLoss(mini_batch_size=Tokens(4096))   # or any loss's / collator's mini_batch_size
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss)
+        >>> Tokens(4096) == 4096, repr(Tokens(4096))                    # (True, 'Tokens(4096)'): an int
+    """
 
     def __new__(cls, value: Any) -> Tokens:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (

@@ -37,7 +37,14 @@ class BadRow:
 
 @dataclass
 class ValidationReport:
-    """What :func:`validate_dataset` found: ``rows`` checked and every ``bad`` row (row, column, reason)."""
+    """What :func:`validate_dataset` found: ``rows`` checked and every ``bad`` row (row, column, reason).
+
+    Example:
+        >>> report = validate_dataset(train, model)
+        >>> report.ok, report.rows, report.bad_rows   # (False, 1000, [41, 97])
+        >>> print(report)                             # each bad row's reason, then the fix
+        >>> report.raise_if_bad()                     # InputError with the same text, unless report.ok
+    """
 
     rows: int
     bad: list[BadRow] = field(default_factory=list)

@@ -154,6 +154,11 @@ class CachedContrastiveLoss(ContrastiveLoss):
     Args:
         mini_batch_size: inputs per forward pass (default 32).
         **kwargs: as :class:`ContrastiveLoss`.
+
+    Example:
+        >>> args = TrainingArguments("out", per_device_train_batch_size=1024)   # 1024 queries share their negatives
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,  # query, positive[, negative_1..k]
+        ...                            loss=CachedContrastiveLoss(mini_batch_size=32, temperature=0.02))
     """
 
     def __init__(self, mini_batch_size: int = 32, **kwargs: Any) -> None:

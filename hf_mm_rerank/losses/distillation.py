@@ -63,6 +63,12 @@ class EmbeddingMarginMSELoss(_EmbeddingDistillation):
         contrastive_weight: weight of an added in-batch :class:`ContrastiveLoss` term (default 0: none).
         mini_batch_size: GradCache mini-batches (same loss and gradients, the memory of one mini-batch).
         **contrastive: further :class:`ContrastiveLoss` settings of that term (``symmetric``, ...).
+
+    Example:
+        >>> ds = mine_hard_negatives(model, ds)         # query, positive -> + negative_1 ... negative_4
+        >>> ds = score_with_teacher(reranker, ds)       # + teacher_scores (a list per row, positive first)
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
+        ...                            loss=EmbeddingMarginMSELoss(temperature=0.05, contrastive_weight=0.1))
     """
 
     def distil(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -79,6 +85,11 @@ class EmbeddingDistillKLLoss(_EmbeddingDistillation):
         temperature: the student's softmax temperature over its similarities (default 0.05).
         teacher_temperature: the teacher scores' temperature (default 1: logits as given).
         contrastive_weight, mini_batch_size, **contrastive: as for :class:`EmbeddingMarginMSELoss`.
+
+    Example:
+        >>> ds = score_with_teacher(reranker, mine_hard_negatives(model, ds))   # + negative_1..k, teacher_scores
+        >>> trainer = BiEncoderTrainer(model=model, args=args, train_dataset=ds,
+        ...                            loss=EmbeddingDistillKLLoss(temperature=0.05, teacher_temperature=2.0))
     """
 
     def __init__(self, *, teacher_temperature: float = 1.0, **kwargs: Any) -> None:

@@ -62,6 +62,10 @@ class MaxSimPairwiseLoss(MaxSimContrastiveLoss):
         temperature: default 0.02 (colpali-engine's for the loss with negatives; its in-batch-only loss uses 1.0).
         in_batch_weight: weight of the in-batch term when rows have negatives (default 0.5).
         **kwargs: as :class:`MaxSimContrastiveLoss`.
+
+    Example:
+        >>> trainer = BiEncoderTrainer(model=multi_vector_model, args=args, train_dataset=pages,  # has negative_1..k
+        ...                            loss=MaxSimPairwiseLoss(in_batch_weight=0.5, mini_batch_size=8))
     """
 
     def __init__(self, temperature: float = 0.02, *, in_batch_weight: float = 0.5, **kwargs: Any) -> None:

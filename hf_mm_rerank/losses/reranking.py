@@ -68,6 +68,12 @@ class BinaryCrossEntropyLoss(RerankingLoss):
     Args:
         pos_weight: weight of the positive term; ``"auto"`` uses negatives per positive in the batch, which
             balances grouped rows with k hard negatives. None: 1.
+
+    Example:
+        >>> ds = Dataset.from_dict({"query": ["a red car", "a red car"], "document": ["car.jpg", "boat.jpg"],
+        ...                         "label": [1.0, 0.0]})                  # pointwise rows, labels in [0, 1]
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=args, train_dataset=ds,
+        ...                               loss=BinaryCrossEntropyLoss(pos_weight="auto"))
     """
 
     def __init__(self, pos_weight: float | str | None = None, mini_batch_size: int | None = None) -> None:
@@ -104,6 +110,12 @@ class ListwiseSoftmaxLoss(_TemperatureLoss):
 
     Args:
         temperature: divides the scores before the softmax.
+
+    Example:
+        >>> ds = Dataset.from_dict({"query": ["a red car"], "positive": ["car.jpg"],
+        ...                         "negative_1": ["boat.jpg"], "negative_2": ["a blue bus"]})   # grouped rows
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=args, train_dataset=ds,
+        ...                               loss=ListwiseSoftmaxLoss(temperature=0.5))
     """
 
     def objective(self, scores: torch.Tensor, targets: torch.Tensor, group_size: int,
@@ -125,6 +137,11 @@ class LambdaLoss(RerankingLoss):
     Args:
         weighting: ``"ndcg"`` (default) or None.
         sigma: slope of the pairwise logistic.
+
+    Example:
+        >>> ds = mine_hard_negatives(bi_encoder, ds)    # grouped rows: query, positive, negative_1 ... negative_4
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=args, train_dataset=ds,
+        ...                               loss=LambdaLoss(weighting="ndcg", sigma=1.0))
     """
 
     needs_groups = True
@@ -162,7 +179,12 @@ class LambdaLoss(RerankingLoss):
 
 class MarginMSELoss(RerankingLoss):
     """Distillation: the student's margin s(q, pos) - s(q, neg) regresses the teacher's margin (Hofstätter et
-    al.), for every negative of a group."""
+    al.), for every negative of a group.
+
+    Example:
+        >>> ds = score_with_teacher(teacher_reranker, ds)   # grouped rows get teacher_scores, positive first
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=args, train_dataset=ds, loss=MarginMSELoss())
+    """
 
     needs_groups = True
     needs_teacher = True
@@ -175,7 +197,13 @@ class MarginMSELoss(RerankingLoss):
 
 
 class DistillKLLoss(_TemperatureLoss):
-    """Distillation: KL(teacher || student) between the softmax distributions over each group, scaled by T²."""
+    """Distillation: KL(teacher || student) between the softmax distributions over each group, scaled by T².
+
+    Example:
+        >>> ds = score_with_teacher(teacher_reranker, ds)   # grouped rows get teacher_scores, positive first
+        >>> trainer = CrossEncoderTrainer(model=reranker, args=args, train_dataset=ds,
+        ...                               loss=DistillKLLoss(temperature=2.0))
+    """
 
     needs_teacher = True
 

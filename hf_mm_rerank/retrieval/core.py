@@ -23,7 +23,14 @@ SCORE_BUDGET = 1 << 23  # scores (token-pair similarities, for MaxSim) computed 
 
 @dataclass
 class TokenEmbeddings:
-    """Multi-vector embeddings: ``embeddings`` ``[N, T, d]`` (padded), ``mask`` ``[N, T]`` (True: a scored token)."""
+    """Multi-vector embeddings: ``embeddings`` ``[N, T, d]`` (padded), ``mask`` ``[N, T]`` (True: a scored token).
+
+    Example:
+        >>> pages = model.encode(page_images, side="document")   # a MultiVectorEncoder's TokenEmbeddings
+        >>> pages.embeddings.shape, pages.mask.shape, len(pages)  # [N, T, 128], [N, T], N
+        >>> pages.tokens()                                        # scored vectors stored (the index size)
+        >>> model.score(model.encode(["revenue in 2023"]), pages[:10])   # [1, 10] MaxSim scores
+    """
 
     embeddings: torch.Tensor
     mask: torch.Tensor

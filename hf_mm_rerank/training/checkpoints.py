@@ -50,7 +50,15 @@ def copy_files(source: str, target: str, names: list[str]) -> None:
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint or saved model could not be written (a full disk, a quota, a vanished mount)."""
+    """A checkpoint or saved model could not be written (a full disk, a quota, a vanished mount).
+
+    Example:
+        >>> try:
+        ...     trainer.train()
+        ... except CheckpointWriteError as error:   # an OSError: errno.ENOSPC when the disk is full, else EIO
+        ...     print(error)                        # which folder, why, the free space left and the fix
+        >>> trainer.train(resume_from_checkpoint=True)   # once there is room: from the last complete checkpoint
+    """
 
 
 def _is_disk_full(error: BaseException) -> bool:
