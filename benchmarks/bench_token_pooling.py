@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from hf_mm_rerank import MultiVectorEncoder, RetrievalEvaluator
-from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
+from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
 
 def main() -> None:

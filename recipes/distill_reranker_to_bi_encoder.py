@@ -31,13 +31,11 @@ from hf_mm_rerank import (
 from hf_mm_rerank.losses import EmbeddingDistillKLLoss, EmbeddingMarginMSELoss
 from hf_mm_rerank.publishing.model_card import hub_id
 from hf_mm_rerank.recipes_kit.cli import (
-    DataArguments,
     LoraArguments,
     PublishArguments,
     build_lora,
     build_quantization,
     hub_model,
-    load_data,
     main_process_first,
     mini_batch_flag,
     parse_with_config,
@@ -45,6 +43,7 @@ from hf_mm_rerank.recipes_kit.cli import (
     resume_point,
     run,
 )
+from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
 logger = logging.getLogger(__name__)
 LOSSES = {"margin_mse": EmbeddingMarginMSELoss, "kl": EmbeddingDistillKLLoss}

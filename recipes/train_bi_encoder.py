@@ -30,20 +30,18 @@ from hf_mm_rerank import (
 )
 from hf_mm_rerank.data.pipeline import cache_images
 from hf_mm_rerank.recipes_kit.cli import (
-    DataArguments,
     LoraArguments,
     PublishArguments,
     build_lora,
     build_quantization,
     hub_model,
-    load_data,
     main_process_first,
     parse_with_config,
     print_report,
     resume_point,
     run,
-    validated,
 )
+from hf_mm_rerank.recipes_kit.data import DataArguments, load_data, validated
 from hf_mm_rerank.recipes_kit.demo import DEMO_MODEL, build_demo_base
 
 logger = logging.getLogger(__name__)

@@ -22,22 +22,20 @@ from hf_mm_rerank.data.pipeline import cache_images
 from hf_mm_rerank.losses import RERANKING_LOSSES
 from hf_mm_rerank.publishing.model_card import hub_id
 from hf_mm_rerank.recipes_kit.cli import (
-    DataArguments,
     LoraArguments,
     PublishArguments,
     add_negatives,
     build_lora,
     build_quantization,
     hub_model,
-    load_data,
     main_process_first,
     mini_batch_flag,
     parse_with_config,
     print_report,
     resume_point,
     run,
-    validated,
 )
+from hf_mm_rerank.recipes_kit.data import DataArguments, load_data, validated
 from hf_mm_rerank.recipes_kit.demo import DEMO_RERANKER, build_demo_reranker_base
 
 logger = logging.getLogger(__name__)

@@ -128,7 +128,7 @@ def test_vlm_max_pixels_budget_shrinks_images_before_the_processor(tiny_path):
 
 
 def test_loading_a_cross_kind_folder_fails(tiny_path, tmp_path):
-    from hf_mm_rerank.modeling.base import ModelSpec
+    from hf_mm_rerank.modeling.spec import ModelSpec
 
     folder = tmp_path / "x"
     BiEncoder.from_pretrained(tiny_path("clip")).save_pretrained(str(folder))

@@ -161,7 +161,7 @@ def test_rank_returns_best_first_with_top_k(tiny_path):
 def test_template_that_drops_the_document_is_reported(tiny_path):
     from transformers import AutoProcessor
 
-    from hf_mm_rerank.data.featurizers import ChatPairFeaturizer
+    from hf_mm_rerank.data.pair_featurizers import ChatPairFeaturizer
 
     processor = AutoProcessor.from_pretrained(tiny_path("qwen2_vl"))
     processor.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'][0]['text'] }}" \

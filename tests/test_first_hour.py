@@ -131,7 +131,7 @@ def test_data_files_alone_are_read_by_their_suffix_never_ignored(tiny_path, tmp_
     report = _bi_recipe().main(_tiny_bi_argv(tiny_path, tmp_path, str(jsonl)))
     queries = {line.split('"query": "')[1].split('"')[0] for line in jsonl.read_text().splitlines()}
     assert report["after"] and (tmp_path / "o" / "README.md").is_file()
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     train, held_out = load_data(DataArguments(data_files=[str(jsonl)], eval_fraction=0.25))
     assert set(train["query"]) | set(held_out["query"]) == queries  # the file's rows, not the emoji

@@ -149,7 +149,8 @@ def test_reranker_config_runs_two_steps_on_a_tiny_model_of_its_family(tiny_path,
 def test_cli_flags_override_the_yaml(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import parse_with_config
+    from hf_mm_rerank.recipes_kit.data import DataArguments
 
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: from_yaml\nlearning_rate: 0.5\ndata_files: [a.json, b.json]\n")
@@ -160,7 +161,8 @@ def test_cli_flags_override_the_yaml(tmp_path):
 def test_yaml_values_keep_their_types(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import parse_with_config
+    from hf_mm_rerank.recipes_kit.data import DataArguments
 
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1e-6}\n"
@@ -207,7 +209,7 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(numbers) == 2 and numbers[0] == pytest.approx(numbers[1], abs=1e-5)
     # The printed "after" metrics are those of the saved model, reloaded and evaluated on the same held-out rows.
     from hf_mm_rerank import BiEncoder, RetrievalEvaluator
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     _, held_out = load_data(DataArguments(max_eval_samples=32))
     again = RetrievalEvaluator.from_dataset(held_out)(BiEncoder.from_pretrained(str(tmp_path / "demo")))
@@ -260,7 +262,8 @@ def test_reranker_demo_runs_offline_end_to_end(tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
     from hf_mm_rerank import CrossEncoder, RerankingEvaluator
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, add_negatives, load_data
+    from hf_mm_rerank.recipes_kit.cli import add_negatives
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     # Two optimizer steps ran and moved the fully trained weights away from the base's; "before" is the base itself
     # evaluated directly on the same held-out rows and negatives (a swap of before and after fails here).
@@ -308,7 +311,8 @@ def test_multi_vector_demo_runs_offline_end_to_end(tmp_path, capsys):
     from transformers import TrainingArguments, set_seed
 
     from hf_mm_rerank import RetrievalEvaluator
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, PublishArguments, load_data, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import PublishArguments, parse_with_config
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     recipe = _recipe()
     model_args, data_args, _, run_args = parse_with_config(
@@ -335,7 +339,7 @@ def test_building_the_demo_base_leaves_the_global_rng_alone(tmp_path):
 
 
 def test_imagefolder_style_columns_are_renamed(tmp_path):
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     rows = [{"caption": f"a {c} square", "image": f"{c}.png"} for c in COLORS]
     for c in COLORS:

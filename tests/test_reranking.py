@@ -289,7 +289,7 @@ def test_a_positive_the_first_stage_missed_counts_like_trec_eval():
 
 
 def test_random_negatives_never_repeat_the_positive():
-    from hf_mm_rerank.recipes_kit.cli import random_negatives
+    from hf_mm_rerank.recipes_kit.data import random_negatives
 
     data = Dataset.from_list([{"query": f"q{i}", "positive": solid(c)} for i, c in enumerate(NAMES)])
     out = random_negatives(data, 3, seed=1)

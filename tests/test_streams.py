@@ -165,7 +165,7 @@ def test_the_bi_encoder_recipe_streams_its_data_files_and_holds_out_the_first_ro
     assert "eval_ndcg@10" in report["before"] and "eval_ndcg@10" in report["after"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "a stream: 8 rows read" in card  # 2 steps x 4 rows, after the 4 held out
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     train, held = load_data(DataArguments(data_files=[data], streaming=True, max_eval_samples=4))
     assert [row["query"] for row in held] == [f"a {c} square" for c in list(COLORS)[:4]]

@@ -135,7 +135,8 @@ def test_distill_recipe_runs_on_tiny_models(tiny_path, tmp_path, capsys):
 
     recipe = _recipe("distill_reranker_to_bi_encoder")
     argv = _distill_argv(tiny_path, tmp_path, tmp_path / "out")
-    from hf_mm_rerank.recipes_kit.cli import DataArguments, load_data, parse_with_config
+    from hf_mm_rerank.recipes_kit.cli import parse_with_config
+    from hf_mm_rerank.recipes_kit.data import DataArguments, load_data
 
     data_args, training = parse_with_config((recipe.DistillArguments, DataArguments, recipe.PublishArguments,
                                              recipe.TrainingArguments), argv)[1::2]  # the recipe's own data split

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from ..data.featurizers import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
-from .base import AdapterModel, ModelSpec, to_device
+from .base import AdapterModel, to_device
 from .options import LoadOptions
-from .spec import resolve_file
+from .spec import ModelSpec, resolve_file
 
 POOLINGS = {DUAL: ("auto", "model"), CHAT: ("auto", "last", "mean")}
 

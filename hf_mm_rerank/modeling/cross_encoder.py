@@ -17,15 +17,12 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from ..data.featurizers import (
-    RERANK_PROMPT_DEFAULTS,
-    ChatPairFeaturizer,
-    Featurizer,
-    TextPairFeaturizer,
-)
-from .base import AdapterModel, ModelSpec, to_device
+from ..data.featurizers import Featurizer
+from ..data.pair_featurizers import RERANK_PROMPT_DEFAULTS, ChatPairFeaturizer, TextPairFeaturizer
+from .base import AdapterModel, to_device
 from .bi_encoder import last_token_pool
 from .options import LoadOptions
+from .spec import ModelSpec
 
 HEADS = ("auto", "yes_no", "linear", "mlp", "classification")
 

@@ -24,10 +24,10 @@ from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVecto
 from ..distributed import world
 from ..retrieval.core import MAXSIM, TokenEmbeddings
 from .backbone import CHAT, DUAL, detect_family
-from .base import AdapterModel, ModelSpec, to_device
+from .base import AdapterModel, to_device
 from .bi_encoder import BiEncoder
 from .options import LoadOptions
-from .spec import resolve_file
+from .spec import ModelSpec, resolve_file
 
 PROJECTIONS = {CHAT: ("custom_text_proj",), DUAL: ("custom_text_proj", "custom_image_proj")}
 DEFAULT_DIM = 128

@@ -225,7 +225,7 @@ def _chat_processing(featurizer: Any) -> dict[str, Any]:
 
 def pair_template(featurizer: Any) -> str:
     """The model's own chat template behind a prelude that turns sentence-transformers' (query, document) messages
-    into the one system + user turn :class:`~hf_mm_rerank.data.featurizers.ChatPairFeaturizer` renders (instruction and
+    into the one system + user turn :class:`~hf_mm_rerank.data.pair_featurizers.ChatPairFeaturizer` renders (instruction and
     prefixes, each side's image before its text), and appends the assistant prefix after the generation prompt.
     Other conversations render exactly as with the original template."""
     p = featurizer.prompt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.featurizers import RERANK_PROMPT_DEFAULTS
+from ..data.pair_featurizers import RERANK_PROMPT_DEFAULTS
 from ..training.checkpoints import WRITE_ERRORS, write_error
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
