@@ -17,6 +17,13 @@ from typing import Any
 from .inputs import InputError
 
 ROW_KEY = "_row"  # optional column holding each row's index in the dataset, for error messages
+# In a bi-encoder batch: {"query": int64 [B], "positive": int64 [B], "negative": int64 [B*k] (row-major, as the
+# negative embeddings)}: each input's content hash (equal content, equal id), so the loss never takes a copy of a
+# row's positive for its negative (:func:`hf_mm_rerank.data.dedup.content_id`).
+CONTENT_IDS = "content_ids"
+# In a bi-encoder batch, when a guide model's embeddings were precomputed: {"query": float [B, G], "positive": [B, G],
+# "negative": [B*k, G]}; GIST-style filtering drops the negatives the guide scores too close to the positive.
+GUIDE_EMBEDDINGS = "guide_embeddings"
 _NUMBERED = re.compile(r"^negative_(\d+)$")
 
 
