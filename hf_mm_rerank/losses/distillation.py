@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.minibatch import check_mini_batch_size
 from ..distributed import batch_share
-from .contrastive import ContrastiveLoss, candidate_scores
+from .contrastive import ContrastiveLoss, batch_extras, candidate_scores
 from .grad_cache import grad_cached
 
 
@@ -43,7 +43,7 @@ class _EmbeddingDistillation(ContrastiveLoss):
         teacher = batch["teacher"].to(student.device, torch.float32).view_as(student)
         loss = self.distil(student, teacher) * batch_share(student.shape[0], student.device)
         if self.contrastive_weight:
-            loss = loss + self.contrastive_weight * self.objective(query, positive, negative)
+            loss = loss + self.contrastive_weight * self.objective(query, positive, negative, **batch_extras(batch))
         return loss
 
     def student_scores(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..data.minibatch import check_mini_batch_size
 from ..distributed import batch_share, gather_with_grad
-from .contrastive import ContrastiveLoss, Objective, candidate_scores, similarity
+from .contrastive import ContrastiveLoss, Objective, batch_extras, candidate_scores, similarity
+from .false_negatives import Layout, flat, related_by_content
 from .grad_cache import grad_cached
 
 
@@ -50,13 +51,16 @@ class MaxSimContrastiveLoss(ContrastiveLoss):
         if not self.mini_batch_size:
             return super().forward(model, batch, objective)
         leaves = grad_cached(model, batch, [c for c in ("query", "positive", "negative") if batch.get(c)])
-        return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"))
+        return (objective or self.objective)(leaves["query"], leaves["positive"], leaves.get("negative"),
+                                             **batch_extras(batch))
 
 
 class MaxSimPairwiseLoss(MaxSimContrastiveLoss):
     """Pairwise softplus on MaxSim: ``softplus((s_neg - s_pos) / temperature)``, against each query's hardest in-batch
     negative; with explicit negatives, ``(1 - in_batch_weight)`` x the mean over them ``+ in_batch_weight`` x the
-    in-batch term.
+    in-batch term. With the batch's ``content_ids``, copies of a row's positive (and the positives of other rows with
+    the same query) are not taken as its hardest in-batch negative, and its hard negatives that are copies of its
+    positive leave the mean (``last_masked`` counts both, as :class:`ContrastiveLoss`).
 
     Args:
         temperature: default 0.02 (colpali-engine's for the loss with negatives; its in-batch-only loss uses 1.0).
@@ -69,23 +73,48 @@ class MaxSimPairwiseLoss(MaxSimContrastiveLoss):
     """
 
     def __init__(self, temperature: float = 0.02, *, in_batch_weight: float = 0.5, **kwargs: Any) -> None:
+        unsupported = sorted(set(kwargs) & {"directions", "partition_mode", "hardness_mode", "hardness_strength",
+                                            "guide_margin", "margin_strategy", "guide", "symmetric"})
+        if unsupported:
+            raise ValueError(f"MaxSimPairwiseLoss does not take {unsupported} (options of the softmax losses): use "
+                             "MaxSimContrastiveLoss for them.")
         super().__init__(temperature, **kwargs)
         if not 0 <= in_batch_weight <= 1:
             raise ValueError(f"in_batch_weight={in_batch_weight}: use a weight in [0, 1].")
         self.in_batch_weight = in_batch_weight
 
-    def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+    def objective(self, query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None, *,
+                  content_ids: dict[str, Any] | None = None, guide_embeddings: Any = None) -> torch.Tensor:
         rows = query.shape[0]
-        all_positives, offset = gather_with_grad(positive) if self.gather_across_devices else (positive, 0)
+        gather = self.gather_across_devices
+        all_positives, offset = gather_with_grad(positive) if gather else (positive, 0)
         scores = similarity(query, all_positives, self.normalize_by_query_length)
         own = torch.arange(rows, device=scores.device) + offset
         positive_scores = scores[torch.arange(rows, device=scores.device), own]
         others = scores.clone()
         others[torch.arange(rows, device=scores.device), own] = float("-inf")
+        duplicates, explicit_duplicates = None, None
+        if self.mask_duplicates and content_ids:
+            # The positives only: ids of the positive side, gathered as the positives are.
+            positive_ids = {"query": content_ids["query"], "positive": content_ids["positive"]}
+            duplicates, _ = related_by_content(positive_ids, Layout(rows, 0, offset, 0, gather), scores.device, False)
+            duplicates[torch.arange(rows, device=scores.device), own] = False
+            others = others.masked_fill(duplicates, float("-inf"))
         scale = self.scale.to(scores.device)
         loss = F.softplus((others.max(dim=1).values - positive_scores) * scale).mean()
         if negative is not None:
             grouped = candidate_scores(query, positive, negative, self.normalize_by_query_length)
-            explicit = F.softplus((grouped[:, 1:] - grouped[:, :1]) * scale).mean()
+            pairs = F.softplus((grouped[:, 1:] - grouped[:, :1]) * scale)
+            if duplicates is not None:  # a hard negative that is a copy of the row's positive leaves the mean
+                negative_ids = flat(content_ids.get("negative"), scores.device)
+                if negative_ids is None or negative_ids.numel() != pairs.numel():
+                    raise ValueError("batch['content_ids'] needs one 'negative' id per negative.")
+                positive_ids = flat(content_ids["positive"], scores.device)
+                explicit_duplicates = negative_ids.view_as(pairs) == positive_ids.view(-1, 1)
+                kept = (~explicit_duplicates).float()
+                explicit = (pairs * kept).sum() / kept.sum().clamp(min=1)
+            else:
+                explicit = pairs.mean()
             loss = (1 - self.in_batch_weight) * explicit + self.in_batch_weight * loss
+        self.last_masked = sum(int(m.sum()) for m in (duplicates, explicit_duplicates) if m is not None)
         return loss * batch_share(rows, scores.device)
