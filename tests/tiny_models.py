@@ -192,3 +192,103 @@ FACTORIES = {
     "qwen2_vl": make_qwen2_vl,
     "qwen3_vl": make_qwen3_vl,
 }
+
+
+# ----- vLLM-sized variants (tests/test_vllm.py) ---------------------------------------------------------------------
+# vLLM's CPU attention takes head sizes 32, 64, 80, ... only: these keep the families above but with 32-wide heads in
+# the language model and the vision tower. (New factories: the ones above are shared by the whole suite.)
+
+
+def _qwen_text_config_32(tok, hidden: int, mrope_section: list[int]) -> dict:
+    config = _qwen_text_config(tok, hidden)
+    config.update(num_attention_heads=hidden // 32, num_key_value_heads=1, head_dim=32)
+    config["rope_parameters"] = {**config["rope_parameters"], "mrope_section": mrope_section}
+    return config
+
+
+def make_qwen2_vl_h32(path: Path, hidden: int = 64) -> Path:
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(0)
+    tok = _qwen_tokenizer()
+    cfg = Qwen2VLConfig(
+        text_config=_qwen_text_config_32(tok, hidden, [4, 6, 6]),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        **_special_ids(tok),
+    )
+    ip = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=QWEN_CHAT_TEMPLATE)
+    return _save(Qwen2VLForConditionalGeneration(cfg), proc, path)
+
+
+def make_qwen2_5_vl_h32(path: Path, hidden: int = 64) -> Path:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(0)
+    tok = _qwen_tokenizer()
+    cfg = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config_32(tok, hidden, [4, 6, 6]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        **_special_ids(tok),
+    )
+    ip = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14)
+    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=QWEN_CHAT_TEMPLATE)
+    return _save(Qwen2_5_VLForConditionalGeneration(cfg), proc, path)
+
+
+def make_qwen3_vl_h32(path: Path, hidden: int = 64) -> Path:
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    torch.manual_seed(0)
+    tok = _qwen_tokenizer()
+    text = _qwen_text_config_32(tok, hidden, [6, 5, 5])
+    text["rope_parameters"]["mrope_interleaved"] = True
+    cfg = Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        **_special_ids(tok),
+    )
+    ip = Qwen2VLImageProcessor(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16, patch_size=16,
+                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                            chat_template=QWEN_CHAT_TEMPLATE)
+    return _save(Qwen3VLForConditionalGeneration(cfg), proc, path)
+
+
+def make_clip_vllm(path: Path, hidden: int = 64) -> Path:
+    """make_clip with the towers' own projection_dim equal to the model's (as in released CLIP checkpoints; vLLM sizes
+    its input embeddings by the text config's, which CLIPTextConfig otherwise leaves at 512)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    make_clip(path, hidden)
+    model = CLIPModel.from_pretrained(path)
+    model.config.text_config.projection_dim = model.config.vision_config.projection_dim = hidden
+    return _save(model, CLIPProcessor.from_pretrained(path), path)
+
+
+FACTORIES.update({
+    "clip_vllm": make_clip_vllm,
+    "qwen2_vl_h32": make_qwen2_vl_h32,
+    "qwen2_5_vl_h32": make_qwen2_5_vl_h32,
+    "qwen3_vl_h32": make_qwen3_vl_h32,
+})

@@ -6,7 +6,10 @@
 - ``classifier`` (rerankers): a ``*ForSequenceClassification`` checkpoint with one logit (yes/no heads: the score row
   is the yes LM-head row minus the no row; linear heads: that layer; a 2-logit classifier: the difference of its
   rows), the form vLLM, TEI and sentence-transformers serve without overrides;
-- ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.modeling.st_format`).
+- ``sentence-transformers``: the merged folder with sentence-transformers' configuration (:mod:`.modeling.st_format`);
+- ``lora`` (chat-VLM embedders): the adapter alone, re-keyed for the base's ``*ForConditionalGeneration`` (training
+  adapts the bare ``*Model``), the layout vLLM's ``--enable-lora`` applies: vLLM ignores the adapter as training saves
+  it, without an error (tests/test_vllm.py). Checked by peft on the base's ``*ForConditionalGeneration``.
 
 Each export reloads itself with its target loader and compares with the trained model on probe inputs before it
 reports success (:mod:`.export_check`); a mismatch raises :class:`ExportError` (nothing is left half-written at the
@@ -33,7 +36,11 @@ from ..modeling.st_format import write_st_files
 from .export_card import write_export_card
 from .export_check import ExportError, probe_outputs, relative_difference, reload_outputs, tolerance, torch_dtype
 
-FORMATS = ("merged", "classifier", "sentence-transformers")
+FORMATS = ("merged", "classifier", "sentence-transformers", "lora")
+# Where vLLM 0.32 looks for a classifier's score row: its Qwen2-VL and Qwen2.5-VL keep the converted score layer inside
+# the language model (a top-level score.weight is refused: "There is no module or parameter named 'score'"), its
+# Qwen3-VL at the top level, as transformers names it (tests/test_vllm.py loads each).
+VLLM_SCORE_KEYS = {"qwen2_vl": "language_model.score.weight", "qwen2_5_vl": "language_model.score.weight"}
 
 
 @dataclass
@@ -75,7 +82,8 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
     ``destination`` in ``format`` and check it.
 
     Args:
-        format: ``"merged"``, ``"classifier"`` (rerankers) or ``"sentence-transformers"``.
+        format: ``"merged"``, ``"classifier"`` (rerankers), ``"sentence-transformers"`` or ``"lora"`` (a chat-VLM
+            embedder's adapter for vLLM's LoRA).
         dtype: weights dtype of the export (e.g. ``"bfloat16"``); default: the base checkpoint's own.
         verify: reload the export with its target loader and compare on probe inputs (default). A mismatch raises.
         overwrite: replace an existing ``destination``.
@@ -138,6 +146,8 @@ def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     """Write the export into ``folder``; returns notes for the report and card."""
 
     notes: list[str] = []
+    if format == "lora":
+        return _write_lora(model, folder)
     merged = _merged_copy(model)
     if format == "classifier":
         notes += _write_classifier(merged, folder, dtype)
@@ -261,7 +271,7 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
     full.save_pretrained(folder, max_shard_size="100000GB")  # one file: the LM head is dropped from it below
     weights = os.path.join(folder, "model.safetensors")
     state = {k: v for k, v in load_file(weights).items() if not k.endswith("lm_head.weight")}
-    state["score.weight"] = row.to(next(iter(state.values())).dtype)
+    state[_score_key(model)] = row.to(next(iter(state.values())).dtype)
     save_file(state, weights, metadata={"format": "pt"})
     for leftover in ("generation_config.json",):
         if os.path.isfile(os.path.join(folder, leftover)):
@@ -280,9 +290,53 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
     if hasattr(transformers, name):
         return []
     inner = type(getattr(full, full.base_model_prefix)).__name__
-    return [f"transformers has no {name} class: vLLM serves this checkpoint (`vllm serve FOLDER --runner pooling`); "
-            f"the check here loaded its weights into transformers' {inner} plus the score row, the computation that "
-            "class runs"]
+    return [f"transformers has no {name} class: vLLM serves this checkpoint (`vllm serve FOLDER --runner pooling`, "
+            "run by hf_mm_rerank's tests/test_vllm.py); the check here loaded its weights into transformers' "
+            f"{inner} plus the score row (`{_score_key(model)}`, where vLLM reads it), the computation that class runs"]
+
+
+def _score_key(model: Any) -> str:
+    return VLLM_SCORE_KEYS.get(getattr(model.base_model.config, "model_type", None), "score.weight")
+
+
+def _write_lora(model: Any, folder: str) -> list[str]:
+    """The adapter alone, its keys and target modules moved under the ``*ForConditionalGeneration`` vLLM loads."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    if model.kind != "bi_encoder" or model.spec.family != CHAT:
+        raise ExportError(f"format='lora' re-keys a chat-VLM embedder's adapter for vLLM; this is a {model.kind} "
+                          f"({model.spec.family}). Fix: export format='merged' (or 'classifier' for rerankers).")
+    if not model.is_peft:
+        raise ExportError("format='lora' exports an adapter, and this model has none (a full fine-tune). Fix: export "
+                          "format='merged'.")
+    config = model.backbone.peft_config["default"]
+    if config.modules_to_save:
+        raise ExportError(f"the adapter trains modules fully (modules_to_save={sorted(config.modules_to_save)}), which "
+                          "vLLM's LoRA refuses ('vLLM only supports modules_to_save being either None or "
+                          "[\"classifier\", \"score\"]'). Fix: export format='merged'.")
+    name = _base_architecture(model.base_model)
+    outer = getattr(transformers, name, None) if name else None
+    if outer is None or name == type(model.base_model).__name__:
+        raise ExportError(f"format='lora': {type(model.base_model).__name__} has no *ForConditionalGeneration in "
+                          "transformers to re-key the adapter for. Fix: export format='merged'.")
+    prefix = outer.base_model_prefix  # "model": the bare *Model's place inside *ForConditionalGeneration
+    model.backbone.save_pretrained(folder)
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    inner = "base_model.model."
+    state = {(inner + prefix + "." + k[len(inner):] if k.startswith(inner) else k): v
+             for k, v in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    path = os.path.join(folder, "adapter_config.json")
+    adapter = json.load(open(path))
+    children = {child for child, _ in model.base_model.named_children()}
+    if isinstance(adapter.get("target_modules"), list):
+        adapter["target_modules"] = sorted(f"{prefix}.{t}" if t.split(".")[0] in children else t
+                                           for t in adapter["target_modules"])
+    adapter["base_model_name_or_path"] = str(model.spec.base_model)
+    with open(path, "w") as handle:
+        json.dump(adapter, handle, indent=2)
+    return [f"the adapter of {name} (keys under `{prefix}.`), for vLLM's `--enable-lora` on the base"]
 
 
 def _one_logit_classifier(model: Any, folder: str, dtype: Any) -> list[str]:

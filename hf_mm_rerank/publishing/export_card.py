@@ -51,6 +51,18 @@ def _export_usage(model: Any, format: str) -> str:
                           f"model = {loader}(MODEL)", f"image = {IMAGE}",
                           f'query = model.encode_query(["{QUERY}"])', "document = model.encode_document([image])",
                           "print(model.similarity(query, document))"])
+    if format == "lora":
+        from .serving import vllm_recipes
+
+        recipes, reason, _ = vllm_recipes(model, ".", hub_id(str(model.spec.base_model)) or "BASE", exported="lora")
+        if not recipes:
+            return f"# {reason}"
+        recipe = recipes[0]
+        return "\n".join(["from vllm import LLM",
+                          "from vllm.lora.request import LoRARequest", "",
+                          'ADAPTER = "."  # this folder (its path)', f"llm = {recipe.llm_line()}",
+                          f"# {recipe.inputs}",
+                          f"outputs = {recipe.call_line()}"])
     if format == "classifier":
         return "\n".join(["import torch", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
                           'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',

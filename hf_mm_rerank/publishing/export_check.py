@@ -62,6 +62,8 @@ def probe_outputs(model: Any) -> torch.Tensor:
 
 
 def reload_outputs(folder: str, format: str, model: Any) -> tuple[torch.Tensor, str]:
+    if format == "lora":
+        return _reload_lora(folder, model), "peft on the base's *ForConditionalGeneration"
     if format == "sentence-transformers":
         return _reload_sentence_transformers(folder, model), "sentence-transformers"
     return _reload_plain(folder, format, model), "plain transformers (a subprocess without peft and hf_mm_rerank)"
@@ -89,6 +91,32 @@ def _reload_sentence_transformers(folder: str, model: Any) -> torch.Tensor:
     return st.predict([(QUERY, d) for d in documents], convert_to_tensor=True).cpu()
 
 
+def _reload_lora(folder: str, model: Any) -> torch.Tensor:
+    """The re-keyed adapter loaded by peft onto the base's ``*ForConditionalGeneration``; its inner ``*Model`` embeds
+    the probe inputs as the bi-encoder does (featurizer, pooling, normalisation)."""
+    import transformers
+    from peft import PeftModel
+
+    from ..modeling.base import to_device
+    from ..modeling.bi_encoder import last_token_pool, mean_pool
+    from .export import _base_architecture  # (export imports this module)
+
+    config = json.load(open(os.path.join(folder, "adapter_config.json")))
+    outer = getattr(transformers, _base_architecture(model.base_model))
+    base = outer.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    inner = getattr(PeftModel.from_pretrained(base, folder).eval().get_base_model(), outer.base_model_prefix)
+    red, blue = _probe_image(), _probe_image((20, 20, 220))
+    rows = []
+    for side, items in (("query", [QUERY, "a blue circle"]), ("document", [red, blue])):
+        features = model.featurizer([model.featurizer.read(item, i, side) for i, item in enumerate(items)], side)
+        features = to_device(features, torch.device("cpu"), torch.float32, model.featurizer)
+        with torch.no_grad():
+            hidden = inner(**features, use_cache=False).last_hidden_state
+        pooled = (last_token_pool if model.pooling == "last" else mean_pool)(hidden, features["attention_mask"]).float()
+        rows.append(torch.nn.functional.normalize(pooled, dim=-1) if model.normalize else pooled)
+    return torch.cat(rows)
+
+
 def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
     """Run the export in a subprocess where peft and hf_mm_rerank cannot be imported."""
     import transformers
@@ -100,7 +128,8 @@ def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
         name = json.load(open(os.path.join(folder, "config.json")))["architectures"][0]
         texts = _pair_texts(model)
         task.update({"mode": "classifier" if hasattr(transformers, name) else "inner", "texts": texts,
-                     "images": model.featurizer.supports_images})
+                     "images": model.featurizer.supports_images,  # at the trained pixel budget:
+                     "images_kwargs": model.featurizer.image_kwargs() if model.featurizer.supports_images else {}})
     with tempfile.TemporaryDirectory() as scratch:
         task["result_file"] = os.path.join(scratch, "out.pt")
         task_file = os.path.join(scratch, "task.json")
@@ -125,10 +154,10 @@ def _pair_texts(model: Any) -> list[Any]:
     return [featurizer.render_pair(MMInput(text=QUERY), image)] * 2
 
 
-def _probe_image() -> Any:
+def _probe_image(color: tuple[int, int, int] = (220, 20, 20)) -> Any:
     from PIL import Image
 
-    return Image.new("RGB", (224, 224), (220, 20, 20))
+    return Image.new("RGB", (224, 224), color)
 
 
 def snippet_task(model: Any, info_only: bool = False) -> dict[str, Any]:

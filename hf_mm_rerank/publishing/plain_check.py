@@ -43,9 +43,11 @@ else:  # a *ForSequenceClassification transformers has no class for: its inner m
 
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
-    score = load_file(folder + "/model.safetensors")["score.weight"].float()
+    weights = load_file(folder + "/model.safetensors")  # the score row: top level, or inside the language model (vLLM's
+    score = next(v for k, v in weights.items() if k.split(".")[-2:] == ["score", "weight"]).float()  # Qwen2-VL layout)
     for text, image in zip(task["texts"], [red, blue]):
-        inputs = processor(text=[text], images=[image] if task["images"] else None, return_tensors="pt")
+        extra = {"images_kwargs": task["images_kwargs"]} if task["images"] and task.get("images_kwargs") else {}
+        inputs = processor(text=[text], images=[image] if task["images"] else None, return_tensors="pt", **extra)
         with torch.no_grad():
             hidden = model(**inputs, use_cache=False).last_hidden_state[0, -1].float()
         out.append(hidden @ score[0])
