@@ -350,3 +350,48 @@ def test_dual_encoders(vllm_python, tiny_path, tmp_path):
     assert targets["clip"].how == ("python -m hf_mm_rerank.publishing.export_cli me/model OUT --format merged && "
                                    "vllm serve OUT --runner pooling")
     assert targets["vtde"].status == "no" and "test_vllm.py::test_dual_encoders" in targets["vtde"].note
+
+
+def test_qwen2_5_vl_and_qwen3_vl(vllm_python, tiny_path, tmp_path):
+    """Qwen2.5-VL and Qwen3-VL (``convert="embed"``): the embedder as the merged and the LoRA export, the yes/no
+    reranker as the classifier export (Qwen2.5-VL's score row inside the language model, Qwen3-VL's at the top level)
+    and through the overrides; one vLLM process for both families."""
+    engines = Engines(tmp_path)
+    documents = [solid("red", (224, 224)), photo((90, 70), 2)]
+    pairs = [("a red square", documents[0]), ("a red square", documents[1]), ("a red square", "a square that is red")]
+    expected, rerankers = {}, {}
+    for family, budget in (("qwen2_5_vl", 28 * 28 * 9), ("qwen3_vl", 32 * 32 * 9)):
+        base = tiny_path(f"{family}_h32")
+        embedder = BiEncoder.from_pretrained(base, lora_config=LoraConfig(**LORA), query_prompt="Find the picture.",
+                                             document_prompt="Describe it.", max_pixels=budget)
+        embedder.save_pretrained(str(tmp_path / family))
+        for format in ("merged", "lora"):
+            export(str(tmp_path / family), str(tmp_path / f"{family}-{format}"), format)
+        call, expected[family] = embed_call("embed", embedder, documents, engines)
+        (merged,), _, _ = vllm_recipes(embedder, str(tmp_path / f"{family}-merged"), exported="merged")
+        assert merged.engine["convert"] == "embed"
+        engines.add_recipe(f"{family}-merged", merged, [call])
+        (lora,), _, _ = vllm_recipes(embedder, str(tmp_path / f"{family}-lora"), base, exported="lora")
+        engines.add_recipe(f"{family}-lora", lora, [dict(call, lora={"name": family, "path": lora.source})])
+        reranker = CrossEncoder.from_pretrained(base, head="yes_no", lora_config=LoraConfig(**LORA), max_pixels=budget)
+        reranker.save_pretrained(str(tmp_path / f"{family}-yes_no"))
+        for format in ("classifier", "merged"):
+            export(str(tmp_path / f"{family}-yes_no"), str(tmp_path / f"{family}-yes_no-{format}"), format)
+        score_call = {"name": "score", "method": "classify", "inputs": pair_inputs(reranker, pairs, engines)}
+        (classifier,), _, _ = vllm_recipes(reranker, str(tmp_path / f"{family}-yes_no-classifier"),
+                                           exported="classifier")
+        engines.add_recipe(f"{family}-cls", classifier, [score_call])
+        override = vllm_recipes(reranker, str(tmp_path / f"{family}-yes_no-merged"), exported="merged")[0][1]
+        engines.add_recipe(f"{family}-override", override, [score_call])
+        rerankers[family] = reranker.score(pairs)
+
+    results = engines.run(vllm_python)
+    found = {}
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        for engine in ("merged", "lora"):
+            found[f"{family}-{engine}"] = rel(ok(results, f"{family}-{engine}", "embed"), expected[family])
+        for engine in ("cls", "override"):
+            found[f"{family}-{engine}"] = rel([v[0] for v in ok(results, f"{family}-{engine}", "score")],
+                                              rerankers[family])
+    print("max relative differences:", json.dumps(found))
+    assert max(found.values()) <= TOLERANCE, found
