@@ -20,8 +20,13 @@ def clip(tiny_path):
 def test_batch_layout_and_negative_order(clip):
     rows = color_rows(negatives=2)[:3]
     batch = BiEncoderCollator(clip)(rows)
-    assert set(batch) == {"query", "positive", "negative"}
+    assert set(batch) == {"query", "positive", "negative", "content_ids"}
     assert batch["query"][0]["text"]["input_ids"].shape[0] == 3
+    # Content ids in the embeddings' order: row 0's negative_1 is row 1's positive (green), so their ids are equal.
+    ids = batch["content_ids"]
+    assert ids["query"].shape == ids["positive"].shape == (3,) and ids["negative"].shape == (6,)
+    assert ids["negative"][0] == ids["positive"][1] and ids["negative"][2] == ids["positive"][2]
+    assert len(set(ids["positive"].tolist())) == 3 and len(set(ids["query"].tolist())) == 3
     negatives = batch["negative"][0]
     assert negatives["image"]["pixel_values"].shape[0] == 6  # 3 rows x 2 negatives, row-major
     # Row 0's negatives come first: negative_1 of row 0 is row 1's colour (green).

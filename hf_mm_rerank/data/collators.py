@@ -6,17 +6,22 @@ All image decoding, resizing and processor work happens here, never in the train
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from .dedup import IDS_COLUMN, row_content_ids
 from .featurizers import Featurizer, featurizer_of
 from .inputs import CELL_KINDS, InputError, MMInput
 from .minibatch import Chunker, check_mini_batch_size
+from .pair_featurizers import ChatPairFeaturizer
+from .sampling import SOURCE_KEY
 from .schema import (
     _NUMBERED,
+    CONTENT_IDS,
     POINTWISE,
     ROW_KEY,
     check_columns,
@@ -27,13 +32,15 @@ from .schema import (
     teacher_columns,
 )
 
+SOURCE = "source"  # in a batch of a mixture: the name of the dataset its rows come from (the loss is that source's)
 SKIPPED_KEY = "skipped_rows"  # in a batch built with bad_rows="skip": [(row, reason), ...] of the rows dropped
 ERROR_KEY = "_input_error"  # a batch that could not be built in a DataLoader worker: the InputError, raised by the step
 BAD_ROWS = ("raise", "skip")
 
 
 def _where(row: dict[str, Any], i: int) -> Any:
-    return row.get(ROW_KEY, f"{i} of the batch")
+    where = row.get(ROW_KEY, f"{i} of the batch")
+    return f"{where} of dataset {row[SOURCE_KEY]!r}" if SOURCE_KEY in row else where
 
 
 def check_cell_types(cell_types: dict[str, str] | None) -> dict[str, str]:
@@ -76,6 +83,25 @@ class _RowReader:
         self.bad_rows = bad_rows
         self.cell_types = check_cell_types(cell_types)
         self.defer_errors = False  # the trainers set it: see __call__
+        # {dataset name: prompts}: a mixture's task instructions per source, set by the trainers from their ``prompts``
+        # argument: {"query": ..., "document": ...} for embedders, {"instruction": ..., ...} for chat rerankers; a
+        # source without one keeps the model's own.
+        self.source_prompts: dict[str, dict[str, str]] = {}
+        self._featurizers: dict[str, Featurizer] = {}
+
+    def featurizer_for(self, rows: list[dict[str, Any]]) -> Featurizer:
+        """The featurizer of the rows' source: the model's, with that source's prompts when it has its own."""
+        source = rows[0].get(SOURCE_KEY) if rows else None
+        if source not in self.source_prompts:
+            return self.featurizer
+        if source not in self._featurizers:
+            featurizer, given = copy.copy(self.featurizer), self.source_prompts[source]
+            if isinstance(featurizer, ChatPairFeaturizer):  # a reranker's: instruction, system_prompt, prefixes
+                featurizer.prompt = {**featurizer.prompt, **given}
+            else:
+                featurizer.prompts = {**featurizer.prompts, **given}
+            self._featurizers[source] = featurizer
+        return self._featurizers[source]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The batch of ``rows``. With ``defer_errors`` (set by the trainers), a bad row met in a DataLoader worker
@@ -157,24 +183,30 @@ class BiEncoderCollator(_RowReader):
         check_columns(columns, ("query", "positive"), "bi-encoder dataset")
         negatives = negative_columns(columns)
         teacher = teacher_columns(columns)
-        featurizer, size = self.featurizer, self.mini_batch_size
+        featurizer, size = self.featurizer_for(rows), self.mini_batch_size
         sides = {"query": "query", "positive": "document", **({"negative": "document"} if negatives else {})}
         chunkers = {column: Chunker(featurizer, side, size) for column, side in sides.items()}
 
-        def read(row: dict[str, Any], where: Any) -> tuple[int, list[float]]:
+        def read(row: dict[str, Any], where: Any) -> tuple[int, list[float], list[int]]:
             query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, self.cell_types)
             scores = _teacher_scores(row, teacher, 1 + len(others), where) if teacher else []
+            ids = row.get(IDS_COLUMN) or row_content_ids(row, negatives)  # (hashed once by the no-duplicates sampler)
             with _joined(where):  # the whole row was read: its inputs join their mini-batches (see Chunker)
                 chunkers["query"].add(query)
                 chunkers["positive"].add(positive)
                 for item in others if negatives else ():
                     chunkers["negative"].add(item)
-            return len(others), scores
+            return len(others), scores, list(ids)
 
         read_rows, wheres, skipped = self._read_rows(rows, read)
         if negatives:
             same_count([r[0] for r in read_rows], wheres, negatives[0])
         batch: dict[str, Any] = {column: chunker.close() for column, chunker in chunkers.items()}
+        ids = torch.tensor([r[2] for r in read_rows], dtype=torch.int64)  # [rows, 2 + k]
+        batch[CONTENT_IDS] = {"query": ids[:, 0], "positive": ids[:, 1],
+                              **({"negative": ids[:, 2:].reshape(-1)} if negatives else {})}
+        if SOURCE_KEY in rows[0]:
+            batch[SOURCE] = rows[0][SOURCE_KEY]
         if teacher:  # [rows, 1 + k]: positive first (distillation losses)
             batch["teacher"] = torch.tensor([r[1] for r in read_rows], dtype=torch.float32)
         if skipped:
@@ -201,11 +233,12 @@ class CrossEncoderCollator(_RowReader):
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         layout, negatives, teacher = reranker_layout(batch_columns(rows))
-        chunker = Chunker(self.featurizer, "pair", self.mini_batch_size)
+        featurizer = self.featurizer_for(rows)
+        chunker = Chunker(featurizer, "pair", self.mini_batch_size)
 
         def read(row: dict[str, Any], where: Any) -> tuple[int, list[float], list[float]]:
             query, docs, row_targets, row_teachers = read_reranker_row(
-                self.featurizer, row, where, layout, negatives, teacher, cell_types=self.cell_types)
+                featurizer, row, where, layout, negatives, teacher, cell_types=self.cell_types)
             with _joined(where):  # featurized a mini-batch at a time, as the rows are read (see Chunker)
                 for doc in docs:
                     chunker.add((query, doc))
@@ -221,6 +254,8 @@ class CrossEncoderCollator(_RowReader):
                  "group_size": sizes[0]}
         if teacher:
             batch["teacher"] = torch.tensor(teachers, dtype=torch.float32)
+        if SOURCE_KEY in rows[0]:
+            batch[SOURCE] = rows[0][SOURCE_KEY]
         if skipped:
             batch[SKIPPED_KEY] = skipped
         return batch

@@ -21,6 +21,8 @@ class TrainerLoss(nn.Module):
             all-parameters term itself in its second pass.
         needs_groups: the loss compares each query's candidates, so rows need negatives (grouped rows).
         needs_teacher: the loss distils teacher scores, so rows need ``teacher_score(s)`` columns.
+        last_masked: after each call, the (row, candidate) pairs this process masked as false negatives (logged by
+            the trainers as ``masked_negatives``); None for a loss that masks nothing.
 
     A loss of your own need not inherit it: any ``nn.Module`` taking ``(model, batch)`` works, with these defaults
     for the attributes it does not have (see :func:`loss_contract`).
@@ -34,6 +36,7 @@ class TrainerLoss(nn.Module):
     mini_batch_size: Any = None
     needs_groups: bool = False
     needs_teacher: bool = False
+    last_masked: int | None = None
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,9 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         "serving": [],
         "license": None, "datasets": [], "language": None, "model_name": None, "dataset_name": None,
     }
+    if facts.datasets:  # a mixture: each dataset, its rows and its share of the batches
+        info["training"]["datasets (rows, share of the batches)"] = "; ".join(
+            f"{name}: {d['rows']} rows, {d['share']:.0%}" for name, d in facts.datasets.items())
     dropped = overrides.pop("dropped_rows", 0)
     if dropped:
         info["training"]["rows dropped by the data check (--validate_data)"] = dropped

@@ -24,6 +24,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from ..data.collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
 from ..data.pipeline import add_lengths, undecoded_images
+from ..data.sampling import MixtureDataset
 from ..data.schema import GROUPED, check_columns, negative_columns, reranker_layout, teacher_columns, with_row_index
 from ..data.streams import check_max_steps, first_rows, fit_workers, is_stream, stream_columns, with_stream_row_index
 from ..data.validation import SkipCounter, check_cell_type_columns, check_rows
@@ -33,6 +34,7 @@ from ..losses.base import check_loss_fits, loss_contract
 from ..modeling.backbone import TEXT
 from .arguments import AutoPipeline, fix_training_arguments
 from .hub_push import HubPushCallback
+from .mixing import Mixing, MixtureMixin, SourceLosses, losses_by_name
 from .saving import SavingMixin
 from .throughput import PipelinePolicy, ThroughputCallback, batch_counts
 
@@ -52,8 +54,9 @@ def _columns(dataset: Any, name: str = "dataset") -> list[str] | None:
     if is_stream(dataset):
         return stream_columns(dataset, name)
     names = getattr(dataset, "column_names", None)
-    if isinstance(names, dict):  # a DatasetDict
-        raise TypeError("pass one split (e.g. dataset['train']), not a DatasetDict.")
+    if isinstance(names, dict):  # a DatasetDict where one dataset is expected
+        raise TypeError(f"{name}: a DatasetDict; here pass one split (e.g. dataset['train']). A dict of datasets "
+                        "trains as a mixture when given as train_dataset (see Mixing).")
     return list(names) if names is not None else None
 
 
@@ -61,8 +64,10 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     """Image cells left undecoded for the collator (which decodes JPEGs at reduced scale), a row index for
     error messages, and with ``train_sampling_strategy="group_by_length"`` a length column estimated from text
     tokens and image headers (Trainer's own estimate reads ``input_ids``, which raw rows lack)."""
-    if dataset is None:
-        return None
+    if dataset is None or isinstance(dataset, MixtureDataset):  # (a mixture's datasets are prepared one by one)
+        return dataset
+    if isinstance(dataset, dict):  # named evaluation sets: Trainer evaluates each, its metrics prefixed by its name
+        return {name: _prepare_dataset(d, model, args) for name, d in dataset.items()}
     if is_stream(dataset):
         if args.train_sampling_strategy == "group_by_length":
             logger.info("hf_mm_rerank: train_sampling_strategy='group_by_length' needs every row's length; the dataset "
@@ -77,6 +82,41 @@ def _prepare_dataset(dataset: Any, model: Any, args: TrainingArguments) -> Any:
     return with_row_index(dataset)  # errors name the row (a column, or a key of each plain-list row)
 
 
+def _named(dataset: Any, name: str) -> dict[str, Any]:
+    """``{name: dataset}``, or for a dict of evaluation sets each one under ``name['key']`` (none for None)."""
+    if dataset is None:
+        return {}
+    if isinstance(dataset, dict):
+        return {f"{name}[{key!r}]": d for key, d in dataset.items()}
+    return {name: dataset}
+
+
+def _check_bi_encoder_data(name: str, dataset: Any, loss: nn.Module, args: TrainingArguments) -> None:
+    """A bi-encoder dataset's columns and rows, against its loss, before training: the error names the dataset."""
+    columns = _columns(dataset, name) if dataset is not None else None
+    if columns is None:
+        return
+    contract = loss_contract(loss)
+    check_columns(columns, ("query", "positive"), name)
+    if not is_stream(dataset):
+        check_rows(dataset, name)
+    if contract.needs_groups and not negative_columns(columns):
+        raise ValueError(f"{name}: {type(loss).__name__} compares each query's candidates (positive and "
+                         "negatives), and the rows have no negative column. Fix: mine them first "
+                         "(mine_hard_negatives(bi_encoder, dataset)), then score_with_teacher(reranker, ...).")
+    if contract.needs_teacher and not teacher_columns(columns):
+        raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
+                         "teacher_scores / teacher_score_0..k column. Fix: dataset = score_with_teacher(reranker, dataset).")
+    rows = len(first_rows(dataset, 2)) if is_stream(dataset) else len(dataset)
+    if not negative_columns(columns) and name.startswith("train_dataset") and (
+            rows < 2 or args.per_device_train_batch_size * args.world_size < 2):
+        raise ValueError(
+            f"{name}: {rows} row(s), {args.per_device_train_batch_size} per batch on {args.world_size} process(es), "
+            "and no negative column: each query would be scored against its own positive alone, so the loss is 0 "
+            "and nothing trains. Fix: at least 2 rows per batch (per_device_train_batch_size x processes), or "
+            "negative columns.")
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What a trainer knows about its run beyond ``trainer.state`` (read by the model card): see
@@ -87,6 +127,7 @@ class RunFacts:
         skipped_rows: rows this process skipped as unreadable (``bad_rows="skip"``).
         bad_rows: the rule for unreadable rows, ``"raise"`` or ``"skip"``.
         metrics_before_training: the evaluator's metrics at step 0 (an evaluation before training), or None.
+        datasets: a mixture's datasets: ``{name: {"rows": n, "share": fraction of the batches}}``; None for one.
 
     Example:
         >>> facts = trainer.run_facts(); print(facts.rows_read, facts.skipped_rows)
@@ -96,9 +137,10 @@ class RunFacts:
     skipped_rows: int
     bad_rows: str
     metrics_before_training: dict[str, float] | None
+    datasets: dict[str, dict[str, float]] | None = None
 
 
-class RetrievalTrainerMixin(SavingMixin):
+class RetrievalTrainerMixin(SavingMixin, MixtureMixin):
     """What both trainers share: argument fix-ups, evaluator-driven ``evaluate``, saving (checkpoints appear only
     when complete) and reloading."""
 
@@ -114,7 +156,7 @@ class RetrievalTrainerMixin(SavingMixin):
     def run_facts(self) -> RunFacts:
         """This process's facts about the run so far (the model card reads them)."""
         return RunFacts(rows_read=self.rows_read, skipped_rows=len(self.skipped_rows), bad_rows=self.bad_rows,
-                        metrics_before_training=self.metrics_before_training)
+                        metrics_before_training=self.metrics_before_training, datasets=self.mixture_facts())
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         # The thread count PipelinePolicy sets while training is the process's again after train(), even when it
@@ -150,6 +192,7 @@ class RetrievalTrainerMixin(SavingMixin):
         for name, count in counts.items():
             self.input_counts[name] += count
         loss = self.loss(model, inputs)
+        self.count_masked()
         if model.training and not loss_contract(self.loss).mini_batch_size:  # (GradCache adds it in its 2nd pass)
             extra = all_parameters_term(model)
             loss = loss if extra is None else loss + extra
@@ -223,6 +266,8 @@ class RetrievalTrainerMixin(SavingMixin):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if len(self.skipped_rows) and "loss" in logs:  # bad_rows="skip": the running count (this process's)
             logs["skipped_rows"] = len(self.skipped_rows)
+        if "loss" in logs:
+            self.add_mixture_logs(logs)
         super().log(logs, *args, **kwargs)
 
     def _setup(self, model: nn.Module, args: TrainingArguments, loss: nn.Module, evaluator: Any, data_collator: Any,
@@ -242,6 +287,12 @@ class RetrievalTrainerMixin(SavingMixin):
             # was: the trainer sets this on its own copy.
             data_collator = copy.copy(data_collator)
             data_collator.defer_errors = True
+        if self.mixing.prompts:  # the datasets' own prompts: set on the trainer's copy of the collator
+            if not isinstance(data_collator, (BiEncoderCollator, CrossEncoderCollator)):
+                raise ValueError("Mixing(prompts=...) is applied by hf_mm_rerank's collators; the data_collator passed "
+                                 "is another. Fix: leave data_collator out, or apply the prompts in your collator.")
+            data_collator = copy.copy(data_collator)
+            data_collator.source_prompts, data_collator._featurizers = dict(self.mixing.prompts), {}
         if is_stream(train_dataset):  # see streams.py
             check_max_steps(args)
             if args.accelerator_config.dispatch_batches is None:
@@ -298,40 +349,24 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
     """
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, *, loss: nn.Module | None = None, evaluator: Any = None,
-                 data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
-                 max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
+                 eval_dataset: Any = None, *, loss: nn.Module | dict[str, nn.Module] | None = None,
+                 evaluator: Any = None, data_collator: Any = None, model_card: dict[str, Any] | None = None,
+                 bad_rows: str = "raise", max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None,
+                 mixing: Mixing | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
-        if loss is None:  # token embeddings train by MaxSim
-            loss = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
-        contract = loss_contract(loss)
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            columns = _columns(dataset, name) if dataset is not None else None
-            if columns is not None:
-                check_columns(columns, ("query", "positive"), name)
-                if not is_stream(dataset):
-                    check_rows(dataset, name)
-                if contract.needs_groups and not negative_columns(columns):
-                    raise ValueError(f"{name}: {type(loss).__name__} compares each query's candidates (positive and "
-                                     "negatives), and the rows have no negative column. Fix: mine them first "
-                                     "(mine_hard_negatives(bi_encoder, dataset)), then score_with_teacher(reranker, ...).")
-                if contract.needs_teacher and not teacher_columns(columns):
-                    raise ValueError(f"{name}: {type(loss).__name__} distils teacher scores, but the dataset has no "
-                                     "teacher_scores / teacher_score_0..k column. Fix: dataset = "
-                                     "score_with_teacher(reranker, dataset).")
-                rows = len(first_rows(dataset, 2)) if is_stream(dataset) else len(dataset)
-                if not negative_columns(columns) and name == "train_dataset" and (
-                        rows < 2 or args.per_device_train_batch_size * args.world_size < 2):
-                    raise ValueError(
-                        f"train_dataset: {rows} row(s), {args.per_device_train_batch_size} per batch on "
-                        f"{args.world_size} process(es), and no negative column: each query would be scored against "
-                        "its own positive alone, so the loss is 0 and nothing trains. Fix: at least 2 rows per "
-                        "batch (per_device_train_batch_size x processes), or negative columns.")
+        default = MaxSimContrastiveLoss() if getattr(model, "kind", None) == "multi_vector" else ContrastiveLoss()
+        sources = self._sources(train_dataset, mixing)
+        losses = losses_by_name(loss, list(sources or {"train_dataset": None}), default)
+        for name, dataset in (sources or {"train_dataset": train_dataset}).items():
+            _check_bi_encoder_data(f"train_dataset[{name!r}]" if sources else name, dataset, losses[name], args)
+        for name, dataset in _named(eval_dataset, "eval_dataset").items():
+            _check_bi_encoder_data(name, dataset, next(iter(losses.values())), args)
+        loss = SourceLosses(losses) if isinstance(loss, dict) else next(iter(losses.values()))
         if data_collator is None:
-            data_collator = BiEncoderCollator(model, mini_batch_size=contract.mini_batch_size,
-                                   bad_rows=bad_rows, cell_types=cell_types)
-        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
-                    bad_rows, max_skipped_fraction)
+            data_collator = BiEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
+                                              bad_rows=bad_rows, cell_types=cell_types)
+        self._setup(model, args, loss, evaluator, data_collator, self._mixture(sources, lambda d: _prepare_dataset(d, model, args), args, train_dataset),
+                    eval_dataset, model_card, kwargs, bad_rows, max_skipped_fraction)
 
 
 class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
@@ -357,24 +392,29 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
     """
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, *, loss: RerankingLoss | None = None, evaluator: Any = None,
-                 data_collator: Any = None, model_card: dict[str, Any] | None = None, bad_rows: str = "raise",
-                 max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None, **kwargs: Any) -> None:
+                 eval_dataset: Any = None, *, loss: RerankingLoss | dict[str, RerankingLoss] | None = None,
+                 evaluator: Any = None, data_collator: Any = None, model_card: dict[str, Any] | None = None,
+                 bad_rows: str = "raise", max_skipped_fraction: float = 0.05, cell_types: dict[str, str] | None = None,
+                 mixing: Mixing | None = None, **kwargs: Any) -> None:
         args = self._fix_args(args)
-        layouts = {name: reranker_layout(columns) for name, dataset in
-                   (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+        sources = self._sources(train_dataset, mixing)
+        named = {**(sources or _named(train_dataset, "train_dataset")), **_named(eval_dataset, "eval_dataset")}
+        layouts = {name: reranker_layout(columns) for name, dataset in named.items()
                    if dataset is not None and (columns := _columns(dataset, name)) is not None}
         for name in layouts:
-            dataset = train_dataset if name == "train_dataset" else eval_dataset
-            if not is_stream(dataset):
-                check_rows(dataset, name)
-        if loss is None:
-            grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
-            loss = ListwiseSoftmaxLoss() if grouped else BinaryCrossEntropyLoss()
+            if not is_stream(named[name]):
+                check_rows(named[name], name)
+        train_names = list(sources or {"train_dataset": None})
+        grouped = any(layout == GROUPED for layout, _, _ in layouts.values())
+        defaults = {name: ListwiseSoftmaxLoss() if layouts.get(name, (None,))[0] == GROUPED or (
+            name not in layouts and grouped) else BinaryCrossEntropyLoss() for name in train_names}
+        losses = {name: chosen if chosen is not None else defaults[name]
+                  for name, chosen in losses_by_name(loss, train_names, None).items()}
         for name, (layout, _, teacher) in layouts.items():
-            check_loss_fits(loss, name, layout, teacher)
+            check_loss_fits(losses.get(name, next(iter(losses.values()))), name, layout, teacher)
+        loss = SourceLosses(losses) if isinstance(loss, dict) else next(iter(losses.values()))
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
-                                   bad_rows=bad_rows, cell_types=cell_types)
-        self._setup(model, args, loss, evaluator, data_collator, train_dataset, eval_dataset, model_card, kwargs,
-                    bad_rows, max_skipped_fraction)
+                                                 bad_rows=bad_rows, cell_types=cell_types)
+        self._setup(model, args, loss, evaluator, data_collator, self._mixture(sources, lambda d: _prepare_dataset(d, model, args), args, train_dataset),
+                    eval_dataset, model_card, kwargs, bad_rows, max_skipped_fraction)
