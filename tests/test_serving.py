@@ -122,23 +122,26 @@ def test_the_serving_check_names_the_engines_that_take_the_adapter_as_it_is(tiny
         return {t.engine: t for t in serving_targets(model, "me/model", "tiny/base")}
 
     plain = engines(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(r=4)))
-    assert plain["vLLM"].status == "as is" and "--enable-lora" in plain["vLLM"].how and "--max-lora-rank 4" in \
-        plain["vLLM"].how and "adapter=me/model" in plain["vLLM"].how
+    # vLLM ignores the adapter as saved (test_vllm.py::test_qwen2_vl): the re-keyed LoRA export, rank 4 -> 8
+    assert plain["vLLM"].status == "export" and "--format lora && vllm serve tiny/base" in plain["vLLM"].how
+    assert "--enable-lora --max-lora-rank 8" in plain["vLLM"].how and "adapter=OUT" in plain["vLLM"].how
     assert plain["sentence-transformers"].status == "as is" and plain["TEI"].status == "no"
     saved = engines(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["merger"])))
-    assert saved["vLLM"].status == "export" and "rejects modules_to_save weights (merger)" in saved["vLLM"].note
+    assert saved["vLLM"].status == "export" and "refuses modules_to_save (merger)" in saved["vLLM"].note
     assert saved["vLLM"].how.startswith("python -m hf_mm_rerank.publishing.export_cli me/model OUT --format merged && vllm serve OUT")
     vision = engines(BiEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(
         r=4, target_modules=["qkv", "q_proj"])))  # qkv: the vision blocks' attention
-    assert vision["vLLM"].status == "export" and "LoRA on the vision tower (visual)" in vision["vLLM"].note
+    assert vision["vLLM"].status == "export" and "--enable-tower-connector-lora" in vision["vLLM"].how
     reranker = engines(CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no", lora_config=LoraConfig(r=4)))
     assert reranker["vLLM"].status == "export" and "--format classifier" in reranker["vLLM"].how
     assert engines(CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="mlp"))["vLLM"].status == "no"
     bert = engines(CrossEncoder.from_pretrained(_bert_classifier(tmp_path), head="classification"))
     assert bert["TEI"].status == "as is" and bert["TEI"].how == "text-embeddings-router --model-id me/model"
     clip = engines(BiEncoder.from_pretrained(tiny_path("clip"), lora_config=LoraConfig(r=4)))
-    assert clip["vLLM"].status == "no" and clip["TEI"].status == "no"
+    # CLIP is served from the merged export (test_vllm.py::test_dual_encoders)
+    assert clip["vLLM"].status == "export" and "--format merged && vllm serve OUT --runner pooling" in clip["vLLM"].how
+    assert clip["TEI"].status == "no"
 
 
 def test_the_push_callback_pushes_the_export_beside_the_adapter(hub, tiny_path, tmp_path):
