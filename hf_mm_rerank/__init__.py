@@ -58,6 +58,7 @@ _EXPORTS = {
     "MMInput": "data.inputs",
     "MarginMSELoss": "losses",
     "MatryoshkaLoss": "losses",
+    "Mixing": "training.mixing",
     "MaxSimContrastiveLoss": "losses",
     "MaxSimPairwiseLoss": "losses",
     "MultiVectorEncoder": "modeling",

@@ -26,6 +26,7 @@ from hf_mm_rerank import (
     MatryoshkaLoss,
     MaxSimContrastiveLoss,
     MaxSimPairwiseLoss,
+    Mixing,
     MultiVectorEncoder,
     RerankingEvaluator,
     RetrievalEvaluator,
@@ -202,6 +203,31 @@ def classification_bce(paths, out):
     return _reranker_run(model, out, BinaryCrossEntropyLoss(), rows[:48])
 
 
+def mixture_cached(paths, out):
+    """Two datasets as a round-robin mixture (every global batch from one, on both ranks), GradCache, symmetric loss;
+    the paints repeat their positives, so copies meet in a batch and on the other rank: the loss masks them."""
+    paints = [{"query": f"{c} paint {k}", "positive": f"the colour {c}"} for k in range(2) for c in COLORS]
+    loss = CachedContrastiveLoss(mini_batch_size=2, symmetric=True)
+    model = _clip(paths)
+    initial = trainable(model)
+    masked: list[int] = []
+
+    class CountMasked(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            masked.append(int((logs or {}).get("masked_negatives", 0)))
+
+    trainer = BiEncoderTrainer(model=model, args=training_args(out), loss=loss, callbacks=[CountMasked()],
+                               train_dataset={"colors": Dataset.from_list(color_rows(repeat=3)),
+                                              "paints": Dataset.from_list(paints)},
+                               mixing=Mixing(strategy="round_robin"))
+    ref = [trainer]
+    counter = CountAllReduces(ref)
+    trainer.add_callback(counter)
+    trainer.train()
+    return {"initial": initial, "weights": trainable(model), "all_reduces": counter.count,
+            "steps": trainer.state.global_step, "masked": sum(masked)}
+
+
 def _stream_or_rows(rows: list[dict], shards: int) -> Any:
     """With 2 processes: ``rows`` as a stream of ``shards`` shards, ordered so that the global batches (4 rows per
     process and step) are the map-style ones: with 2 shards each process reads its own shard (datasets splits a
@@ -261,7 +287,7 @@ def sharded_inference(paths, out):
 SCENARIOS = {f.__name__: f for f in (
     contrastive_lora, cached_full, accumulation, uneven_last_batch, chat_vlm_embedder, qlora_gradient_checkpointing,
     multi_vector_maxsim, multi_vector_cached_pairwise, stream_bi_encoder, stream_sharded_reranker,
-    listwise_reranker, yes_no_lambda, mlp_distill, classification_bce, sharded_inference)}
+    listwise_reranker, yes_no_lambda, mlp_distill, classification_bce, mixture_cached, sharded_inference)}
 
 
 def run(name: str, paths: dict[str, str], out_root: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from images import color_rows  # noqa: E402
+from images import COLORS, color_rows  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
@@ -39,6 +39,7 @@ from hf_mm_rerank import (  # noqa: E402
     ContrastiveLoss,
     CrossEncoder,
     CrossEncoderTrainer,
+    Mixing,
 )
 from hf_mm_rerank.losses import ListwiseSoftmaxLoss  # noqa: E402
 from hf_mm_rerank.publishing.model_card import card_info  # noqa: E402
@@ -86,8 +87,13 @@ def main(kind: str, model_path: str, output_dir: str, kill_at: int, loading: str
                              disable_tqdm=True, seed=0)
     data = Dataset.from_list(rows)
     data = data.to_iterable_dataset(num_shards=2) if kind == "stream" else data
+    mixing = None
+    if kind == "mixture":  # two datasets, drawn by temperature, without duplicates in a batch: 8 steps per epoch
+        paints = Dataset.from_list([{"query": f"{c} paint {k}", "positive": f"the colour {c}"}
+                                    for k in range(2) for c in COLORS])
+        data, mixing = {"colours": data, "paints": paints}, Mixing(strategy="temperature", no_duplicates=True)
     callbacks = [CheckLoading(loading)] + ([KillAfterSave(kill_at)] if kill_at else [])
-    trainer = trainer_class(model=model, args=args, train_dataset=data, loss=loss, callbacks=callbacks)
+    trainer = trainer_class(model=model, args=args, train_dataset=data, loss=loss, callbacks=callbacks, mixing=mixing)
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     print(f"resuming from {os.path.basename(last)}" if last else "starting", flush=True)
     trainer.train(resume_from_checkpoint=True if last else None)

@@ -82,3 +82,12 @@ def test_sharded_evaluation_and_mining_equal_one_process(two_ranks, paths, tmp_p
         assert rank["multi_vector"] == pytest.approx(single["multi_vector"], abs=1e-9)  # MaxSim evaluation
         assert_rel_close(rank["token_embeddings"], single["token_embeddings"])
         assert {"ndcg@10", "retriever_ndcg@10", "recall@5"} <= set(single["two_stage"])
+
+
+def test_a_mixture_masks_the_same_false_negatives_on_two_ranks_as_in_one(two_ranks, paths, tmp_path):
+    """Copies of a positive meet within a rank and across ranks: each rank masks its own rows' share, which adds up
+    to what one process masks over the same global batches."""
+    single = ddp_scenarios.run("mixture_cached", paths, str(tmp_path))
+    rank0, rank1 = two_ranks["mixture_cached"]
+    assert single["masked"] > 0
+    assert rank0["masked"] + rank1["masked"] == single["masked"]

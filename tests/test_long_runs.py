@@ -58,6 +58,7 @@ def _facts(out: Path) -> dict:
     ("grad_cache", "clip", 6, "workers"),  # killed mid-epoch
     ("reranker", "qwen2_vl", 6, "workers"),
     ("stream", "clip", 6, "workers"),  # a streamed training set, killed in its second pass
+    ("mixture", "clip", 6, "workers"),  # two datasets mixed, no duplicates: killed mid-epoch, the mixture goes on
 ])
 def test_sigkill_and_resume_equals_a_straight_run(tiny_path, straight_run, tmp_path, kind, family, kill_at, loading):
     model = tiny_path(family)

@@ -207,3 +207,25 @@ def test_mixture_errors_name_the_dataset():
         SourceBatchSampler(MixtureDataset({"big": _texts(40, "b"), "small": small}), batch_size=8)
     with pytest.raises(ValueError, match="Mixing\\(strategy='random'\\)"):
         Mixing(strategy="random")
+
+
+def test_a_reranker_trains_a_pointwise_and_a_grouped_dataset_each_with_its_own_loss(tiny_path, tmp_path):
+    from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer
+    from hf_mm_rerank.losses import BinaryCrossEntropyLoss, ListwiseSoftmaxLoss
+
+    names = list(COLORS)
+    pointwise = Dataset.from_list([{"query": f"a {c} square", "document": solid(d), "label": float(c == d)}
+                                   for c in names for d in (c, names[(names.index(c) + 1) % 8])])
+    grouped = Dataset.from_list([{"query": f"{c} paint", "positive": f"the colour {c}",
+                                  "negative_1": f"the colour {names[(i + 1) % 8]}"} for i, c in enumerate(names)])
+    model = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no", system_prompt="", instruction="",
+                                         query_prefix="", document_prefix="")
+    trainer = CrossEncoderTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=4),
+                                  train_dataset={"pointwise": pointwise, "grouped": grouped},
+                                  mixing=Mixing(strategy="round_robin", prompts={"grouped": {"instruction": "Paints."}}))
+    kinds = {name: type(loss) for name, loss in trainer.loss.losses.items()}
+    assert kinds == {"pointwise": BinaryCrossEntropyLoss, "grouped": ListwiseSoftmaxLoss}  # each layout's default
+    featurizer = trainer.data_collator.featurizer_for([{"_source": "grouped"}])
+    assert featurizer.prompt["instruction"] == "Paints." and model.featurizer.prompt["instruction"] == ""
+    trainer.train()
+    assert trainer.state.global_step == 4 and all(row["loss"] > 0 for row in trainer.state.log_history if "loss" in row)

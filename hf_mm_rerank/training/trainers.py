@@ -361,7 +361,7 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
             _check_bi_encoder_data(f"train_dataset[{name!r}]" if sources else name, dataset, losses[name], args)
         for name, dataset in _named(eval_dataset, "eval_dataset").items():
             _check_bi_encoder_data(name, dataset, next(iter(losses.values())), args)
-        loss = SourceLosses(losses) if isinstance(loss, dict) else next(iter(losses.values()))
+        loss = SourceLosses(losses) if len({id(x) for x in losses.values()}) > 1 else next(iter(losses.values()))
         if data_collator is None:
             data_collator = BiEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
                                               bad_rows=bad_rows, cell_types=cell_types)
@@ -412,7 +412,7 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
                   for name, chosen in losses_by_name(loss, train_names, None).items()}
         for name, (layout, _, teacher) in layouts.items():
             check_loss_fits(losses.get(name, next(iter(losses.values()))), name, layout, teacher)
-        loss = SourceLosses(losses) if isinstance(loss, dict) else next(iter(losses.values()))
+        loss = SourceLosses(losses) if len({id(x) for x in losses.values()}) > 1 else next(iter(losses.values()))
         if data_collator is None:
             data_collator = CrossEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
                                                  bad_rows=bad_rows, cell_types=cell_types)
