@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,18 +91,21 @@ def test_push_staging_folders_are_removed_at_interpreter_exit(tmp_path):
         from hf_mm_rerank.training.hub_push import stage
         child = os.fork()
         staging = stage({str(tmp_path / "model")!r})
-        print("child" if child == 0 else "parent", staging, sorted(os.listdir(staging)), flush=True)
+        line = f"{{'child' if child == 0 else 'parent'}} {{staging}} {{sorted(os.listdir(staging))}}\\n"
+        os.write(1, line.encode())  # one write: the processes share the pipe (print writes piece by piece unbuffered)
         if child == 0:
             raise RuntimeError("training crashed")
         _, status = os.waitpid(child, 0)
-        print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+        os.write(1, f"child exit {{os.waitstatus_to_exitcode(status)}}\\n".encode())
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TMPDIR": str(temp)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "training crashed" in run.stderr and "child exit 1" in run.stdout
-    for who in ("parent", "child"):
-        staging = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith(who + " /"))
+    for who in ("parent", "child"):  # (searched, not read line by line: the two processes write to one pipe)
+        found = re.search(rf"\b{who} (/\S+) \[", run.stdout)
+        assert found, f"no {who!r} line in the output: {run.stdout!r} / {run.stderr[-1000:]!r}"
+        staging = found.group(1)
         assert staging.startswith(str(temp)) and "adapter_config.json" in run.stdout  # it was staged, in TMPDIR
         assert not os.path.exists(staging)
     assert list(temp.iterdir()) == []
