@@ -23,6 +23,7 @@ from hf_mm_rerank import (
     MatryoshkaLoss,
     MaxSimContrastiveLoss,
     MaxSimPairwiseLoss,
+    Mixing,
     MultiVectorEncoder,
     RetrievalEvaluator,
     ThroughputCallback,
@@ -41,7 +42,7 @@ from hf_mm_rerank.recipes_kit.cli import (
     resume_point,
     run,
 )
-from hf_mm_rerank.recipes_kit.data import DataArguments, load_data, validated
+from hf_mm_rerank.recipes_kit.data import DataArguments, each_dataset, load_training_data, validated
 from hf_mm_rerank.recipes_kit.demo import DEMO_MODEL, build_demo_base
 
 logger = logging.getLogger(__name__)
@@ -119,19 +120,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 2. Data: (query, positive[, negatives]) rows; a held-out split feeds the retrieval evaluator.
     with main_process_first(args, "loading the data"):
-        train, held_out = load_data(data_args, seed=args.seed)
+        train, held_out, mixing = load_training_data(data_args, seed=args.seed)  # mixing: a mixture's (the YAML's)
     evaluator = RetrievalEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)
     if data_args.cache_images:
         with main_process_first(args, "cache_images"):
-            train = cache_images(train, model)
-    train = validated(train, model, data_args, args)
+            train = each_dataset(train, lambda d: cache_images(d, model))
+    train = each_dataset(train, lambda d: validated(d, model, data_args, args))
     trainer = BiEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(model_args),
                                evaluator=evaluator,
                                callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**publish.card(), "dropped_rows": data_args.dropped_rows},
-                               **data_args.row_rules())
+                               mixing=Mixing(**mixing) if mixing else None, **data_args.row_rules())
 
     # 4. Train, measuring retrieval before and after.
     before = trainer.evaluate() if evaluator else {}

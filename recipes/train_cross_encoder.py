@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
 
-from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, RerankingEvaluator, ThroughputCallback
+from hf_mm_rerank import CrossEncoder, CrossEncoderTrainer, Mixing, RerankingEvaluator, ThroughputCallback
 from hf_mm_rerank.data.pipeline import cache_images
 from hf_mm_rerank.losses import RERANKING_LOSSES
 from hf_mm_rerank.publishing.model_card import hub_id
@@ -35,7 +35,7 @@ from hf_mm_rerank.recipes_kit.cli import (
     resume_point,
     run,
 )
-from hf_mm_rerank.recipes_kit.data import DataArguments, load_data, validated
+from hf_mm_rerank.recipes_kit.data import DataArguments, each_dataset, load_training_data, validated
 from hf_mm_rerank.recipes_kit.demo import DEMO_RERANKER, build_demo_reranker_base
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 2. Data: grouped or pointwise rows; (query, positive) pairs get mined or random negatives.
     with main_process_first(args, "loading the data"):
-        train, held_out = load_data(data_args, seed=args.seed)
-    columns = set(train.column_names or [])
-    train = add_negatives(train, model_args.num_negatives, model_args.mining_model, seed=args.seed, args=args)
+        train, held_out, mixing = load_training_data(data_args, seed=args.seed)  # mixing: a mixture's (the YAML's)
+    columns = each_dataset(train, lambda d: set(d.column_names or []))
+    train = each_dataset(train, lambda d: add_negatives(d, model_args.num_negatives, model_args.mining_model,
+                                                        seed=args.seed, args=args))
     card = publish.card()
-    if set(train.column_names or []) != columns:  # the card says how the negatives were made
+    if each_dataset(train, lambda d: set(d.column_names or [])) != columns:  # the card says how negatives were made
         miner = hub_id(model_args.mining_model)
         card["negatives"] = (f"mined with {miner}" if miner else "mined with a bi-encoder") \
             if model_args.mining_model else "random"
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model = build_model(model_args, args)
     if data_args.cache_images:
         with main_process_first(args, "cache_images"):
-            train = cache_images(train, model)
-    train = validated(train, model, data_args, args)
+            train = each_dataset(train, lambda d: cache_images(d, model))
+    train = each_dataset(train, lambda d: validated(d, model, data_args, args))
     loss = build_loss(model_args)  # (--mini_batch_size / --mini_batch_tokens with --loss auto: refused at parsing)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=loss, evaluator=evaluator,
                                   callbacks=[ThroughputCallback(), *publish.callbacks(args)], model_card={**card, "dropped_rows": data_args.dropped_rows},
-                                  **data_args.row_rules())
+                                  mixing=Mixing(**mixing) if mixing else None, **data_args.row_rules())
 
     # 4. Train, measuring reranking before and after.
     before = trainer.evaluate() if evaluator else {}

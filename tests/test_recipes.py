@@ -364,3 +364,27 @@ def test_every_config_says_what_it_needs_and_the_readme_lists_it():
         settings = yaml.safe_load(config.read_text())
         offline_cpu = not settings.get("bf16") and str(settings.get("model_name_or_path", "")).startswith("builtin:")
         assert row.rstrip(" |").split("|")[-1].strip().startswith("yes" if offline_cpu else "no"), row
+
+
+def test_a_yaml_mixture_trains_the_demo_on_two_datasets_and_the_card_lists_them(tmp_path):
+    """``mixture:`` in the YAML: the built-in emoji and a JSON file of another layout (with negatives), each with its
+    own prompt and weight; the card lists both with their rows and shares."""
+    config = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    config["mixture"] = {"no_duplicates": True, "datasets": [
+        {"name": "emoji", "dataset_name": "builtin:emoji", "max_train_samples": 64, "max_eval_samples": 16,
+         "weight": 3},
+        {"name": "squares", "data_files": [_json_data(tmp_path / "data")], "dataset_name": "builtin:emoji",
+         "query_prompt": "find the square: ", "weight": 1}]}
+    path = tmp_path / "mixture.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _recipe().main(["--config", str(path), "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
+                    "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0"])
+    facts = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    listed = facts["datasets (rows, share of the batches)"]
+    assert listed.startswith("emoji: 64 rows, ") and "; squares: 16 rows, " in listed
+    share = float(listed.split("emoji: 64 rows, ")[1].split("%")[0])
+    assert 50 <= share <= 100  # weight 3 of 4 (drawn: the first epoch's schedule)
+    with pytest.raises(ValueError, match=r"mixture.datasets\[0\].*unknown: \['colour'\]"):
+        bad = dict(config, mixture={"datasets": [{"name": "x", "colour": "red"}]})
+        path.write_text(yaml.safe_dump(bad))
+        _recipe().main(["--config", str(path), "--output_dir", str(tmp_path / "bad")])

@@ -9,7 +9,7 @@
   transformers' ``PROPORTIONAL``), ``"round_robin"`` (one batch of each in turn until the smallest runs out: its
   ``ROUND_ROBIN``) or ``"temperature"`` (each step draws source s with probability proportional to
   ``size_s ** alpha``: alpha 1 is proportional in expectation, 0 uniform; small sources are revisited, with a fresh
-  shuffle each time they run out).
+  shuffle each time they run out) or ``"weighted"`` (the same draw with probabilities proportional to given weights).
 - With ``no_duplicates``, no global batch holds two rows sharing content (a query, a positive or a negative, compared
   by :mod:`.dedup` ids): a row that would repeat content is deferred to a later batch, never dropped, and counted
   (``deferred``). Within a source's pass the algorithm is sentence-transformers' ``NO_DUPLICATES`` (the same shuffle
@@ -33,7 +33,7 @@ from .dedup import IDS_COLUMN, row_content_ids
 from .schema import negative_columns
 
 SOURCE_KEY = "_source"  # each row of a MixtureDataset: the name of the dataset it comes from
-MIXING = ("proportional", "round_robin", "temperature")
+MIXING = ("proportional", "round_robin", "temperature", "weighted")
 MAX_FRUITLESS_PASSES = 20  # no_duplicates: shuffles in a row that fill no batch before the sampler gives up
 
 
@@ -96,6 +96,7 @@ class SourceBatchSampler(torch.utils.data.Sampler):
         processes: the number of processes (``world_size``).
         mixing: ``"proportional"``, ``"round_robin"`` or ``"temperature"``.
         alpha: the temperature rule's exponent.
+        weights: ``"weighted"``: one weight per source, in the dataset's order.
         no_duplicates: keep rows that share content out of one global batch.
         seed: the run's seed.
 
@@ -105,9 +106,15 @@ class SourceBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, dataset: MixtureDataset, batch_size: int, processes: int = 1, *, mixing: str = "proportional",
-                 alpha: float = 0.5, no_duplicates: bool = False, seed: int = 0) -> None:
+                 alpha: float = 0.5, no_duplicates: bool = False, seed: int = 0,
+                 weights: list[float] | None = None) -> None:
         if mixing not in MIXING:
             raise ValueError(f"mixing={mixing!r}: use one of {MIXING}.")
+        if (mixing == "weighted") != (weights is not None) or weights is not None and (
+                len(weights) != len(dataset.names) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"mixing={mixing!r} with weights={weights}: 'weighted' takes one weight >= 0 per dataset "
+                             f"({dataset.names}), not all 0; the other rules take none.")
+        self.weights = weights
         self.dataset, self.batch_size, self.processes = dataset, int(batch_size), int(processes)
         self.mixing, self.alpha, self.no_duplicates, self.seed = mixing, float(alpha), no_duplicates, int(seed)
         self.drop_last = True  # (read by accelerate's BatchSamplerShard) every batch is full
@@ -142,7 +149,8 @@ class SourceBatchSampler(torch.utils.data.Sampler):
         if self.mixing == "proportional":  # as sentence-transformers' ProportionalBatchSampler draws it
             slots = [s for s in sources for _ in range(self.batches_per_source[s])]
             return [slots[i] for i in torch.randperm(len(slots), generator=generator).tolist()]
-        weights = torch.tensor([float(size) ** self.alpha for size in self.dataset.sizes], dtype=torch.float64)
+        weights = torch.tensor(self.weights if self.weights is not None else
+                               [float(size) ** self.alpha for size in self.dataset.sizes], dtype=torch.float64)
         return torch.multinomial(weights, self.steps(), replacement=True, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:

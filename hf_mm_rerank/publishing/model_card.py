@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..data.sampling import MixtureDataset
 from ..data.schema import ROW_KEY, negative_cells, negative_columns
 from ..data.streams import first_rows, is_stream
 from .card_usage import library_usage, plain_usage, usage_info
@@ -107,7 +108,8 @@ def _pooling(model: Any) -> str | None:
 
 
 def _negatives(dataset: Any, kind: str) -> str:
-
+    if isinstance(dataset, MixtureDataset):  # each dataset's own
+        return "; ".join(f"{name}: {_negatives(d, kind)}" for name, d in dataset.sources.items())
     first = ((first_rows(dataset) or [{}])[0] if is_stream(dataset) else None)
     columns = list(first or getattr(dataset, "column_names", None) or [])
     columns = [c for c in columns if c != ROW_KEY]

@@ -3,9 +3,10 @@ streams), their canonical columns, the held-out split, the data check, and rando
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transformers import TrainingArguments
@@ -56,6 +57,13 @@ class DataArguments:
                 "every unreadable one; with --bad_rows raise the run stops there, with skip those rows are dropped "
                 "before training."})
 
+    mixture: dict | str | None = field(default=None, metadata={
+        "help": "Train on several datasets at once (in the --config YAML): {strategy: proportional | round_robin | "
+                "temperature | weighted, alpha: 0.5, no_duplicates: true, datasets: [{name: ..., weight: 1.0, "
+                "query_prompt / document_prompt (embedders) or instruction (rerankers): ..., and any data flag: "
+                "dataset_name, data_files, query_column, positive_column, max_train_samples, ...}]}. The held-out "
+                "rows come from the first dataset that has some."})
+
     dropped_rows = 0  # rows --validate_data dropped (recorded in the model card)
 
     def row_rules(self) -> dict[str, Any]:
@@ -78,7 +86,7 @@ def validated(train: Any, model: Any, data: DataArguments, args: TrainingArgumen
     if args.process_index == 0:
         print(f"hf_mm_rerank: data check: dropping {len(bad)} of {report.rows} rows before training "
               "(--bad_rows skip):\n" + "\n".join(f"  {b.reason}" for b in report.bad), flush=True)
-    data.dropped_rows = len(bad)
+    data.dropped_rows += len(bad)  # (a mixture's datasets add up)
     return train.select([i for i in range(len(train)) if i not in bad])
 
 
@@ -240,3 +248,57 @@ def random_negatives(dataset: Any, num_negatives: int, seed: int = 42) -> Any:
         column = base.select(picked).flatten_indices().select_columns(["positive"])
         columns.append(column.rename_column("positive", f"negative_{j}"))
     return concatenate_datasets(columns, axis=1)
+
+
+MIXTURE_KEYS = {"strategy", "alpha", "no_duplicates", "datasets"}
+# a dataset's own prompts in the YAML -> the collator's: an embedder's sides, a chat reranker's framing
+PROMPT_KEYS = {"query_prompt": "query", "document_prompt": "document", "instruction": "instruction",
+               "system_prompt": "system_prompt"}
+
+
+def load_mixture(args: DataArguments, seed: int = 42) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """``mixture:`` of the YAML: ``({name: training rows}, held-out rows or None, the Mixing fields)``; each dataset is
+    loaded by :func:`load_data` with the recipe's data flags overridden by its own entry."""
+    spec = json.loads(args.mixture) if isinstance(args.mixture, str) else args.mixture  # (a flag gives JSON)
+    if not isinstance(spec, dict) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
+        raise ValueError(f"mixture: received {spec!r}; it is a mapping with a non-empty 'datasets' list (in the --config "
+                         "YAML). Fix: see --help for mixture, or the README section 'Several datasets at once'.")
+    unknown = sorted(set(spec) - MIXTURE_KEYS)
+    if unknown:
+        raise ValueError(f"mixture: unknown keys {unknown}; use {sorted(MIXTURE_KEYS)}.")
+    fields = set(DataArguments.__dataclass_fields__) - {"mixture"}
+    sources: dict[str, Any] = {}
+    held_out, prompts, weights = None, {}, {}
+    for i, entry in enumerate(spec["datasets"]):
+        name = str(entry.get("name") or f"dataset_{i}") if isinstance(entry, dict) else None
+        bad = sorted(set(entry) - fields - {"name", "weight", *PROMPT_KEYS}) if isinstance(entry, dict) else None
+        if name is None or bad or name in sources:
+            raise ValueError(f"mixture.datasets[{i}]: received {entry!r}. Each entry is a mapping of a unique name, "
+                             f"an optional weight and prompts ({', '.join(PROMPT_KEYS)}), and data flags "
+                             f"({', '.join(sorted(fields))}){f'; unknown: {bad}' if bad else ''}.")
+        own = replace(args, mixture=None, **{k: v for k, v in entry.items() if k in fields})
+        sources[name], rows = load_data(own, seed=seed)
+        held_out = held_out if held_out is not None else rows
+        given = {PROMPT_KEYS[k]: v for k, v in entry.items() if k in PROMPT_KEYS}
+        if given:
+            prompts[name] = given
+        weights[name] = float(entry.get("weight", 1.0))
+    strategy = spec.get("strategy", "weighted" if any(w != 1.0 for w in weights.values()) else "proportional")
+    mixing = {"strategy": strategy, "alpha": float(spec.get("alpha", 0.5)),
+              "no_duplicates": bool(spec.get("no_duplicates", False)), "prompts": prompts,
+              "weights": weights if strategy == "weighted" else None}
+    return sources, held_out, mixing
+
+
+def each_dataset(train: Any, apply: Any) -> Any:
+    """``apply(dataset)`` on one training set, or on each of a mixture's (a dict), keeping their names."""
+    return {name: apply(d) for name, d in train.items()} if isinstance(train, dict) else apply(train)
+
+
+def load_training_data(args: DataArguments, seed: int = 42) -> tuple[Any, Any, dict[str, Any] | None]:
+    """``(training rows, held-out rows, Mixing fields)``: a mixture's named datasets (``mixture:`` in the YAML), or one
+    dataset and None."""
+    if args.mixture:
+        return load_mixture(args, seed)
+    train, held_out = load_data(args, seed)
+    return train, held_out, None

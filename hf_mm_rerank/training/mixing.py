@@ -29,9 +29,10 @@ class Mixing:
     """How a trainer draws its batches (every field optional; the defaults train one dataset as Trainer does).
 
     Attributes:
-        strategy: with several datasets, ``"proportional"`` (default), ``"round_robin"`` or ``"temperature"`` (see
-            :mod:`hf_mm_rerank.data.sampling`).
+        strategy: with several datasets, ``"proportional"`` (default), ``"round_robin"``, ``"temperature"`` or
+            ``"weighted"`` (see :mod:`hf_mm_rerank.data.sampling`).
         alpha: the temperature rule's exponent (probability of a dataset proportional to its rows ** alpha).
+        weights: ``"weighted"``: each dataset's weight, ``{"photos": 3, "pages": 1}`` (its probability per step).
         no_duplicates: no global batch holds two rows that share a query, a positive or a negative (by content);
             such rows are deferred to a later batch, counted in the logs as ``deferred_rows``.
         prompts: per dataset, its own prompts: ``{"docs": {"query": "Find the page that answers the question."}}``
@@ -47,10 +48,14 @@ class Mixing:
     alpha: float = 0.5
     no_duplicates: bool = False
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
+    weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in MIXING:
             raise ValueError(f"Mixing(strategy={self.strategy!r}): use one of {MIXING}.")
+        if (self.strategy == "weighted") != (self.weights is not None):
+            raise ValueError(f"Mixing(strategy={self.strategy!r}, weights={self.weights}): weights go with "
+                             "strategy='weighted', and it needs them.")
 
 
 def named_datasets(train_dataset: Any) -> dict[str, Any] | None:
@@ -138,6 +143,9 @@ class MixtureMixin:
         if unknown:
             raise ValueError(f"Mixing(prompts=...): {unknown} name no dataset of train_dataset "
                              f"({sorted(sources or ())}). Fix: key the prompts by the datasets' names.")
+        if self.mixing.weights is not None and set(self.mixing.weights) != set(sources or ()):
+            raise ValueError(f"Mixing(weights=...) names {sorted(self.mixing.weights)}; train_dataset has "
+                             f"{sorted(sources or ())}. Fix: one weight per dataset, keyed by its name.")
         return sources
 
     def _mixture(self, sources: dict[str, Any] | None, prepare: Callable[[Any], Any], args: TrainingArguments,
@@ -155,8 +163,13 @@ class MixtureMixin:
             self._source_sampler = SourceBatchSampler(
                 self.train_dataset, self.args.per_device_train_batch_size, self.args.world_size,
                 mixing=self.mixing.strategy, alpha=self.mixing.alpha, no_duplicates=self.mixing.no_duplicates,
-                seed=self.args.seed)
+                seed=self.args.seed, weights=self._weights())
         return self._source_sampler
+
+    def _weights(self) -> list[float] | None:
+        if self.mixing.weights is None:
+            return None
+        return [float(self.mixing.weights[name]) for name in self.train_dataset.names]  # (checked by _sources)
 
     def get_train_dataloader(self) -> Any:
         """A mixture's batches come from :class:`SourceBatchSampler` (accelerate hands each process its batch of
