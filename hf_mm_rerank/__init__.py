@@ -75,6 +75,7 @@ _EXPORTS = {
     "ValidationReport": "data.validation",
     "validate_dataset": "data.validation",
     "mine_hard_negatives": "retrieval.mining",
+    "add_guide_embeddings": "retrieval.mining",
     "ranking_metrics": "retrieval.evaluation",
     "to_input": "data.inputs",
 }

@@ -229,3 +229,27 @@ def test_a_reranker_trains_a_pointwise_and_a_grouped_dataset_each_with_its_own_l
     assert featurizer.prompt["instruction"] == "Paints." and model.featurizer.prompt["instruction"] == ""
     trainer.train()
     assert trainer.state.global_step == 4 and all(row["loss"] > 0 for row in trainer.state.log_history if "loss" in row)
+
+
+def test_a_guide_models_embeddings_filter_negatives_in_training(tiny_path, tmp_path):
+    """GIST through the trainer: add_guide_embeddings stores the guide's vectors once; the collator puts them in each
+    batch, and ContrastiveLoss(guide="batch") masks the negatives the guide scores above the positive (margin 0)."""
+    from hf_mm_rerank import add_guide_embeddings
+
+    guide = BiEncoder.from_pretrained(tiny_path("siglip"))
+    rows = Dataset.from_list(color_rows(repeat=2))
+    guided = add_guide_embeddings(rows, guide, batch_size=4)
+    assert {"guide_query", "guide_positive", "guide_negatives"} <= set(guided.column_names)
+    expected = guide.encode([rows[0]["query"]], side="query")[0]
+    assert torch.allclose(torch.tensor(guided[0]["guide_query"]), expected, atol=1e-6)
+    batch = BiEncoderCollator(BiEncoder.from_pretrained(tiny_path("clip")))([guided[i] for i in range(4)])
+    assert batch["guide_embeddings"]["negative"].shape == (4, expected.shape[0])
+    trainer = BiEncoderTrainer(model=BiEncoder.from_pretrained(tiny_path("clip")),
+                               args=training_args(tmp_path, per_device_train_batch_size=8, max_steps=2),
+                               train_dataset=guided, loss=ContrastiveLoss(guide_margin=0.0, guide="batch"))
+    trainer.train()
+    masked = [row["masked_negatives"] for row in trainer.state.log_history if "loss" in row]
+    assert len(masked) == 2 and sum(masked) > 0  # an untrained guide scores some negatives above the positive
+    with pytest.raises(ValueError, match="guide"):  # guide="batch" without the columns: named
+        BiEncoderTrainer(model=BiEncoder.from_pretrained(tiny_path("clip")), args=training_args(tmp_path, max_steps=1),
+                         train_dataset=rows, loss=ContrastiveLoss(guide_margin=0.0, guide="batch")).train()

@@ -22,6 +22,8 @@ from .sampling import SOURCE_KEY
 from .schema import (
     _NUMBERED,
     CONTENT_IDS,
+    GUIDE_COLUMNS,
+    GUIDE_EMBEDDINGS,
     POINTWISE,
     ROW_KEY,
     check_columns,
@@ -205,6 +207,14 @@ class BiEncoderCollator(_RowReader):
         ids = torch.tensor([r[2] for r in read_rows], dtype=torch.int64)  # [rows, 2 + k]
         batch[CONTENT_IDS] = {"query": ids[:, 0], "positive": ids[:, 1],
                               **({"negative": ids[:, 2:].reshape(-1)} if negatives else {})}
+        if GUIDE_COLUMNS[0] in columns:  # a guide model's embeddings, precomputed (GIST filtering, guide="batch")
+            placed = set(wheres)  # (rows skipped as unreadable are not in the batch)
+            kept = [row for i, row in enumerate(rows) if _where(row, i) in placed]
+            batch[GUIDE_EMBEDDINGS] = {side: torch.tensor([r[column] for r in kept], dtype=torch.float32)
+                                       for side, column in (("query", GUIDE_COLUMNS[0]), ("positive", GUIDE_COLUMNS[1]))}
+            if negatives:
+                batch[GUIDE_EMBEDDINGS]["negative"] = torch.tensor(
+                    [vector for r in kept for vector in r[GUIDE_COLUMNS[2]]], dtype=torch.float32)
         if SOURCE_KEY in rows[0]:
             batch[SOURCE] = rows[0][SOURCE_KEY]
         if teacher:  # [rows, 1 + k]: positive first (distillation losses)

@@ -24,6 +24,9 @@ CONTENT_IDS = "content_ids"
 # In a bi-encoder batch, when a guide model's embeddings were precomputed: {"query": float [B, G], "positive": [B, G],
 # "negative": [B*k, G]}; GIST-style filtering drops the negatives the guide scores too close to the positive.
 GUIDE_EMBEDDINGS = "guide_embeddings"
+# The dataset columns the collator builds it from (written by hf_mm_rerank.retrieval.mining.add_guide_embeddings):
+# a vector per row for the query and the positive, a list of vectors for the negatives.
+GUIDE_COLUMNS = ("guide_query", "guide_positive", "guide_negatives")
 _NUMBERED = re.compile(r"^negative_(\d+)$")
 
 

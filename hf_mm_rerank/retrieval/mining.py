@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..data.inputs import fingerprint
+from ..data.inputs import fingerprint, to_input
 from ..data.pipeline import undecoded_images
-from ..data.schema import check_columns
+from ..data.schema import check_columns, negative_cells, negative_columns
 from . import core
 
 logger = logging.getLogger(__name__)
@@ -178,3 +178,48 @@ def _features(dataset: Any, num_negatives: int, corpus_is_positives: bool) -> An
         return None
     return Features({"query": features["query"], "positive": features["positive"],
                      **{f"negative_{j + 1}": features["positive"] for j in range(num_negatives)}})
+
+
+def add_guide_embeddings(dataset: Any, guide: Any, *, batch_size: int = 32) -> Any:
+    """``dataset`` with a guide model's embeddings of each row's query, positive and negatives (columns
+    ``guide_query``, ``guide_positive``, ``guide_negatives``), computed once, for GIST-style filtering during training:
+    ``ContrastiveLoss(guide_margin=..., guide="batch")`` drops the in-batch and hard negatives the guide scores too
+    close to the positive (the collator puts the vectors in every batch; the guide never runs in the training loop).
+
+    Args:
+        dataset: a ``datasets.Dataset`` of (query, positive[, negatives]) rows.
+        guide: a :class:`~hf_mm_rerank.BiEncoder` (``encode``), or a sentence-transformers model
+            (``encode_query`` / ``encode_document``; images decoded to PIL first).
+        batch_size: inputs per forward pass of the guide.
+
+    Example:
+        >>> train = add_guide_embeddings(train, BiEncoder.from_pretrained("org/strong-embedder"))
+        >>> loss = CachedContrastiveLoss(mini_batch_size=64, guide_margin=0.1, guide="batch")
+    """
+    check_columns(dataset.column_names, ("query", "positive"), "dataset")
+    negatives = negative_columns(dataset.column_names)
+    rows = undecoded_images(dataset)
+    queries = rows["query"]
+    positives = rows["positive"]
+    others = [cell for row in rows for cell, _ in negative_cells(row, negatives)] if negatives else []
+    encode = _guide_encoder(guide, batch_size)
+    columns = {"guide_query": encode(queries, "query"), "guide_positive": encode(positives, "document")}
+    if others:
+        flat = encode(others, "document")
+        columns["guide_negatives"] = flat.view(len(queries), -1, flat.shape[-1])
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values.tolist())
+    return dataset
+
+
+def _guide_encoder(guide: Any, batch_size: int) -> Any:
+    """``encode(cells, side) -> [N, D]`` float32 for a BiEncoder or a sentence-transformers model."""
+    if hasattr(guide, "encode_query") and hasattr(guide, "encode_document"):  # sentence-transformers
+
+        def encode_st(cells: list[Any], side: str) -> torch.Tensor:
+            items = [item.image if item.image is not None else item.text for item in map(to_input, cells)]
+            method = guide.encode_query if side == "query" else guide.encode_document
+            return torch.as_tensor(method(items, batch_size=batch_size, convert_to_numpy=True)).float()
+
+        return encode_st
+    return lambda cells, side: guide.encode(list(cells), side=side, batch_size=batch_size).float()
