@@ -253,3 +253,41 @@ def test_a_guide_models_embeddings_filter_negatives_in_training(tiny_path, tmp_p
     with pytest.raises(ValueError, match="guide"):  # guide="batch" without the columns: named
         BiEncoderTrainer(model=BiEncoder.from_pretrained(tiny_path("clip")), args=training_args(tmp_path, max_steps=1),
                          train_dataset=rows, loss=ContrastiveLoss(guide_margin=0.0, guide="batch")).train()
+
+
+def test_a_rerankers_grouped_row_whose_negative_is_its_positive_is_named_or_skipped(tiny_path):
+    from hf_mm_rerank import CrossEncoder, CrossEncoderCollator, InputError
+
+    model = CrossEncoder.from_pretrained(tiny_path("qwen2_vl"), head="yes_no")
+    rows = [{"query": "red", "positive": solid("red"), "negative_1": solid("blue"), "_row": 0},
+            {"query": "blue", "positive": solid("blue"), "negative_1": solid("blue"), "_row": 1}]  # the same image
+    with pytest.raises(InputError, match=r"row 1, column 'negative_1': this negative is the row's positive"):
+        CrossEncoderCollator(model)(rows)
+    batch = CrossEncoderCollator(model, bad_rows="skip")(rows)
+    assert batch["targets"].tolist() == [1.0, 0.0] and [where for where, _ in batch["skipped_rows"]] == [1]
+
+
+def test_evaluators_and_evaluation_sets_given_as_dicts_are_named_in_the_metrics(tiny_path, tmp_path):
+    from hf_mm_rerank import RetrievalEvaluator
+
+    def evaluator(colours):
+        return RetrievalEvaluator({c: f"a {c} square" for c in colours}, {c: solid(c) for c in colours},
+                                  {c: {c} for c in colours}, batch_size=4)
+
+    names = list(COLORS)
+    model = BiEncoder.from_pretrained(tiny_path("clip"))
+    sets = {"warm": Dataset.from_list(color_rows()[:4]), "cold": Dataset.from_list(color_rows()[4:])}
+    trainer = BiEncoderTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=sets["warm"],
+                               eval_dataset=sets, evaluator={"warm": evaluator(names[:4]), "cold": evaluator(names[4:])})
+    metrics = trainer.evaluate()
+    assert {"eval_warm_loss", "eval_cold_loss", "eval_warm_ndcg@10", "eval_cold_ndcg@10"} <= set(metrics)
+    assert metrics["eval_warm_ndcg@10"] == evaluator(names[:4])(model)["ndcg@10"]
+    assert metrics["eval_cold_ndcg@10"] == evaluator(names[4:])(model)["ndcg@10"]
+    assert not any(k.startswith("eval_warm_cold") or k.startswith("eval_cold_warm") for k in metrics)
+    single = BiEncoderTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=sets["warm"],
+                              eval_dataset=sets, evaluator=evaluator(names))
+    metrics = single.evaluate()  # one evaluator with named sets: run once, unprefixed by a set's name
+    assert "eval_ndcg@10" in metrics and not any(k.endswith("_ndcg@10") and k != "eval_ndcg@10" for k in metrics)
+    alone = BiEncoderTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=sets["warm"],
+                             evaluator={"warm": evaluator(names[:4]), "cold": evaluator(names[4:])}).evaluate()
+    assert {"eval_warm_ndcg@10", "eval_cold_ndcg@10"} <= set(alone)

@@ -296,6 +296,13 @@ def test_random_negatives_never_repeat_the_positive():
     for row in out:
         cells = [row["positive"].tobytes()] + [row[f"negative_{j}"].tobytes() for j in (1, 2, 3)]
         assert len(set(cells)) == 4
+    # Rows sharing a positive (three captions per image): a copy of the positive is never its negative.
+    shared = Dataset.from_list([{"query": f"caption {k} of {c}", "positive": solid(c)} for c in NAMES for k in range(3)])
+    for row in random_negatives(shared, 3, seed=1):
+        cells = [row["positive"].tobytes()] + [row[f"negative_{j}"].tobytes() for j in (1, 2, 3)]
+        assert len(set(cells)) == 4
+    with pytest.raises(ValueError, match="too few for 8 negatives"):
+        random_negatives(shared, 8, seed=1)  # 8 colours: 7 other contents at most
 
 
 # ----- a real reranking run -------------------------------------------------------------------------------

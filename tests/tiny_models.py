@@ -6,6 +6,7 @@ same ``from_pretrained(path)`` route a user takes with a Hub checkpoint.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -131,16 +132,17 @@ def _special_ids(tok) -> dict:
                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
-def _qwen_text_config(tok, hidden: int) -> dict:
-    head_dim = 16
+def _qwen_text_config(tok, hidden: int, head_dim: int = 16, mrope_section: list[int] | None = None) -> dict:
+    """head_dim 32 (with one key/value head) for vLLM's CPU attention, which takes 32, 64, 80, ... only."""
     return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                num_attention_heads=hidden // head_dim, num_key_value_heads=2, head_dim=head_dim,
-                bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+                num_attention_heads=hidden // head_dim, num_key_value_heads=max(1, hidden // head_dim // 2),
+                head_dim=head_dim, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": mrope_section or [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]})
 
 
-def make_qwen2_vl(path: Path, hidden: int = 64) -> Path:
+def make_qwen2_vl(path: Path, hidden: int = 64, head_dim: int = 16) -> Path:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -152,8 +154,8 @@ def make_qwen2_vl(path: Path, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     tok = _qwen_tokenizer()
     cfg = Qwen2VLConfig(
-        text_config=_qwen_text_config(tok, hidden),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+        text_config=_qwen_text_config(tok, hidden, head_dim),
+        vision_config=dict(depth=2, embed_dim=2 * head_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         **_special_ids(tok),
     )
@@ -163,13 +165,13 @@ def make_qwen2_vl(path: Path, hidden: int = 64) -> Path:
     return _save(Qwen2VLForConditionalGeneration(cfg), proc, path)
 
 
-def make_qwen3_vl(path: Path, hidden: int = 64) -> Path:
+def make_qwen3_vl(path: Path, hidden: int = 64, head_dim: int = 16, mrope_section: list[int] | None = None) -> Path:
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     torch.manual_seed(0)
     tok = _qwen_tokenizer()
-    text = _qwen_text_config(tok, hidden)
+    text = _qwen_text_config(tok, hidden, head_dim, mrope_section)
     text["rope_parameters"]["mrope_interleaved"] = True
     cfg = Qwen3VLConfig(
         text_config=text,
@@ -199,36 +201,6 @@ FACTORIES = {
 # the language model and the vision tower. (New factories: the ones above are shared by the whole suite.)
 
 
-def _qwen_text_config_32(tok, hidden: int, mrope_section: list[int]) -> dict:
-    config = _qwen_text_config(tok, hidden)
-    config.update(num_attention_heads=hidden // 32, num_key_value_heads=1, head_dim=32)
-    config["rope_parameters"] = {**config["rope_parameters"], "mrope_section": mrope_section}
-    return config
-
-
-def make_qwen2_vl_h32(path: Path, hidden: int = 64) -> Path:
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    torch.manual_seed(0)
-    tok = _qwen_tokenizer()
-    cfg = Qwen2VLConfig(
-        text_config=_qwen_text_config_32(tok, hidden, [4, 6, 6]),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        **_special_ids(tok),
-    )
-    ip = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=QWEN_CHAT_TEMPLATE)
-    return _save(Qwen2VLForConditionalGeneration(cfg), proc, path)
-
-
 def make_qwen2_5_vl_h32(path: Path, hidden: int = 64) -> Path:
     from transformers import (
         Qwen2_5_VLConfig,
@@ -241,7 +213,7 @@ def make_qwen2_5_vl_h32(path: Path, hidden: int = 64) -> Path:
     torch.manual_seed(0)
     tok = _qwen_tokenizer()
     cfg = Qwen2_5_VLConfig(
-        text_config=_qwen_text_config_32(tok, hidden, [4, 6, 6]),
+        text_config=_qwen_text_config(tok, hidden, 32),
         vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
@@ -251,28 +223,6 @@ def make_qwen2_5_vl_h32(path: Path, hidden: int = 64) -> Path:
     proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
                                chat_template=QWEN_CHAT_TEMPLATE)
     return _save(Qwen2_5_VLForConditionalGeneration(cfg), proc, path)
-
-
-def make_qwen3_vl_h32(path: Path, hidden: int = 64) -> Path:
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    torch.manual_seed(0)
-    tok = _qwen_tokenizer()
-    text = _qwen_text_config_32(tok, hidden, [6, 5, 5])
-    text["rope_parameters"]["mrope_interleaved"] = True
-    cfg = Qwen3VLConfig(
-        text_config=text,
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
-        **_special_ids(tok),
-    )
-    ip = Qwen2VLImageProcessor(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16, patch_size=16,
-                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    proc = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
-                            chat_template=QWEN_CHAT_TEMPLATE)
-    return _save(Qwen3VLForConditionalGeneration(cfg), proc, path)
 
 
 def make_clip_vllm(path: Path, hidden: int = 64) -> Path:
@@ -288,7 +238,7 @@ def make_clip_vllm(path: Path, hidden: int = 64) -> Path:
 
 FACTORIES.update({
     "clip_vllm": make_clip_vllm,
-    "qwen2_vl_h32": make_qwen2_vl_h32,
+    "qwen2_vl_h32": functools.partial(make_qwen2_vl, head_dim=32),
     "qwen2_5_vl_h32": make_qwen2_5_vl_h32,
-    "qwen3_vl_h32": make_qwen3_vl_h32,
+    "qwen3_vl_h32": functools.partial(make_qwen3_vl, head_dim=32, mrope_section=[6, 5, 5]),
 })

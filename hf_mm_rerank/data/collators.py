@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .dedup import IDS_COLUMN, row_content_ids
+from .dedup import IDS_COLUMN, content_id, row_content_ids
 from .featurizers import Featurizer, featurizer_of
 from .inputs import CELL_KINDS, InputError, MMInput
 from .minibatch import Chunker, check_mini_batch_size
@@ -296,6 +296,13 @@ def read_reranker_row(featurizer: Featurizer, row: dict[str, Any], where: Any, l
         targets = [_label(row["label"], where)]
     else:
         cells = [(row["positive"], "positive"), *negative_cells(row, negatives)]
+        positive_id = content_id(row["positive"])
+        for cell, column in cells[1:]:
+            if content_id(cell) == positive_id:
+                raise InputError(f"row {where}, column '{column}': this negative is the row's positive (the same "
+                                 "content), so the reranker would learn to rank the positive below itself. Fix: drop or "
+                                 "replace that negative (mine_hard_negatives never picks the positive), or pass "
+                                 "bad_rows='skip' to leave such rows out, counted.")
         docs = [read(cell, column) for cell, column in cells]
         targets = [1.0] + [0.0] * (len(docs) - 1)
     return query, docs, targets, _teacher_scores(row, teacher, len(docs), where) if teacher else []

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..data.dedup import content_id
+from ..data.pipeline import undecoded_images
 from ..data.streams import first_rows, is_stream, stream_columns
 from ..data.validation import validate_dataset
 from .demo import DEMO_DATA, emoji_splits
@@ -230,6 +232,9 @@ def _rooted(value: str | None, root: str) -> str | None:
 
 
 def random_negatives(dataset: Any, num_negatives: int, seed: int = 42) -> Any:
+    """Each (query, positive) row gets ``negative_1..k``: other rows' positives drawn at random, never one whose
+    content equals its own positive (rows sharing an image or text: a copy would be a false negative) nor two of the
+    same content (Arrow-level: images are hashed from their bytes, not decoded)."""
     import random
 
     from datasets import concatenate_datasets
@@ -240,13 +245,28 @@ def random_negatives(dataset: Any, num_negatives: int, seed: int = 42) -> Any:
     order = list(range(size))
     random.Random(seed).shuffle(order)
     slot = {row: t for t, row in enumerate(order)}
+    ids = [content_id(cell) for cell in undecoded_images(dataset.select_columns(["positive"]))["positive"]]
+    picks: list[list[int]] = []
+    for i in range(size):
+        # Row order[t] takes the positives of rows order[t + 1], order[t + 2], ... whose contents are new to it.
+        chosen, seen = [], {ids[i]}
+        for step in range(1, size):
+            candidate = order[(slot[i] + step) % size]
+            if ids[candidate] not in seen:
+                chosen.append(candidate)
+                seen.add(ids[candidate])
+                if len(chosen) == num_negatives:
+                    break
+        if len(chosen) < num_negatives:
+            raise ValueError(f"row {i}: the dataset has {len(seen)} distinct positives, too few for {num_negatives} "
+                             "negatives that differ from the row's positive and from each other. Fix: a smaller "
+                             "--num_negatives, or more distinct rows.")
+        picks.append(chosen)
     base = dataset.select_columns(["query", "positive"])
     columns = [base]
-    for j in range(1, num_negatives + 1):
-        # Row order[t] takes the positive of row order[t + j]: distinct per row and never its own.
-        picked = [order[(slot[i] + j) % size] for i in range(size)]
-        column = base.select(picked).flatten_indices().select_columns(["positive"])
-        columns.append(column.rename_column("positive", f"negative_{j}"))
+    for j in range(num_negatives):
+        column = base.select([row[j] for row in picks]).flatten_indices().select_columns(["positive"])
+        columns.append(column.rename_column("positive", f"negative_{j + 1}"))
     return concatenate_datasets(columns, axis=1)
 
 

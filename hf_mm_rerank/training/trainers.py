@@ -258,10 +258,27 @@ class RetrievalTrainerMixin(SavingMixin, MixtureMixin):
         return output
 
     def _evaluator_metrics(self, prefix: str) -> dict[str, float]:
-        results = self.evaluator(self.accelerator.unwrap_model(self.model))
+        """The evaluator's metrics as ``{prefix}_{metric}``; evaluators given as a dict each as
+        ``{prefix}_{name}_{metric}``. With named evaluation sets (Trainer evaluates each, as ``eval_{set}``), a named
+        evaluator runs with the set of its name, a single one once, with the first set, as ``eval_{metric}``."""
+        sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {}
+        named = self.evaluator if isinstance(self.evaluator, dict) else None
+        current = next((name for name in sets if prefix.endswith(f"_{name}")), None)
+        if named is None:
+            if current is not None and current != next(iter(sets)):
+                return {}  # (run once per evaluation, with the first set)
+            runs = {prefix.removesuffix(f"_{current}") if current else prefix: self.evaluator}
+        elif current is not None:
+            runs = {prefix: named[current]} if current in named else {}
+        else:
+            runs = {f"{prefix}_{name}": evaluator for name, evaluator in named.items()}
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = {f"{key}_{k}": float(v) for key, evaluator in runs.items() for k, v in evaluator(model).items()}
         if self.state.global_step == 0:  # train() resets the log history: keep the baseline for the model card
-            self.metrics_before_training = {k: float(v) for k, v in results.items()}
-        return {f"{prefix}_{k}": float(v) for k, v in results.items()}
+            base = prefix.split("_")[0] + "_"
+            self.metrics_before_training = {**(self.metrics_before_training or {}),
+                                            **{k.removeprefix(base): v for k, v in metrics.items()}}
+        return metrics
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if len(self.skipped_rows) and "loss" in logs:  # bad_rows="skip": the running count (this process's)
