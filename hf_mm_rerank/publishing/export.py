@@ -34,7 +34,15 @@ from ..modeling.backbone import CHAT, is_quantized
 from ..modeling.spec import HEAD_WEIGHTS, ModelSpec
 from ..modeling.st_format import write_st_files
 from .export_card import write_export_card
-from .export_check import ExportError, probe_outputs, relative_difference, reload_outputs, tolerance, torch_dtype
+from .export_check import (
+    ExportError,
+    base_architecture,
+    probe_outputs,
+    relative_difference,
+    reload_outputs,
+    tolerance,
+    torch_dtype,
+)
 
 FORMATS = ("merged", "classifier", "sentence-transformers", "lora")
 # Where vLLM 0.32 looks for a classifier's score row: its Qwen2-VL and Qwen2.5-VL keep the converted score layer inside
@@ -178,18 +186,6 @@ def _merged_copy(model: Any) -> Any:
     return merged
 
 
-def _base_architecture(model: Any) -> str | None:
-    """The architecture ``model`` came from. A full fine-tune was saved as its bare ``*Model`` (so its config names
-    that): the family's ``*ForConditionalGeneration`` then, from transformers' image-text-to-text mapping."""
-    architectures = getattr(model.config, "architectures", None) or []
-    name = architectures[0] if architectures else None
-    if name is None or name == type(model).__name__:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-        name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(model.config, "model_type", None), name)
-    return name
-
-
 def _full_model(model: Any, dtype: Any) -> Any:
     """The merged weights in the base's own architecture: a bi-encoder's bare ``*Model`` (or a linear/mlp reranker's)
     goes back inside its ``*ForConditionalGeneration`` with the base's own LM head, so engines find the architecture
@@ -198,7 +194,7 @@ def _full_model(model: Any, dtype: Any) -> Any:
 
 
     backbone = model.base_model
-    name = _base_architecture(backbone)
+    name = base_architecture(backbone)
     target = backbone
     bare = model.spec.family == CHAT and (model.kind == "bi_encoder" or model.head_type in ("linear", "mlp"))
     if bare and name and name != type(backbone).__name__ and hasattr(transformers, name):
@@ -315,7 +311,7 @@ def _write_lora(model: Any, folder: str) -> list[str]:
         raise ExportError(f"the adapter trains modules fully (modules_to_save={sorted(config.modules_to_save)}), which "
                           "vLLM's LoRA refuses ('vLLM only supports modules_to_save being either None or "
                           "[\"classifier\", \"score\"]'). Fix: export format='merged'.")
-    name = _base_architecture(model.base_model)
+    name = base_architecture(model.base_model)
     outer = getattr(transformers, name, None) if name else None
     if outer is None or name == type(model.base_model).__name__:
         raise ExportError(f"format='lora': {type(model.base_model).__name__} has no *ForConditionalGeneration in "

@@ -99,10 +99,9 @@ def _reload_lora(folder: str, model: Any) -> torch.Tensor:
 
     from ..modeling.base import to_device
     from ..modeling.bi_encoder import last_token_pool, mean_pool
-    from .export import _base_architecture  # (export imports this module)
 
     config = json.load(open(os.path.join(folder, "adapter_config.json")))
-    outer = getattr(transformers, _base_architecture(model.base_model))
+    outer = getattr(transformers, base_architecture(model.base_model))
     base = outer.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
     inner = getattr(PeftModel.from_pretrained(base, folder).eval().get_base_model(), outer.base_model_prefix)
     red, blue = _probe_image(), _probe_image((20, 20, 220))
@@ -177,3 +176,15 @@ def snippet_task(model: Any, info_only: bool = False) -> dict[str, Any]:
         return {"mode": "snippet", "code": code, "results": ["query_embedding", "image_embedding"], "runs": runs}
     swap = {IMAGE: OTHER} if model.featurizer.supports_images else {f'"{DOCUMENT_TEXT}"': '"A blue circle."'}
     return {"mode": "snippet", "code": code, "results": ["score"], "runs": [{}, swap]}
+
+
+def base_architecture(model: Any) -> str | None:
+    """The architecture ``model`` came from. A full fine-tune was saved as its bare ``*Model`` (so its config names
+    that): the family's ``*ForConditionalGeneration`` then, from transformers' image-text-to-text mapping."""
+    architectures = getattr(model.config, "architectures", None) or []
+    name = architectures[0] if architectures else None
+    if name is None or name == type(model).__name__:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(getattr(model.config, "model_type", None), name)
+    return name
