@@ -8,7 +8,7 @@ from typing import Any
 from .card_usage import DOCUMENT_TEXT, IMAGE, QUERY, plain_usage
 from .export_check import snippet_task
 from .model_card import hub_id
-from .serving import serving_lines
+from .serving import serving_lines, vllm_recipes
 
 
 def write_export_card(model: Any, folder: str, report: Any) -> None:
@@ -54,7 +54,6 @@ def _export_usage(model: Any, format: str) -> str:
                           f'query = model.encode_query(["{QUERY}"])', "document = model.encode_document([image])",
                           "print(model.similarity(query, document))"])
     if format == "lora":
-        from .serving import vllm_recipes
 
         recipes, reason, _ = vllm_recipes(model, ".", hub_id(str(model.spec.base_model)) or "BASE", exported="lora")
         if not recipes:

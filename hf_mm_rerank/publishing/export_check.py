@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from ..data.inputs import MMInput
+from ..modeling.base import to_device
+from ..modeling.bi_encoder import last_token_pool, mean_pool
 from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
 
 TOLERANCE = 1e-5  # relative to the scale of the compared outputs
@@ -96,9 +98,6 @@ def _reload_lora(folder: str, model: Any) -> torch.Tensor:
     the probe inputs as the bi-encoder does (featurizer, pooling, normalisation)."""
     import transformers
     from peft import PeftModel
-
-    from ..modeling.base import to_device
-    from ..modeling.bi_encoder import last_token_pool, mean_pool
 
     config = json.load(open(os.path.join(folder, "adapter_config.json")))
     outer = getattr(transformers, base_architecture(model.base_model))
