@@ -291,3 +291,15 @@ def test_evaluators_and_evaluation_sets_given_as_dicts_are_named_in_the_metrics(
     alone = BiEncoderTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=sets["warm"],
                              evaluator={"warm": evaluator(names[:4]), "cold": evaluator(names[4:])}).evaluate()
     assert {"eval_warm_ndcg@10", "eval_cold_ndcg@10"} <= set(alone)
+
+
+def test_an_evaluation_set_beside_a_mixture_with_a_loss_per_dataset_gets_the_first_datasets_loss(tiny_path, tmp_path):
+    photos = Dataset.from_list(color_rows(repeat=2))
+    paints = Dataset.from_list([{"query": f"{c} paint", "positive": f"the colour {c}"} for c in COLORS] * 2)
+    trainer = BiEncoderTrainer(model=BiEncoder.from_pretrained(tiny_path("clip")),
+                               args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=1),
+                               train_dataset={"photos": photos, "paints": paints}, eval_dataset=photos,
+                               loss={"photos": ContrastiveLoss(), "paints": ContrastiveLoss(temperature=0.5)})
+    expected = BiEncoderTrainer(model=trainer.model, args=training_args(tmp_path, per_device_train_batch_size=4),
+                                train_dataset=photos, eval_dataset=photos, loss=ContrastiveLoss()).evaluate()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)

@@ -84,7 +84,8 @@ def losses_by_name(loss: Any, names: list[str], default: nn.Module) -> dict[str,
 
 
 class SourceLosses(TrainerLoss):
-    """Each batch's loss is its dataset's (every batch of a mixture comes from one dataset).
+    """Each batch's loss is its dataset's (every batch of a mixture comes from one dataset); a batch of no mixture (an
+    evaluation set's) takes the first dataset's loss.
 
     Example:
         >>> loss = SourceLosses({"photos": CachedContrastiveLoss(mini_batch_size=64),
@@ -101,7 +102,7 @@ class SourceLosses(TrainerLoss):
         self.mini_batch_size = next(iter(sizes.values()))
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> Any:
-        loss = self.losses[batch[SOURCE]]
+        loss = self.losses[batch[SOURCE]] if SOURCE in batch else next(iter(self.losses.values()))
         value = loss(model, batch)
         self.last_masked = loss.last_masked if isinstance(loss, TrainerLoss) else None
         return value
