@@ -73,8 +73,11 @@ class MaxSimPairwiseLoss(MaxSimContrastiveLoss):
     """
 
     def __init__(self, temperature: float = 0.02, *, in_batch_weight: float = 0.5, **kwargs: Any) -> None:
-        unsupported = sorted(set(kwargs) & {"directions", "partition_mode", "hardness_mode", "hardness_strength",
-                                            "guide_margin", "margin_strategy", "guide", "symmetric"})
+        # The softmax losses' options, at their defaults (a recipe passes symmetric=False, say), are no options here.
+        defaults = {"directions": None, "partition_mode": None, "hardness_mode": None, "hardness_strength": 0.0,
+                    "guide_margin": None, "margin_strategy": "absolute", "guide": "batch", "symmetric": False}
+        unsupported = sorted(k for k in set(kwargs) & set(defaults) if kwargs[k] != defaults[k])
+        kwargs = {k: v for k, v in kwargs.items() if k not in defaults}
         if unsupported:
             raise ValueError(f"MaxSimPairwiseLoss does not take {unsupported} (options of the softmax losses): use "
                              "MaxSimContrastiveLoss for them.")
