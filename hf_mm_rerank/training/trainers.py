@@ -287,6 +287,20 @@ class RetrievalTrainerMixin(SavingMixin, MixtureMixin):
             self.add_mixture_logs(logs)
         super().log(logs, *args, **kwargs)
 
+    def _finish(self, model: nn.Module, args: TrainingArguments, losses: dict[str, nn.Module], collator_class: type,
+                data_collator: Any, sources: dict[str, Any] | None, train_dataset: Any, eval_dataset: Any,
+                evaluator: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any], bad_rows: str,
+                max_skipped_fraction: float, cell_types: dict[str, str] | None) -> None:
+        """What both constructors do once each dataset is checked against its loss: one loss (or one per dataset),
+        the default collator, the mixture, then :meth:`_setup`."""
+        loss = SourceLosses(losses) if len({id(x) for x in losses.values()}) > 1 else next(iter(losses.values()))
+        if data_collator is None:
+            data_collator = collator_class(model, mini_batch_size=loss_contract(loss).mini_batch_size,
+                                           bad_rows=bad_rows, cell_types=cell_types)
+        train = self._mixture(sources, lambda d: _prepare_dataset(d, model, args), args, train_dataset)
+        self._setup(model, args, loss, evaluator, data_collator, train, eval_dataset, model_card, kwargs, bad_rows,
+                    max_skipped_fraction)
+
     def _setup(self, model: nn.Module, args: TrainingArguments, loss: nn.Module, evaluator: Any, data_collator: Any,
                train_dataset: Any, eval_dataset: Any, model_card: dict[str, Any] | None, kwargs: dict[str, Any],
                bad_rows: str = "raise", max_skipped_fraction: float = 0.05) -> None:
@@ -378,12 +392,8 @@ class BiEncoderTrainer(RetrievalTrainerMixin, Trainer):
             _check_bi_encoder_data(f"train_dataset[{name!r}]" if sources else name, dataset, losses[name], args)
         for name, dataset in _named(eval_dataset, "eval_dataset").items():
             _check_bi_encoder_data(name, dataset, next(iter(losses.values())), args)
-        loss = SourceLosses(losses) if len({id(x) for x in losses.values()}) > 1 else next(iter(losses.values()))
-        if data_collator is None:
-            data_collator = BiEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
-                                              bad_rows=bad_rows, cell_types=cell_types)
-        self._setup(model, args, loss, evaluator, data_collator, self._mixture(sources, lambda d: _prepare_dataset(d, model, args), args, train_dataset),
-                    eval_dataset, model_card, kwargs, bad_rows, max_skipped_fraction)
+        self._finish(model, args, losses, BiEncoderCollator, data_collator, sources, train_dataset, eval_dataset,
+                     evaluator, model_card, kwargs, bad_rows, max_skipped_fraction, cell_types)
 
 
 class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
@@ -429,9 +439,5 @@ class CrossEncoderTrainer(RetrievalTrainerMixin, Trainer):
                   for name, chosen in losses_by_name(loss, train_names, None).items()}
         for name, (layout, _, teacher) in layouts.items():
             check_loss_fits(losses.get(name, next(iter(losses.values()))), name, layout, teacher)
-        loss = SourceLosses(losses) if len({id(x) for x in losses.values()}) > 1 else next(iter(losses.values()))
-        if data_collator is None:
-            data_collator = CrossEncoderCollator(model, mini_batch_size=loss_contract(loss).mini_batch_size,
-                                                 bad_rows=bad_rows, cell_types=cell_types)
-        self._setup(model, args, loss, evaluator, data_collator, self._mixture(sources, lambda d: _prepare_dataset(d, model, args), args, train_dataset),
-                    eval_dataset, model_card, kwargs, bad_rows, max_skipped_fraction)
+        self._finish(model, args, losses, CrossEncoderCollator, data_collator, sources, train_dataset, eval_dataset,
+                     evaluator, model_card, kwargs, bad_rows, max_skipped_fraction, cell_types)
