@@ -157,3 +157,49 @@ def test_the_command_line(tiny_path, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sentence-transformers export in" in run.stdout and "reloaded with sentence-transformers" in run.stdout
+
+
+@pytest.fixture()
+def foreign_qwen3_vl_mapping():
+    """A key conversion for every ``qwen3_vl`` model registered process-wide, as colpali-engine 0.3.18 registers
+    ColQwen3's on import (``^model.`` -> ``""``); the registry is restored afterwards."""
+    from transformers import conversion_mapping as mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    mapping.get_checkpoint_conversion_mapping("qwen3_vl")  # builds the cache
+    cache, registered = mapping._checkpoint_conversion_mapping_cache, mapping.USER_REGISTERED_MAPPINGS
+    saved = (cache.get("qwen3_vl"), "qwen3_vl" in registered)
+    mapping.register_checkpoint_conversion_mapping("qwen3_vl", [WeightRenaming(source_patterns=r"^model\.",
+                                                                               target_patterns="")], overwrite=True)
+    yield
+    cache.pop("qwen3_vl", None)
+    registered.discard("qwen3_vl")
+    if saved[0] is not None:
+        cache["qwen3_vl"] = saved[0]
+    if saved[1]:
+        registered.add("qwen3_vl")
+
+
+def test_exports_keep_transformers_key_layout_when_another_library_registered_one(tiny_path, tmp_path,
+                                                                                   foreign_qwen3_vl_mapping):
+    """The full CI run failed here: after test_late_interaction imported colpali-engine, the Qwen3-VL merged export
+    held model.model.* keys and plain transformers loaded random weights. Saving in transformers' own layout while
+    a foreign mapping is registered: the merged export and a full fine-tune's folder load in plain transformers."""
+    import transformers
+    from safetensors import safe_open
+
+    base = tiny_path("qwen3_vl")
+    plain = transformers.Qwen3VLForConditionalGeneration.from_pretrained(base)
+    plain.save_pretrained(str(tmp_path / "plain"))  # what the registration does to a plain save (the hazard is real)
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as handle:
+        assert any(k.startswith("model.model.") for k in handle.keys())
+    model = BiEncoder.from_pretrained(base, lora_config=LoraConfig(**LORA), query_prompt="Find the image.")
+    report = export(model, str(tmp_path / "merged"), "merged")  # verified in a plain-transformers subprocess
+    assert report.difference <= 1e-5
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "lm_head.weight" in keys and not any(k.startswith("model.model.") for k in keys)
+    full = BiEncoder.from_pretrained(base)
+    full.save_pretrained(str(tmp_path / "full"))
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as handle:
+        assert not any(k.startswith("model.") for k in handle.keys())  # a bare Qwen3VLModel: language_model.*, visual.*

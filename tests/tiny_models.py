@@ -54,7 +54,9 @@ def byte_tokenizer(specials: list[str], template: str | None = None, **kwargs) -
 def _save(model, processor, path: Path) -> Path:
     torch.manual_seed(0)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    from hf_mm_rerank.modeling.backbone import save_weights  # transformers' own key layout, whatever is imported
+
+    save_weights(model, str(path))
     processor.save_pretrained(path)
     return path
 

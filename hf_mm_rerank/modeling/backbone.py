@@ -132,7 +132,8 @@ def load_backbone(name_or_path: str, *, quantization_config: Any = None, auto_cl
         if torch.cuda.is_available() and "device_map" not in model_kwargs:
             # bitsandbytes weights are quantized as they land on the GPU; each process takes its own.
             model_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = auto_class.from_pretrained(name_or_path, **model_kwargs)
+    with native_key_layout():
+        model = auto_class.from_pretrained(name_or_path, **model_kwargs)
     if quantization_config is not None:
         _keep_cpu_4bit_trainable(model)
     if hasattr(model.config, "use_cache"):
@@ -215,3 +216,35 @@ def dtype_of(model: nn.Module) -> torch.dtype:
         if param.is_floating_point():
             return param.dtype
     return torch.float32
+
+
+@contextlib.contextmanager
+def native_key_layout() -> Iterator[None]:
+    """transformers' own checkpoint key conversions only, for the duration: another library may have registered one
+    for a model type process-wide (``transformers.conversion_mapping.register_checkpoint_conversion_mapping``).
+    colpali-engine 0.3.18 does so for ``qwen3_vl`` on import (its ColQwen3 layout); a model loaded or built while it
+    is registered is saved with it reversed, as ``model.model.*`` keys that plain transformers and vLLM do not load
+    (their weights stay random). Every load and save of a backbone runs inside this
+    (tests/test_export.py::test_exports_keep_transformers_key_layout_when_another_library_registered_one)."""
+    from transformers import conversion_mapping as mapping
+
+    cache = getattr(mapping, "_checkpoint_conversion_mapping_cache", None)
+    registered = getattr(mapping, "USER_REGISTERED_MAPPINGS", None)
+    foreign = [name for name in (registered or ()) if cache is not None and name in cache]
+    if not foreign:
+        yield
+        return
+    native = mapping._build_checkpoint_conversion_mapping()
+    hidden = {name: cache.pop(name) for name in foreign}
+    cache.update({name: native[name] for name in foreign if name in native})
+    try:
+        yield
+    finally:
+        for name, conversions in hidden.items():
+            cache[name] = conversions
+
+
+def save_weights(model: nn.Module, folder: str, **kwargs: Any) -> None:
+    """``model.save_pretrained(folder, **kwargs)`` in transformers' own key layout (:func:`native_key_layout`)."""
+    with native_key_layout():
+        model.save_pretrained(folder, **kwargs)

@@ -29,6 +29,8 @@ from .backbone import (
     dtype_of,
     is_quantized,
     load_backbone,
+    native_key_layout,
+    save_weights,
 )
 from .loading import (
     check_adapter_keys,
@@ -239,7 +241,7 @@ class AdapterModel(nn.Module):
             if heads is not None:
                 name = next(n for n, module in self.named_modules() if module is heads)
                 head_state = _prefixed(state_dict, f"{name}.") or None
-        self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        save_weights(self.backbone, directory, state_dict=backbone_state)
         if self.is_peft:  # adapter_config.json names the base as hf_mm_rerank_config.json does
             set_json_field(os.path.join(directory, "adapter_config.json"), "base_model_name_or_path",
                             base_reference(self.spec.base_model, directory))
@@ -269,7 +271,8 @@ class AdapterModel(nn.Module):
             check_adapter_keys(self.backbone, state, directory)
             set_peft_model_state_dict(self.backbone, state)
         else:
-            fresh = type(self.base_model).from_pretrained(directory, dtype=self.compute_dtype)
+            with native_key_layout():
+                fresh = type(self.base_model).from_pretrained(directory, dtype=self.compute_dtype)
             self.backbone.load_state_dict(fresh.state_dict(), strict=True)
         self._load_head(directory)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoProcessor
 
-from .backbone import is_quantized, quiet_peft
+from .backbone import is_quantized, native_key_layout, quiet_peft
 from .options import LoadOptions
 from .spec import ADAPTER_WEIGHTS, ModelSpec, resolve_file
 
@@ -107,7 +107,7 @@ def load_adapter(backbone: nn.Module, name_or_path: str, is_trainable: bool, gra
                                 "Fix: copy the whole folder written by save_pretrained(), or save it again.")
     state = read_weights(path)  # a damaged file is named here, not as a bare safetensors error
     try:
-        with quiet_peft():
+        with quiet_peft(), native_key_layout():
             model = PeftModel.from_pretrained(backbone, name_or_path, is_trainable=is_trainable, **hub_kwargs)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name_or_path}: adapter_config.json is not valid JSON ({exc}); the file is damaged or was "

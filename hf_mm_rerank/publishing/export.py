@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..modeling import BiEncoder, CrossEncoder
-from ..modeling.backbone import CHAT, is_quantized
+from ..modeling.backbone import CHAT, is_quantized, native_key_layout, save_weights
 from ..modeling.spec import HEAD_WEIGHTS, ModelSpec
 from ..modeling.st_format import write_st_files
 from .export_card import write_export_card
@@ -213,7 +213,8 @@ def _base_with_head(name: str, base: str, backbone: Any) -> Any:
     import transformers
 
     try:
-        return getattr(transformers, name).from_pretrained(base, dtype=backbone.dtype)
+        with native_key_layout():
+            return getattr(transformers, name).from_pretrained(base, dtype=backbone.dtype)
     except OSError as error:
         where = (f"the folder {base}, which does not exist" if os.path.isabs(base) and not os.path.exists(base) else
                  f"'{base}' (recorded in hf_mm_rerank_config.json as the base model)")
@@ -227,7 +228,7 @@ def _base_with_head(name: str, base: str, backbone: Any) -> Any:
 
 def _write_full(model: Any, folder: str, dtype: Any) -> None:
     """:func:`_full_model` saved; the trained head of a linear/mlp reranker stays in ``head.safetensors``."""
-    _full_model(model, dtype).save_pretrained(folder)
+    save_weights(_full_model(model, dtype), folder)
     heads = model.heads()
     if heads is not None:
         from safetensors.torch import save_file
@@ -264,7 +265,7 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
                               "have none: every score would be shifted by that constant (rankings unchanged, values "
                               "not). Fix: export format='sentence-transformers' (its Dense module keeps the bias).")
     full = _full_model(model, dtype)
-    full.save_pretrained(folder, max_shard_size="100000GB")  # one file: the LM head is dropped from it below
+    save_weights(full, folder, max_shard_size="100000GB")  # one file: the LM head is dropped from it below
     weights = os.path.join(folder, "model.safetensors")
     state = {k: v for k, v in load_file(weights).items() if not k.endswith("lm_head.weight")}
     state[_score_key(model)] = row.to(next(iter(state.values())).dtype)
@@ -317,7 +318,7 @@ def _write_lora(model: Any, folder: str) -> list[str]:
         raise ExportError(f"format='lora': {type(model.base_model).__name__} has no *ForConditionalGeneration in "
                           "transformers to re-key the adapter for. Fix: export format='merged'.")
     prefix = outer.base_model_prefix  # "model": the bare *Model's place inside *ForConditionalGeneration
-    model.backbone.save_pretrained(folder)
+    save_weights(model.backbone, folder)
     weights = os.path.join(folder, "adapter_model.safetensors")
     inner = "base_model.model."
     state = {(inner + prefix + "." + k[len(inner):] if k.startswith(inner) else k): v
@@ -360,5 +361,5 @@ def _one_logit_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
         backbone.config.id2label, backbone.config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}
     if dtype is not None:
         backbone = backbone.to(torch_dtype(dtype))
-    backbone.save_pretrained(folder)
+    save_weights(backbone, folder)
     return []

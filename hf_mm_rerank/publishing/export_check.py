@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..data.inputs import MMInput
+from ..modeling.backbone import native_key_layout
 from ..modeling.base import to_device
 from ..modeling.bi_encoder import last_token_pool, mean_pool
 from .card_usage import DOCUMENT_TEXT, IMAGE, OTHER, QUERY, plain_usage, usage_info
@@ -101,8 +102,9 @@ def _reload_lora(folder: str, model: Any) -> torch.Tensor:
 
     config = json.load(open(os.path.join(folder, "adapter_config.json")))
     outer = getattr(transformers, base_architecture(model.base_model))
-    base = outer.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-    inner = getattr(PeftModel.from_pretrained(base, folder).eval().get_base_model(), outer.base_model_prefix)
+    with native_key_layout():
+        base = outer.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+        inner = getattr(PeftModel.from_pretrained(base, folder).eval().get_base_model(), outer.base_model_prefix)
     red, blue = _probe_image(), _probe_image((20, 20, 220))
     rows = []
     for side, items in (("query", [QUERY, "a blue circle"]), ("document", [red, blue])):
