@@ -396,3 +396,74 @@ def test_qwen2_5_vl_and_qwen3_vl(vllm_python, tiny_path, tmp_path):
                                               rerankers[family])
     print("max relative differences:", json.dumps(found))
     assert max(found.values()) <= TOLERANCE, found
+
+
+def test_a_user_path_trained_exported_served_retrieve_and_rerank(vllm_python, tmp_path):
+    """The path a user walks: the reranker demo's Qwen2-VL base (built offline) trained on the emoji data as an
+    embedder (LoRA, in-batch contrastive) and as a yes/no reranker (full fine-tune, as the demo), saved, exported
+    (merged; classifier) and served by vLLM in a fresh process with the card's LLM(...) arguments. Retrieval and
+    retrieve-then-rerank computed from vLLM's embeddings and scores give the same rankings, so the same metrics, as
+    hf_mm_rerank's evaluators on the trained models."""
+    from transformers import TrainingArguments
+
+    from hf_mm_rerank import BiEncoderTrainer, CrossEncoderTrainer, RetrievalEvaluator
+    from hf_mm_rerank.recipes_kit.data import random_negatives
+    from hf_mm_rerank.recipes_kit.demo import build_demo_reranker_base, emoji_splits
+    from hf_mm_rerank.retrieval import core
+    from hf_mm_rerank.retrieval.evaluation import ranking_metrics
+    from hf_mm_rerank.retrieval.two_stage import RetrieveRerankEvaluator
+
+    base = build_demo_reranker_base(tmp_path / "base")
+    train, test = emoji_splits(test_fraction=0.25, limit=128)
+    test = test.select(range(min(24, len(test))))
+
+    def args(name: str) -> TrainingArguments:
+        return TrainingArguments(str(tmp_path / name), max_steps=6, per_device_train_batch_size=16, learning_rate=1e-3,
+                                 report_to="none", save_strategy="no", logging_steps=100, seed=0, use_cpu=True)
+
+    torch.manual_seed(0)
+    embedder = BiEncoder.from_pretrained(base, lora_config=LoraConfig(r=8, lora_alpha=16), query_prompt="Find the emoji.")
+    before = embedder.encode(test["query"][:2], side="query")
+    BiEncoderTrainer(model=embedder, args=args("embedder-run"), train_dataset=train).train()
+    assert rel(embedder.encode(test["query"][:2], side="query"), before) > 1e-3  # training moved it
+    embedder.save_pretrained(str(tmp_path / "embedder"))
+    export(str(tmp_path / "embedder"), str(tmp_path / "embedder-merged"), "merged")
+    reranker = CrossEncoder.from_pretrained(base, head="yes_no")
+    CrossEncoderTrainer(model=reranker, args=args("reranker-run"), train_dataset=random_negatives(train, 3)).train()
+    reranker.save_pretrained(str(tmp_path / "reranker"))
+    export(str(tmp_path / "reranker"), str(tmp_path / "reranker-cls"), "classifier")
+
+    queries, documents = list(test["query"]), list(test["positive"])
+    n, top = len(queries), 4
+    ids = list(range(n))
+    relevant = {i: {i} for i in ids}
+    ours = RetrievalEvaluator(dict(zip(ids, queries)), dict(zip(ids, documents)), relevant, k_values=(1, 5, 10))
+    ours_rankings = ours.rankings(embedder, n)
+    two_stage = RetrieveRerankEvaluator(embedder, dict(zip(ids, queries)), dict(zip(ids, documents)), relevant,
+                                        top_k=top, k_values=(1, 4))
+    ours_two_stage = two_stage(reranker)
+
+    engines = Engines(tmp_path)
+    embed_inputs = chat_inputs(embedder, queries, "query", engines) + chat_inputs(embedder, documents, "document",
+                                                                                  engines)
+    (served_embedder,), _, _ = vllm_recipes(embedder, str(tmp_path / "embedder-merged"), exported="merged")
+    engines.add_recipe("embedder", served_embedder, [{"name": "embed", "method": "embed", "inputs": embed_inputs}])
+    every_pair = [(query, document) for query in queries for document in documents]  # vLLM's candidates: any of them
+    (served_reranker,), _, _ = vllm_recipes(reranker, str(tmp_path / "reranker-cls"), exported="classifier")
+    engines.add_recipe("reranker", served_reranker, [{"name": "score", "method": "classify",
+                                                      "inputs": pair_inputs(reranker, every_pair, engines)}])
+    results = engines.run(vllm_python)
+
+    vectors = torch.tensor(ok(results, "embedder", "embed"))
+    _, best = core.top_k(core.DENSE, vectors[:n], vectors[n:], n)
+    served_rankings = best.tolist()
+    assert served_rankings == ours_rankings, "vLLM's embeddings rank the corpus otherwise"
+    assert ranking_metrics(served_rankings, [relevant[i] for i in ids], (1, 5, 10), 100) == ours(embedder)
+    scores = torch.tensor([v[0] for v in ok(results, "reranker", "score")]).view(n, n)
+    candidates = [row[:top] for row in served_rankings]
+    order = core.rank_groups([[float(scores[q, d]) for d in row] for q, row in enumerate(candidates)])
+    reranked = [[row[i] for i in ranked] for row, ranked in zip(candidates, order)]
+    served_two_stage = ranking_metrics(reranked, [relevant[i] for i in ids], (1, 4), top)
+    assert served_two_stage == {k: v for k, v in ours_two_stage.items() if k in served_two_stage}
+    assert rel(scores.flatten()[:top], reranker.score(every_pair[:top])) <= TOLERANCE
+    print("ours:", json.dumps(ours(embedder)), json.dumps(ours_two_stage))

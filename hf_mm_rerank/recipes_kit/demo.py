@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data.pair_featurizers import RERANK_PROMPT_DEFAULTS
+from ..modeling.backbone import save_weights
 from ..training.checkpoints import WRITE_ERRORS, write_error
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -72,7 +73,7 @@ def _write_atomically(path: Path, model: object, processor: object, what: str) -
 
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
-        model.save_pretrained(partial)
+        save_weights(model, str(partial))
         processor.save_pretrained(partial)
     except WRITE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)
