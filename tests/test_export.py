@@ -203,3 +203,27 @@ def test_exports_keep_transformers_key_layout_when_another_library_registered_on
     full.save_pretrained(str(tmp_path / "full"))
     with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as handle:
         assert not any(k.startswith("model.") for k in handle.keys())  # a bare Qwen3VLModel: language_model.*, visual.*
+
+
+def test_a_qwen3_vl_multi_vector_merged_export_is_the_colqwen3_layout(tiny_path, tmp_path):
+    """The layout vLLM's late-interaction runner loads (tests/test_vllm.py::test_multi_vector_qwen3_vl serves it):
+    architectures ColQwen3, no embed_dim (vLLM would drop the bias), the projection's bias in a shard after its
+    weight; checked in plain transformers, and MultiVectorEncoder loads it back with the same token vectors."""
+    from hf_mm_rerank import MultiVectorEncoder
+
+    torch.manual_seed(0)
+    model = MultiVectorEncoder.from_pretrained(tiny_path("qwen3_vl"), lora_config=LoraConfig(**LORA), dim=16)
+    report = export(model, str(tmp_path / "merged"), "merged")
+    assert report.difference <= 1e-5 and "ColQwen3" in report.notes[0]
+    config = json.load(open(tmp_path / "merged" / "config.json"))
+    assert config["architectures"] == ["ColQwen3"] and "embed_dim" not in config
+    weight_map = json.load(open(tmp_path / "merged" / "model.safetensors.index.json"))["weight_map"]
+    assert weight_map["custom_text_proj.weight"] < weight_map["custom_text_proj.bias"]  # files vLLM reads in order
+    assert "lm_head.weight" in weight_map and "model.language_model.norm.weight" in weight_map
+    again = MultiVectorEncoder.from_pretrained(str(tmp_path / "merged"))
+    mine, theirs = model.encode(["a red square"]), again.encode(["a red square"])
+    assert_rel_close(theirs.embeddings[theirs.mask], mine.embeddings[mine.mask], 1e-5)
+    qwen2 = MultiVectorEncoder.from_pretrained(tiny_path("qwen2_vl"), lora_config=LoraConfig(**LORA), dim=16)
+    with pytest.raises(ExportError, match="no ColQwen2 layout"):
+        export(qwen2, str(tmp_path / "qwen2"), "merged")
+    assert not (tmp_path / "qwen2").exists()

@@ -467,3 +467,66 @@ def test_a_user_path_trained_exported_served_retrieve_and_rerank(vllm_python, tm
     assert served_two_stage == {k: v for k, v in ours_two_stage.items() if k in served_two_stage}
     assert rel(scores.flatten()[:top], reranker.score(every_pair[:top])) <= TOLERANCE
     print("ours:", json.dumps(ours(embedder)), json.dumps(ours_two_stage))
+
+
+def test_multi_vector_qwen3_vl(vllm_python, tiny_path, tmp_path):
+    """A Qwen3-VL multi-vector model (LoRA, the token projection in modules_to_save) as the merged export, the ColQwen3
+    layout vLLM's late-interaction runner loads (sharded so that vLLM reads the projection's bias after its weight):
+    its ``token_embed`` vectors are this model's token embeddings (every
+    token, scored_tokens="all"), so MaxSim over them is this model's score. With scored_tokens="content" vLLM's
+    vectors at the content positions are this model's, and MaxSim over all of vLLM's differs, as the card says. A
+    Qwen2-VL multi-vector model has no layout vLLM loads: the export refuses it, and the card says why."""
+    from hf_mm_rerank import MultiVectorEncoder
+    from hf_mm_rerank.retrieval.core import maxsim
+
+    engines = Engines(tmp_path)
+    base, budget = tiny_path("qwen3_vl_h32"), 32 * 32 * 9
+    documents = [solid("red", (224, 224)), photo((90, 70), 2)]
+    models, expected, features = {}, {}, {}
+    for scored in ("all", "content"):
+        torch.manual_seed(0)
+        model = MultiVectorEncoder.from_pretrained(base, lora_config=LoraConfig(**LORA), dim=32, scored_tokens=scored,
+                                                   query_prompt="Find the picture.", max_pixels=budget)
+        model.save_pretrained(str(tmp_path / scored))
+        report = export(str(tmp_path / scored), str(tmp_path / f"{scored}-merged"), "merged")
+        assert "ColQwen3" in " ".join(report.notes)
+        (recipe,), _, test = vllm_recipes(model, str(tmp_path / f"{scored}-merged"), exported="merged")
+        assert recipe.task == "token_embed" and test == "test_multi_vector_qwen3_vl"
+        inputs = chat_inputs(model, QUERIES, "query", engines) + chat_inputs(model, documents, "document", engines)
+        engines.add_recipe(scored, recipe, [{"name": "tokens", "method": "token_embed", "inputs": inputs}])
+        items = [(q, "query") for q in QUERIES] + [(d, "document") for d in documents]
+        # vLLM is compared with the export as hf_mm_rerank loads it (the export's own check bounds its distance to the
+        # trained model at 1e-5: the LoRA merge's rounding, up to 8.8e-6 on these random adapters, is not vLLM's)
+        model = MultiVectorEncoder.from_pretrained(str(tmp_path / f"{scored}-merged"))
+        expected[scored] = [model.encode([item], side=side) for item, side in items]
+        features[scored] = [model.featurizer([model.featurizer.read(item, 0, side)], side)["token_mask"][0]
+                            for item, side in items]
+        models[scored] = model
+    results = engines.run(vllm_python)
+
+    found = {}
+    for scored in ("all", "content"):
+        served = [torch.tensor(vectors) for vectors in ok(results, scored, "tokens")]
+        for i, (mine, mask) in enumerate(zip(expected[scored], features[scored])):
+            assert served[i].shape[0] == mask.shape[0]  # one vector per token of the prompt
+            found[f"{scored}/{i}"] = rel(served[i][mask], mine.embeddings[0][mine.mask[0]])
+        if scored == "all":  # MaxSim over vLLM's vectors is this model's score
+            ones = [torch.ones(len(v), dtype=torch.bool) for v in served]
+            model = models[scored]
+            mine = model.score(model.encode(QUERIES, side="query"), model.encode(documents, side="document"))
+            theirs = torch.tensor([[float(maxsim(served[q][None], ones[q][None], served[d][None], ones[d][None]))
+                                    for d in (2, 3)] for q in (0, 1)])
+            found["all/maxsim"] = rel(theirs, mine)
+        else:  # every token's vector: MaxSim over them all is not this model's
+            whole = float(maxsim(served[0][None], torch.ones(1, len(served[0]), dtype=torch.bool), served[2][None],
+                                 torch.ones(1, len(served[2]), dtype=torch.bool)))
+            mine = float(models[scored].score(expected[scored][0], expected[scored][2]))
+            assert abs(whole - mine) > 0.01 * abs(mine)
+    print("max relative differences:", json.dumps(found))
+    assert max(found.values()) <= TOLERANCE, found
+    qwen2 = MultiVectorEncoder.from_pretrained(tiny_path("qwen2_vl_h32"), lora_config=LoraConfig(**LORA), dim=32)
+    recipes, reason, _ = vllm_recipes(qwen2, "me/model")
+    assert recipes == [] and "no layout for a multi-vector qwen2_vl model" in reason, reason
+    with pytest.raises(ExportError, match="vLLM 0.32 has no ColQwen2 layout"):
+        export(qwen2, str(tmp_path / "qwen2-merged"), "merged")
+

@@ -50,18 +50,35 @@ def add_projections(backbone: nn.Module, family: str, dim: int, weights: str | N
                 setattr(backbone, name, nn.Linear(hidden, dim).to(next(backbone.parameters()).device))
     if weights is None:
         return
+    state = _projection_weights(weights, PROJECTIONS[family], **hub_kwargs)
+    for name in PROJECTIONS[family]:
+        keys = [k for k in state if k.startswith(f"{name}.")]
+        if not keys:
+            raise ValueError(f"{weights}: its weights hold no {name}; it was not saved by a MultiVectorEncoder.")
+        getattr(backbone, name).load_state_dict({k[len(name) + 1:]: state[k] for k in keys})
+
+
+def _projection_weights(weights: str, names: Sequence[str], **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The tensors under ``names`` in a save's ``model.safetensors``, or in the shards its index lists (the merged
+    export of a multi-vector model is sharded: :func:`~hf_mm_rerank.publishing.export._write_late_interaction`)."""
     from safetensors import safe_open
 
     path = resolve_file(weights, "model.safetensors", **hub_kwargs)
-    if path is None:
-        raise FileNotFoundError(f"{weights}: model.safetensors is missing, so the trained token projections cannot be "
-                                "restored. Fix: copy the whole folder written by save_pretrained().")
-    with safe_open(path, framework="pt") as handle:
-        for name in PROJECTIONS[family]:
-            keys = [k for k in handle.keys() if k.startswith(f"{name}.")]
-            if not keys:
-                raise ValueError(f"{weights}: its weights hold no {name}; it was not saved by a MultiVectorEncoder.")
-            getattr(backbone, name).load_state_dict({k[len(name) + 1:]: handle.get_tensor(k) for k in keys})
+    if path is not None:
+        files = [path]
+    else:
+        index = resolve_file(weights, "model.safetensors.index.json", **hub_kwargs)
+        if index is None:
+            raise FileNotFoundError(f"{weights}: model.safetensors is missing, so the trained token projections "
+                                    "cannot be restored. Fix: copy the whole folder written by save_pretrained().")
+        weight_map = json.load(open(index))["weight_map"]
+        shards = sorted({file for key, file in weight_map.items() if key.split(".")[0] in names})
+        files = [resolve_file(weights, shard, **hub_kwargs) for shard in shards]
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            state.update({k: handle.get_tensor(k) for k in handle.keys() if k.split(".")[0] in names})
+    return state
 
 
 class MultiVectorEncoder(BiEncoder):

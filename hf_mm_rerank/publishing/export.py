@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from ..modeling import BiEncoder, CrossEncoder
+from ..modeling import BiEncoder, CrossEncoder, MultiVectorEncoder
 from ..modeling.backbone import CHAT, is_quantized, native_key_layout, save_weights
+from ..modeling.multi_vector import PROJECTIONS
 from ..modeling.spec import HEAD_WEIGHTS, ModelSpec
 from ..modeling.st_format import write_st_files
 from .export_card import write_export_card
@@ -43,6 +44,7 @@ from .export_check import (
     tolerance,
     torch_dtype,
 )
+from .serving import VLLM_LATE_INTERACTION
 
 FORMATS = ("merged", "classifier", "sentence-transformers", "lora")
 # Where vLLM 0.32 looks for a classifier's score row: its Qwen2-VL and Qwen2.5-VL keep the converted score layer inside
@@ -79,7 +81,7 @@ def _load(source: Any, dtype: Any, **kwargs: Any) -> Any:
     if spec is None:
         raise ExportError(f"{source} was not saved by hf_mm_rerank (no hf_mm_rerank_config.json): there is nothing "
                           "to export. Fix: pass a folder written by save_pretrained / trainer.save_model.")
-    cls = BiEncoder if spec.kind == "bi_encoder" else CrossEncoder
+    cls = {"bi_encoder": BiEncoder, "multi_vector": MultiVectorEncoder}.get(spec.kind, CrossEncoder)
     extra = {"dtype": dtype} if dtype is not None else {}
     return cls.from_pretrained(source, is_trainable=False, **extra, **kwargs)
 
@@ -157,7 +159,9 @@ def _write(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
     if format == "lora":
         return _write_lora(model, folder)
     merged = _merged_copy(model)
-    if format == "classifier":
+    if model.kind == "multi_vector":
+        notes += _write_late_interaction(merged, folder, format, dtype)
+    elif format == "classifier":
         notes += _write_classifier(merged, folder, dtype)
     else:
         _write_full(merged, folder, dtype)
@@ -196,14 +200,16 @@ def _full_model(model: Any, dtype: Any) -> Any:
     backbone = model.base_model
     name = base_architecture(backbone)
     target = backbone
-    bare = model.spec.family == CHAT and (model.kind == "bi_encoder" or model.head_type in ("linear", "mlp"))
+    bare = model.spec.family == CHAT and (model.kind in ("bi_encoder", "multi_vector") or
+                                          model.head_type in ("linear", "mlp"))
     if bare and name and name != type(backbone).__name__ and hasattr(transformers, name):
         target = _base_with_head(name, model.spec.base_model, backbone)
         inner = getattr(target, target.base_model_prefix, None)
         if type(inner) is not type(backbone):
             raise ExportError(f"cannot place the merged {type(backbone).__name__} inside {name} (its base model is "
                               f"{type(inner).__name__}).")
-        inner.load_state_dict(backbone.state_dict(), strict=True)
+        inner.load_state_dict({k: v for k, v in backbone.state_dict().items()  # a token projection stays outside
+                               if k.split(".")[0] not in PROJECTIONS[CHAT]}, strict=True)
     return target.to(torch_dtype(dtype)) if dtype is not None else target
 
 
@@ -290,6 +296,48 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
     return [f"transformers has no {name} class: vLLM serves this checkpoint (`vllm serve FOLDER --runner pooling`, "
             "run by hf_mm_rerank's tests/test_vllm.py); the check here loaded its weights into transformers' "
             f"{inner} plus the score row (`{_score_key(model)}`, where vLLM reads it), the computation that class runs"]
+
+
+def _write_late_interaction(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
+    """A chat VLM's multi-vector model in the layout vLLM's late-interaction runner loads: the merged weights inside
+    the base's ``*ForConditionalGeneration``, ``custom_text_proj`` at the top level and the architecture vLLM knows it
+    by. MultiVectorEncoder.from_pretrained loads it too (its hf_mm_rerank_config.json)."""
+    from safetensors.torch import load_file, save_file
+
+    model_type = getattr(model.config, "model_type", None)
+    if format != "merged" or model.spec.family != CHAT or model_type not in VLLM_LATE_INTERACTION:
+        raise ExportError(
+            f"a multi-vector {model_type} model exports only as format='merged' of a chat VLM vLLM's late-interaction "
+            f"runner loads ({', '.join(VLLM_LATE_INTERACTION)}; vLLM 0.32 has no ColQwen2 layout). Fix: serve the "
+            "saved folder with MultiVectorEncoder.from_pretrained, or sentence-transformers' MultiVectorEncoder.")
+    full = _full_model(model, dtype)
+    save_weights(full, folder, max_shard_size="100000GB")  # one file: the projection is added to it below
+    weights = os.path.join(folder, "model.safetensors")
+    state = load_file(weights)
+    dtype_now = next(iter(state.values())).dtype
+    projection = {f"custom_text_proj.{name}": value.detach().to(dtype_now).contiguous().cpu()
+                  for name, value in model.base_model.custom_text_proj.state_dict().items()}
+    # vLLM 0.32 reads the projection's bias only after its weight (the weight creates the layer; an earlier bias is
+    # skipped and the load then fails), and it reads each file's tensors in name order: the bias goes in a second shard.
+    bias = {k: v for k, v in projection.items() if k.endswith(".bias")}
+    shards = [{**state, **{k: v for k, v in projection.items() if k not in bias}}] + ([bias] if bias else [])
+    os.remove(weights)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for s in shards for v in s.values())},
+             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
+        json.dump(index, handle, indent=2)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    architecture = VLLM_LATE_INTERACTION[model_type]
+    # no embed_dim in the config: vLLM then sizes the projection from its weights, bias included (given embed_dim, it
+    # builds one without a bias and drops ours silently: every vector about 10% off, tests/test_vllm.py)
+    config["architectures"] = [architecture]
+    with open(os.path.join(folder, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+    return [f"the {architecture} layout of vLLM's late-interaction runner (`token_embed`: every token's vector, "
+            "L2-normalised)"]
 
 
 def _score_key(model: Any) -> str:

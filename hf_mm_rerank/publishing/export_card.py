@@ -38,6 +38,15 @@ def write_export_card(model: Any, folder: str, report: Any) -> None:
 def _export_usage(model: Any, format: str) -> str:
     """Code that loads the export where it is meant to be loaded (run from its folder, or put its path in MODEL)."""
 
+    if model.kind == "multi_vector":  # the merged export: hf_mm_rerank loads it, vLLM's late-interaction runner serves it
+        recipes, _, _ = vllm_recipes(model, ".", exported=format)
+        served = [f"# vLLM (see Serving): llm = {recipes[0].llm_line()}; {recipes[0].call_line()}"] if recipes else []
+        return "\n".join(["from PIL import Image", "from hf_mm_rerank import MultiVectorEncoder", "",
+                          'MODEL = "."  # this folder (or its path, or its Hub id once pushed)',
+                          "model = MultiVectorEncoder.from_pretrained(MODEL)", f"image = {IMAGE}",
+                          f'query = model.encode(["{QUERY}"], side="query")',
+                          'document = model.encode([image], side="document")',
+                          "print(model.score(query, document))  # MaxSim", *served])
     if format == "sentence-transformers":
         image = model.featurizer.supports_images
         if model.kind == "cross_encoder":

@@ -57,11 +57,26 @@ def probe_outputs(model: Any) -> torch.Tensor:
 
 
     red, blue = Image.new("RGB", (224, 224), (220, 20, 20)), Image.new("RGB", (224, 224), (20, 20, 220))
+    if model.kind == "multi_vector":
+        return torch.cat([model._embed(features)[0] for features in token_probe_features(model)])
     if model.kind == "bi_encoder":
         queries, documents = [QUERY, "a blue circle"], [red, blue] if model.featurizer.supports_images else []
         return torch.cat([model.encode(queries, side="query"), model.encode(documents, side="document")])
     documents = [red, blue] if model.featurizer.supports_images else [DOCUMENT_TEXT, "A blue circle."]
     return model.score([(QUERY, d) for d in documents])
+
+
+def token_probe_features(model: Any) -> list[dict[str, Any]]:
+    """A multi-vector model's probe inputs (a query; an image document), one per batch, every token scored (the
+    chat template's too: a late-interaction engine returns them all)."""
+    featurizer = model.featurizer
+    items = [(QUERY, "query")] + ([(_probe_image(), "document")] if featurizer.supports_images else [])
+    out = []
+    for item, side in items:
+        features = featurizer([featurizer.read(item, 0, side)], side)
+        features["token_mask"] = features["attention_mask"].bool()
+        out.append(features)
+    return out
 
 
 def reload_outputs(folder: str, format: str, model: Any) -> tuple[torch.Tensor, str]:
@@ -122,7 +137,9 @@ def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
     import transformers
 
     task: dict[str, Any] = {"folder": os.path.abspath(folder)}
-    if format == "merged":
+    if model.kind == "multi_vector":  # the probe's token ids and pixels, run by the inner model and the projection
+        task["mode"] = "tokens"
+    elif format == "merged":
         task.update(snippet_task(model))
     else:
         name = json.load(open(os.path.join(folder, "config.json")))["architectures"][0]
@@ -132,6 +149,11 @@ def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
                      "images_kwargs": model.featurizer.image_kwargs() if model.featurizer.supports_images else {}})
     with tempfile.TemporaryDirectory() as scratch:
         task["result_file"] = os.path.join(scratch, "out.pt")
+        if task["mode"] == "tokens":
+            task["features_file"] = os.path.join(scratch, "features.pt")
+            features = [to_device({k: v for k, v in f.items() if k != "token_mask"}, torch.device("cpu"),
+                                  torch.float32, model.featurizer) for f in token_probe_features(model)]
+            torch.save(features, task["features_file"])  # pixels normalised as the model's forward takes them
         task_file = os.path.join(scratch, "task.json")
         with open(task_file, "w") as handle:
             json.dump(task, handle)
@@ -141,6 +163,8 @@ def _reload_plain(folder: str, format: str, model: Any) -> torch.Tensor:
             raise ExportError(f"plain transformers could not load the {format} export: "
                               f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
         result = torch.load(task["result_file"])
+    if model.kind == "multi_vector":
+        return result.view(-1, model.dim)
     return result.view(4, -1) if model.kind == "bi_encoder" else result
 
 

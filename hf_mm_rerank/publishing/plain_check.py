@@ -38,6 +38,19 @@ elif task["mode"] == "classifier":
         inputs = tokenizer(*args, return_tensors="pt", truncation="only_second" if len(args) == 2 else True)
         with torch.no_grad():
             out.append(model(**inputs).logits[0, :1].float())
+elif task["mode"] == "tokens":  # a late-interaction export: the inner model, its token projection, L2-normalised
+    import glob
+
+    from safetensors.torch import load_file
+
+    model = AutoModel.from_pretrained(folder).eval()
+    weights = {k: v for path in sorted(glob.glob(folder + "/*.safetensors")) for k, v in load_file(path).items()}
+    weight, bias = weights["custom_text_proj.weight"].float(), weights.get("custom_text_proj.bias")
+    for features in torch.load(task["features_file"]):
+        with torch.no_grad():
+            hidden = model(**features, use_cache=False).last_hidden_state[0].float()
+        vectors = hidden @ weight.T + (bias.float() if bias is not None else 0)
+        out.append(torch.nn.functional.normalize(vectors, dim=-1))
 else:  # a *ForSequenceClassification transformers has no class for: its inner model plus the score row
     from safetensors.torch import load_file
 
@@ -51,4 +64,4 @@ else:  # a *ForSequenceClassification transformers has no class for: its inner m
         with torch.no_grad():
             hidden = model(**inputs, use_cache=False).last_hidden_state[0, -1].float()
         out.append(hidden @ score[0])
-torch.save(torch.stack([o.reshape(-1) for o in out]).reshape(-1), task["result_file"])
+torch.save(torch.cat([o.reshape(-1) for o in out]), task["result_file"])

@@ -83,7 +83,7 @@ class VllmRecipe:
     call, and the test that runs exactly this (its outputs compared with hf_mm_rerank's)."""
 
     source: str  # the folder vLLM loads (for LoRA: the adapter folder)
-    task: str  # "embed" or "classify"
+    task: str  # "embed", "classify" or "token_embed"
     engine: dict[str, Any]
     test: str
     export: str | None = None  # the export to write first (None: the folder as it is)
@@ -114,6 +114,8 @@ class VllmRecipe:
         lora = ', lora_request=LoRARequest("adapter", 1, ADAPTER)' if self.base else ""
         if self.task == "classify":  # raw logits, as hf_mm_rerank's score() (vLLM's default adds a sigmoid)
             return f"llm.classify(prompts, pooling_params=PoolingParams(use_activation=False){lora})"
+        if self.task == "token_embed":  # every token's vector; score by MaxSim
+            return f'llm.encode(prompts, pooling_task="token_embed"{lora})'
         return f"llm.embed(prompts{lora})"
 
 
@@ -142,9 +144,7 @@ def vllm_recipes(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE",
     head = getattr(model, "head_type", None)
     out = "OUT"
     if kind == "multi_vector":
-        return [], ("hf_mm_rerank's multi-vector folders (a token projection on the model) are none of the layouts vLLM "
-                    "0.32's late-interaction runner loads (ColQwen3, ColPali, ColQwen3.5, OpsColQwen3, "
-                    "Qwen3VLNemotronEmbed); hf_mm_rerank has not run vLLM on them"), ""
+        return _late_interaction(model, model_ref, exported)
     if kind == "bi_encoder" and family == CHAT:
         if model_type not in VLLM_CHAT:
             return [], f"hf_mm_rerank's tests have not run vLLM on {model_type}", ""
@@ -215,6 +215,36 @@ def vllm_recipes(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE",
     return [], "hf_mm_rerank's tests have not run vLLM on this kind of model", ""
 
 
+LATE_INTERACTION_TEST = "test_multi_vector_qwen3_vl"
+# The architecture vLLM 0.32's late-interaction runner loads a chat VLM's multi-vector model as (its
+# ``*ForConditionalGeneration`` weights plus a top-level ``custom_text_proj``: the merged export writes it). Qwen2-VL and
+# Qwen2.5-VL have none there: colpali-engine's ColQwen2 layout is absent from its registry.
+VLLM_LATE_INTERACTION = {"qwen3_vl": "ColQwen3"}
+
+
+def _late_interaction(model: Any, model_ref: str, exported: str | None) -> tuple[list[VllmRecipe], str, str]:
+    """A multi-vector model: its merged export in the ColQwen3 layout (Qwen3-VL), whose ``token_embed`` gives every
+    token's vector; the others have no layout vLLM 0.32 loads."""
+    model_type = getattr(model.config, "model_type", None)
+    if model.spec.family != CHAT or model_type not in VLLM_LATE_INTERACTION:
+        runner = (f"vLLM 0.32's late-interaction runner loads {', '.join(VLLM_LATE_INTERACTION.values())} (Qwen3-VL), "
+                  "ColPali (PaliGemma), ColQwen3.5 and ColBERT layouts (its registry, not run here)")
+        missing = ("it serves no multi-vector dual encoder" if model.spec.family != CHAT else
+                   f"it has no layout for a multi-vector {model_type} model (colpali-engine's ColQwen2 is absent)")
+        return [], f"{runner}; {missing}", ""
+    engine = {"runner": "pooling", **_pixels(model)}
+    scored = model.featurizer.scored_tokens == "all" or model.featurizer.template == "colpali"
+    inputs = _chat_inputs(model) + ("; vLLM returns every token's vector (L2-normalised), as this model scores them"
+                                    if scored else
+                                    "; vLLM returns every token's vector (L2-normalised), the chat template's too, "
+                                    "while this model scores only the input's own tokens (scored_tokens='content'): "
+                                    "MaxSim over vLLM's vectors differs unless the template's tokens are dropped "
+                                    "(train with scored_tokens='all' to serve it as it is)")
+    source, export_format = (model_ref, None) if exported == "merged" else ("OUT", "merged")
+    return [VllmRecipe(source, "token_embed", engine, LATE_INTERACTION_TEST, export_format, inputs=inputs)], "", \
+        LATE_INTERACTION_TEST
+
+
 def _classifier_name(model: Any) -> str:
     names = getattr(model.base_model.config, "architectures", None) or [type(model.base_model).__name__]
     name = names[0]
@@ -239,7 +269,7 @@ def _vllm_target(model: Any, model_ref: str, base_ref: str, exported: str | None
     if first.base:
         notes.append("the adapter re-keyed for vLLM's LoRA (`--format lora`): vLLM ignores adapters in the layout "
                      "training saves, without an error")
-    if facts["modules_to_save"]:
+    if facts["modules_to_save"] and not exported:
         notes.append(f"vLLM's LoRA refuses modules_to_save ({', '.join(facts['modules_to_save'])}): the merged export")
     notes.append(f"checked by hf_mm_rerank's {VLLM_TESTS}::{first.test}")
     return ServingTarget("vLLM", "as is" if first.export is None else "export", how, "; ".join(notes))
