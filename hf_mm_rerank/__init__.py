@@ -8,8 +8,8 @@ The map: ``data/`` (cells, row schema, featurizers, collators, streams, image pi
 floor and imports nothing of the package; ``retrieval/`` (the retrieval core, evaluators and ranking metrics, mining,
 retrieve-then-rerank) stands on data; ``modeling/`` and ``losses/`` on data and the retrieval core; ``publishing/``
 (cards, serving notes, exports) on modeling; ``training/`` (trainers, arguments, checkpoints, throughput, the Hub
-push) on all of these; ``recipes_kit/`` (the recipes' helpers) on top. ``distributed.py`` is the low-level utility
-every wing may use. No module imports a wing above its own.
+push) on all of these; ``recipes_kit/`` (the recipes' helpers) on top. ``distributed.py`` and ``progress.py`` (the
+progress bars) are low-level utilities every wing may use. No module imports a wing above its own.
 """
 
 from __future__ import annotations

@@ -120,18 +120,24 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def sharded_inference(total: int, batch_size: int, run_batch: Callable[[int, int], torch.Tensor],
-                      device: torch.device, shard: bool = True) -> torch.Tensor:
+                      device: torch.device, shard: bool = True, *, progress: Any = None) -> torch.Tensor:
     """Outputs of ``run_batch(start, stop)`` over ``range(0, total, batch_size)``, concatenated on the CPU.
 
     With a process group of several ranks (and ``shard``), rank r runs batches r, r + W, r + 2W, ... and the
     outputs are gathered (through ``device``, which the backend must support: CUDA for NCCL) and put back in
     order: every rank returns what one process would, computed from the very same batches. Every rank must
-    call it (as Trainer does with evaluators); a single process runs every batch itself.
+    call it (as Trainer does with evaluators); a single process runs every batch itself. ``progress(count)``, when
+    given, is a context giving a bar of this rank's ``count`` items (:func:`hf_mm_rerank.progress.bar`).
     """
     rank, size = world() if shard else (0, 1)
     starts = list(range(0, total, batch_size))
     mine = starts[rank::size]
-    outputs = [run_batch(start, min(start + batch_size, total)).cpu() for start in mine]
+    outputs = []
+    with progress(sum(min(batch_size, total - s) for s in mine)) if progress else nullcontext() as shown:
+        for start in mine:
+            outputs.append(run_batch(start, min(start + batch_size, total)).cpu())
+            if shown is not None:
+                shown.update(min(batch_size, total - start))
     local = torch.cat(outputs) if outputs else None
     if size == 1:
         return local if local is not None else torch.empty(0)

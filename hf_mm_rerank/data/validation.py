@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from .. import progress
 from .collators import check_cell_types, read_bi_encoder_row, read_reranker_row
 from .featurizers import featurizer_of
 from .inputs import InputError, check_decodes
@@ -72,7 +73,7 @@ class ValidationReport:
 
 
 def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | None = None,
-                     decode_images: bool = True) -> ValidationReport:
+                     decode_images: bool = True, show_progress: bool | None = None) -> ValidationReport:
     """Check every row of ``dataset`` the way ``model``'s trainer will read it, and report every bad row at once.
 
     Text is checked in full (empty, invalid Unicode, the model's own image/vision tokens); images first by their
@@ -85,6 +86,7 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
         model: the :class:`BiEncoder` or :class:`CrossEncoder` (or its featurizer) that will train on it.
         cell_types: the collator's per-column reading of string cells (``{"query": "text"}``), if any.
         decode_images: False checks image headers only (much faster; damaged pixel data is then met in training).
+        show_progress: a bar over the rows (see :mod:`hf_mm_rerank.progress`).
 
     Example:
         >>> report = validate_dataset(train, model)
@@ -102,23 +104,26 @@ def validate_dataset(dataset: Any, model: Any, *, cell_types: dict[str, str] | N
     types = check_cell_types(cell_types)
     report = ValidationReport(rows=len(dataset))
     counts: list[int] = []
-    for i, row in enumerate(undecoded_images(dataset)):
-        where = row.get(ROW_KEY, i)
-        try:
-            if reranker:
-                query, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher,
-                                                      decode=False, cell_types=types)
-                items = [query, *docs]
-            else:
-                query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, types, decode=False)
-                items = [query, positive, *others]
-            firsts = ("query", "document") if reranker and layout != GROUPED else ("query", "positive")
-            cells = [(row[c], c) for c in firsts] + (negative_cells(row, negatives) if negatives else [])
-            _check_pixels(cells, items, where, decode_images)
-            counts.append(len(items) - 2)  # negatives per row (reranker: documents besides the positive)
-        except InputError as error:
-            report.bad.append(BadRow(i, _column_of(str(error)), str(error)))
-            counts.append(-1)
+    with progress.bar(len(dataset), "Validating rows", "rows", show_progress) as shown:
+        for i, row in enumerate(undecoded_images(dataset)):
+            where = row.get(ROW_KEY, i)
+            try:
+                if reranker:
+                    query, docs, _, _ = read_reranker_row(featurizer, row, where, layout, negatives, teacher,
+                                                          decode=False, cell_types=types)
+                    items = [query, *docs]
+                else:
+                    query, positive, others = read_bi_encoder_row(featurizer, row, where, negatives, types,
+                                                                  decode=False)
+                    items = [query, positive, *others]
+                firsts = ("query", "document") if reranker and layout != GROUPED else ("query", "positive")
+                cells = [(row[c], c) for c in firsts] + (negative_cells(row, negatives) if negatives else [])
+                _check_pixels(cells, items, where, decode_images)
+                counts.append(len(items) - 2)  # negatives per row (reranker: documents besides the positive)
+            except InputError as error:
+                report.bad.append(BadRow(i, _column_of(str(error)), str(error)))
+                counts.append(-1)
+            shown.update()
     if negatives:
         good = [(count, i) for i, count in enumerate(counts) if count >= 0]
         try:

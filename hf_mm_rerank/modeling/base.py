@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import progress
 from ..distributed import sharded_inference
 from .backbone import (
     apply_lora,
@@ -122,18 +123,21 @@ class AdapterModel(nn.Module):
 
     @torch.no_grad()
     def _run_batched(self, items: Sequence[Any], batch_size: int, featurize: Callable[[Sequence[Any], int], Any],
-                     shard_across_ranks: bool = False) -> torch.Tensor:
+                     shard_across_ranks: bool = False, *, desc: str = "Encoding", unit: str = "inputs",
+                     show_progress: bool | None = None) -> torch.Tensor:
         """Inference over raw ``items`` in batches (eval mode, no grad, mode restored); ``featurize(chunk,
         offset)`` builds a batch's features with the training featurizer. Returns the outputs on CPU.
 
         With ``shard_across_ranks`` in a multi-process run, each rank runs a share of the batches and every rank
-        gets all outputs (see :func:`hf_mm_rerank.distributed.sharded_inference`); every rank must call it.
+        gets all outputs (see :func:`hf_mm_rerank.distributed.sharded_inference`); every rank must call it. A
+        progress bar (``desc``, counted in ``unit``) follows ``show_progress`` (:mod:`hf_mm_rerank.progress`).
         """
         was_training = self.training
         self.eval()
         try:
             return sharded_inference(len(items), batch_size, lambda a, b: self(featurize(items[a:b], a)),
-                                     self.device, shard=shard_across_ranks)
+                                     self.device, shard=shard_across_ranks,
+                                     progress=lambda count: progress.bar(count, desc, unit, show_progress))
         finally:
             self.train(was_training)
 

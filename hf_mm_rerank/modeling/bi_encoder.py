@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..data.featurizers import ChatFeaturizer, DualEncoderFeaturizer, Featurizer, dual_default_max_pixels
 from .backbone import CHAT, DUAL
 from .base import AdapterModel, to_device
@@ -161,18 +162,20 @@ class BiEncoder(AdapterModel):
         return any(f".{part}." in name for tower in parts for part in tower for name in names)
 
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
-               shard_across_ranks: bool = False) -> torch.Tensor:
+               shard_across_ranks: bool = False, show_progress: bool | None = None) -> torch.Tensor:
         """Embed raw inputs (text, PIL images, paths, bytes, ``{"text", "image"}`` dicts) -> ``[N, D]`` on CPU.
 
         Uses the same featurizer as training, so images are resized and processed identically. With
         ``shard_across_ranks`` in a multi-process run, every rank embeds a share and gets all embeddings (every
-        rank must call it).
+        rank must call it). ``show_progress``: a progress bar (default: for 1,000 inputs or more on a terminal; see
+        :mod:`hf_mm_rerank.progress`).
         """
         def featurize(chunk: Sequence[Any], start: int) -> dict[str, Any]:
             read = self.featurizer.read
             return self.featurizer([read(cell, start + i, side) for i, cell in enumerate(chunk)], side)
 
-        return self._run_batched(inputs, batch_size, featurize, shard_across_ranks)
+        return self._run_batched(inputs, batch_size, featurize, shard_across_ranks, desc=progress.encoding(side),
+                                 show_progress=show_progress)
 
 
 def _st_normalize(name_or_path: str, options: LoadOptions) -> dict[str, Any]:

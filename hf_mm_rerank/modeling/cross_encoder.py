@@ -237,15 +237,17 @@ class CrossEncoder(AdapterModel):
         return self.head(last_token_pool(hidden, features["attention_mask"]))
 
     def score(self, pairs: Sequence[tuple[Any, Any]], *, batch_size: int = 16, activation: str | None = None,
-              shard_across_ranks: bool = False) -> torch.Tensor:
+              shard_across_ranks: bool = False, show_progress: bool | None = None) -> torch.Tensor:
         """Relevance scores ``[N]`` (on CPU) for raw (query, document) pairs; ``activation="sigmoid"`` maps
         them to [0, 1]. Inputs are text, PIL images, paths, bytes or ``{"text", "image"}`` dicts, processed
         exactly as in training. With ``shard_across_ranks`` in a multi-process run, every rank scores a share
-        and gets all scores (every rank must call it)."""
+        and gets all scores (every rank must call it). ``show_progress``: a progress bar (default: for 1,000 pairs
+        or more on a terminal; see :mod:`hf_mm_rerank.progress`)."""
         if activation not in (None, "sigmoid"):
             raise ValueError(f"activation={activation!r}: use None (raw logits) or 'sigmoid'.")
         scores = self._run_batched(pairs, batch_size, lambda chunk, start: self.featurizer(
-            [self._pair(pair, start + i) for i, pair in enumerate(chunk)]), shard_across_ranks)
+            [self._pair(pair, start + i) for i, pair in enumerate(chunk)]), shard_across_ranks, desc="Scoring pairs",
+            unit="pairs", show_progress=show_progress)
         return scores.sigmoid() if activation == "sigmoid" else scores
 
     def rank(self, query: Any, documents: Sequence[Any], *, top_k: int | None = None, batch_size: int = 16,

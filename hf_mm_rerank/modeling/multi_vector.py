@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import progress
 from ..data.multi_vector_featurizer import MultiVectorChatFeaturizer, MultiVectorDualFeaturizer
 from ..distributed import world
 from ..retrieval.core import MAXSIM, TokenEmbeddings
@@ -214,19 +215,24 @@ class MultiVectorEncoder(BiEncoder):
         return torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in joined])
 
     def encode(self, inputs: Sequence[Any], *, side: str = "query", batch_size: int = 32,
-               shard_across_ranks: bool = False) -> TokenEmbeddings:
-        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.core.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU)."""
+               shard_across_ranks: bool = False, show_progress: bool | None = None) -> TokenEmbeddings:
+        """Embed raw inputs -> :class:`~hf_mm_rerank.retrieval.core.TokenEmbeddings` (``[N, T, dim]`` + mask, on CPU);
+        ``show_progress`` as in :meth:`BiEncoder.encode`."""
 
         read = self.featurizer.read
         rank, size = world() if shard_across_ranks else (0, 1)
-        starts = list(range(0, len(inputs), batch_size))
+        starts = list(range(0, len(inputs), batch_size))[rank::size]
         was_training = self.training
         self.eval()
+        mine = []
+        count = sum(min(batch_size, len(inputs) - start) for start in starts)
         try:
-            with torch.no_grad():
-                mine = [(start, self._pack(self(self.featurizer(
-                    [read(cell, start + i, side) for i, cell in enumerate(inputs[start:start + batch_size])], side))))
-                    for start in starts[rank::size]]
+            with torch.no_grad(), progress.bar(count, progress.encoding(side), show=show_progress) as shown:
+                for start in starts:
+                    chunk = inputs[start:start + batch_size]
+                    mine.append((start, self._pack(self(self.featurizer(
+                        [read(cell, start + i, side) for i, cell in enumerate(chunk)], side)))))
+                    shown.update(len(chunk))
         finally:
             self.train(was_training)
         if size > 1:  # every rank gets every output, in the one-process order

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import progress
 from ..data.pipeline import undecoded_images
 from ..data.streams import is_stream, stream_columns
 from ..distributed import shard_kwargs, world
@@ -273,27 +274,29 @@ def encode_corpus(model: Any, source: CorpusSource, batch_size: int, shard: bool
                          "store_dtype='float16' (half the size) or 'float32'.")
     parts: list[Any] = []
     stored, written = None, 0
-    for chunk in source.chunks(chunk_rows):
-        embeddings = encode(model, chunk, "document", batch_size, shard)
-        if isinstance(embeddings, TokenEmbeddings):
-            if store is not None:
-                raise ValueError("store: token (multi-vector) embeddings are kept in memory; a store holds dense "
-                                 "embeddings. Fix: leave store out (token_pooling shrinks the index).")
-            parts.append(embeddings)
-            continue
-        if store is None:
-            parts.append(embeddings.to(dtype))
-            continue
-        if stored is None:
-            import os
+    with progress.bar(len(source), "Encoding the corpus", "documents") as shown:
+        for chunk in source.chunks(chunk_rows):
+            with progress.showing(False):  # one bar for the corpus, not one per chunk
+                embeddings = encode(model, chunk, "document", batch_size, shard)
+            shown.update(len(chunk))
+            if isinstance(embeddings, TokenEmbeddings):
+                if store is not None:
+                    raise ValueError("store: token (multi-vector) embeddings are kept in memory; a store holds dense "
+                                     "embeddings. Fix: leave store out (token_pooling shrinks the index).")
+                parts.append(embeddings)
+                continue
+            if store is None:
+                parts.append(embeddings.to(dtype))
+                continue
+            if stored is None:
+                import os
 
-
-            os.makedirs(store, exist_ok=True)
-            name = f"corpus-rank{world()[0]}-{str(dtype).removeprefix('torch.')}.bin"
-            stored = np.memmap(os.path.join(store, name), dtype=np.float16 if dtype == torch.float16 else np.float32,
-                               mode="w+", shape=(len(source), embeddings.shape[1]))
-        stored[written:written + len(embeddings)] = embeddings.to(dtype).cpu().numpy()
-        written += len(embeddings)
+                os.makedirs(store, exist_ok=True)
+                name = f"corpus-rank{world()[0]}-{str(dtype).removeprefix('torch.')}.bin"
+                stored = np.memmap(os.path.join(store, name), mode="w+", shape=(len(source), embeddings.shape[1]),
+                                   dtype=np.float16 if dtype == torch.float16 else np.float32)
+            stored[written:written + len(embeddings)] = embeddings.to(dtype).cpu().numpy()
+            written += len(embeddings)
     if stored is not None:
         stored.flush()
         return torch.from_numpy(stored)

@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import progress
 from ..data.inputs import fingerprint
 from ..data.pipeline import undecoded_images
 from ..data.schema import negative_cells, negative_columns
@@ -114,6 +115,8 @@ class RetrievalEvaluator:
         store: a folder for the corpus's dense embeddings, memory-mapped (one file per process, rewritten at each
             evaluation), so they need not fit in memory; ``store_dtype`` ``"float16"`` halves it (scores are computed
             in float32 chunk by chunk). Scoring always runs in corpus chunks with a running top-k.
+        show_progress: a bar over the corpus's encoding (default: 1,000 documents or more on a terminal; inside
+            training, off with ``disable_tqdm``; see :mod:`hf_mm_rerank.progress`).
 
     Example:
         >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
@@ -124,8 +127,10 @@ class RetrievalEvaluator:
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, k_values: Sequence[int] = (1, 5, 10),
                  batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True,
                  token_pooling: int | None = None, corpus_columns: tuple[str, str] = ("id", "document"),
-                 store: str | None = None, store_dtype: str = "float32", chunk_rows: int = core.CHUNK_ROWS) -> None:
+                 store: str | None = None, store_dtype: str = "float32", chunk_rows: int = core.CHUNK_ROWS,
+                 show_progress: bool | None = None) -> None:
         corpus = core.CorpusSource(corpus, corpus_columns)
+        self.show_progress = show_progress
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -173,7 +178,9 @@ class RetrievalEvaluator:
 
     def __call__(self, model: Any) -> dict[str, float]:
         depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
-        metrics = ranking_metrics(self.rankings(model, depth), self.relevant, self.k_values, self.map_at)
+        with progress.showing(self.show_progress):
+            rankings = self.rankings(model, depth)
+        metrics = ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)
         if self.index_vectors is not None:
             metrics["index_vectors"] = float(self.index_vectors)  # multi-vector: the corpus's stored vectors
         return metrics
@@ -214,9 +221,10 @@ class RerankingEvaluator:
     """
 
     def __init__(self, samples: Sequence[Mapping[str, Any]], *, at_k: int = 10, batch_size: int = 16,
-                 seed: int = 0, shard_across_ranks: bool = True) -> None:
+                 seed: int = 0, shard_across_ranks: bool = True, show_progress: bool | None = None) -> None:
         import random
 
+        self.show_progress = show_progress
         rng = random.Random(seed)
         self.queries, self.candidates, self.relevant = [], [], []
         for i, sample in enumerate(samples):
@@ -260,7 +268,8 @@ class RerankingEvaluator:
 
     def __call__(self, model: Any) -> dict[str, float]:
         pairs = [(q, doc) for q, docs in zip(self.queries, self.candidates) for doc in docs]
-        scores = model.score(pairs, batch_size=self.batch_size, **shard_kwargs(self.shard_across_ranks)).tolist()
+        with progress.showing(self.show_progress):
+            scores = model.score(pairs, batch_size=self.batch_size, **shard_kwargs(self.shard_across_ranks)).tolist()
         rankings = core.rank_groups(core.split_groups(scores, [len(docs) for docs in self.candidates]))
         incoming = [list(range(len(docs))) for docs in self.candidates]
         return {**self._metrics(rankings, ""), **self._metrics(incoming, "base_")}

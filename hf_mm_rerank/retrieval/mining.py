@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from ..data.inputs import fingerprint, to_input
 from ..data.pipeline import undecoded_images
 from ..data.schema import check_columns, negative_cells, negative_columns
@@ -38,6 +39,7 @@ def mine_hard_negatives(
     corpus_columns: tuple[str, str] = ("id", "document"),
     store: str | None = None,
     store_dtype: str = "float32",
+    show_progress: bool | None = None,
 ) -> Any:
     """For each (query, positive) row, pick ``num_negatives`` documents the bi-encoder ranks high but that are
     not the positive: grouped rows ``query, positive, negative_1 ... negative_k`` for a reranker.
@@ -66,6 +68,7 @@ def mine_hard_negatives(
             is: put it on the rank's device first.
         store, store_dtype: a folder for the corpus's dense embeddings, memory-mapped (float16 or float32), as for
             :class:`RetrievalEvaluator`.
+        show_progress: bars over the corpus's and the queries' encoding (see :mod:`hf_mm_rerank.progress`).
 
     Returns:
         A ``datasets.Dataset`` (query, positive, negative_1..k); images stay images.
@@ -81,9 +84,10 @@ def mine_hard_negatives(
     positive_fp = [fingerprint(cell) for cell in positives]
     scorer = core.scorer_of(bi_encoder)
     encode = functools.partial(core.encode, bi_encoder, batch_size=batch_size, shard=shard_across_ranks)
-    docs = core.encode_corpus(bi_encoder, source, batch_size, shard_across_ranks, store=store, dtype=store_dtype)
-    pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
-    query_emb = encode(queries, side="query")
+    with progress.showing(show_progress):
+        docs = core.encode_corpus(bi_encoder, source, batch_size, shard_across_ranks, store=store, dtype=store_dtype)
+        pos = _positive_embeddings(encode, positives, positive_fp, corpus_fp, docs)
+        query_emb = encode(queries, side="query")
     depth = min(range_max or len(source), len(source))
     candidate_scores, order = core.top_k(scorer, query_emb, docs, depth)
     positive_scores = scorer.pairwise(query_emb, pos)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from ..data.pipeline import undecoded_images
 from ..data.schema import check_columns, negative_cells, negative_columns
 from ..distributed import shard_kwargs
@@ -43,6 +44,7 @@ class RetrieveRerankEvaluator:
         top_k: candidates per query handed to the reranker.
         k_values: cut-offs of ndcg, mrr and recall.
         batch_size: inputs per forward pass of the retriever; ``rerank_batch_size``: pairs per reranker pass.
+        show_progress: bars over the corpus's encoding and the scoring (see :mod:`hf_mm_rerank.progress`).
 
     Example:
         >>> evaluator = RetrieveRerankEvaluator(embedder, queries, corpus, relevant, top_k=50)
@@ -52,11 +54,13 @@ class RetrieveRerankEvaluator:
     def __init__(self, bi_encoder: Any, queries: Mapping[Hashable, Any], corpus: Mapping[Hashable, Any],
                  relevant: Mapping[Hashable, Iterable[Hashable]], *, top_k: int = 100,
                  k_values: Sequence[int] = (1, 5, 10), batch_size: int = 32, rerank_batch_size: int = 16,
-                 shard_across_ranks: bool = True) -> None:
+                 shard_across_ranks: bool = True, show_progress: bool | None = None) -> None:
         if top_k < 1:
             raise ValueError(f"top_k={top_k}: keep at least one candidate per query.")
         self.retrieval = RetrievalEvaluator(queries, corpus, relevant, k_values=k_values, batch_size=batch_size,
-                                            map_at=top_k, shard_across_ranks=shard_across_ranks)
+                                            map_at=top_k, shard_across_ranks=shard_across_ranks,
+                                            show_progress=show_progress)
+        self.show_progress = show_progress
         self.bi_encoder = bi_encoder
         self.top_k = min(top_k, len(self.retrieval.doc_ids))
         self.k_values = tuple(k_values)
@@ -84,7 +88,8 @@ class RetrieveRerankEvaluator:
         candidates = self.candidates()
         cells = r.corpus.cells([j for row in candidates for j in row])
         pairs = list(zip((query for query, row in zip(r.queries, candidates) for _ in row), cells))
-        scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
+        with progress.showing(self.show_progress):
+            scores = reranker.score(pairs, batch_size=self.rerank_batch_size, **shard_kwargs(self.shard_across_ranks))
         order = core.rank_groups(core.split_groups(scores.float().tolist(), [len(c) for c in candidates]))
         rankings = [[r.doc_ids[row[i]] for i in ranked] for row, ranked in zip(candidates, order)]  # ties: retrieval order
         reranked = ranking_metrics(rankings, r.relevant, self.k_values, self.top_k)
@@ -158,7 +163,8 @@ def score_with_teacher(reranker: Any, dataset: Any, *, batch_size: int = 16, col
         docs = [[row["document"]] if pointwise else [row["positive"], *(c for c, _ in negative_cells(row, negatives))]
                 for row in rows]
         pairs = [(row["query"], doc) for row, group in zip(rows, docs) for doc in group]
-        flat = reranker.score(pairs, batch_size=batch_size).float().tolist()
+        with progress.showing(False):  # datasets' map shows its own bar ("teacher scores")
+            flat = reranker.score(pairs, batch_size=batch_size).float().tolist()
         out, start = [], 0
         for group in docs:
             out.append(flat[start] if pointwise else flat[start:start + len(group)])

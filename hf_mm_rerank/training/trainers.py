@@ -22,6 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from .. import progress
 from ..data.collators import ERROR_KEY, SKIPPED_KEY, BiEncoderCollator, CrossEncoderCollator
 from ..data.pipeline import add_lengths, undecoded_images
 from ..data.sampling import MixtureDataset
@@ -273,7 +274,8 @@ class RetrievalTrainerMixin(SavingMixin, MixtureMixin):
         else:
             runs = {f"{prefix}_{name}": evaluator for name, evaluator in named.items()}
         model = self.accelerator.unwrap_model(self.model)
-        metrics = {f"{key}_{k}": float(v) for key, evaluator in runs.items() for k, v in evaluator(model).items()}
+        with progress.showing(False if self.args.disable_tqdm else None):  # the evaluators' bars follow disable_tqdm
+            metrics = {f"{key}_{k}": float(v) for key, evaluator in runs.items() for k, v in evaluator(model).items()}
         if self.state.global_step == 0:  # train() resets the log history: keep the baseline for the model card
             base = prefix.split("_")[0] + "_"
             self.metrics_before_training = {**(self.metrics_before_training or {}),
