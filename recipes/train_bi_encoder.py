@@ -64,6 +64,8 @@ class ModelArguments(LoraArguments):
                 "longest), instead of --mini_batch_size inputs."})
     matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka embedding sizes."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the retrieval evaluator."})
+    gallery: int = field(default=4, metadata={"help": "Held-out queries drawn with their top 5 before and after "
+                                                      "training into retrieval_gallery.png (shown in the card); 0: none."})
     multi_vector: bool = field(default=False, metadata={
         "help": "Late interaction (ColPali/ColQwen-style): one vector per token, scored by MaxSim."})
     projection_dim: int = field(default=128, metadata={"help": "Multi-vector: the token vectors' dimension."})
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     # 2. Data: (query, positive[, negatives]) rows; a held-out split feeds the retrieval evaluator.
     with main_process_first(args, "loading the data"):
         train, held_out, mixing = load_training_data(data_args, seed=args.seed)  # mixing: a mixture's (the YAML's)
-    evaluator = RetrievalEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size) if held_out else None
+    evaluator = RetrievalEvaluator.from_dataset(held_out, batch_size=model_args.eval_batch_size,
+                                                gallery=model_args.gallery) if held_out else None
 
     # 3. Model, loss, trainer.
     model = build_model(model_args, args)

@@ -152,7 +152,8 @@ def card_info(trainer: Any, *, repo_id: str | None = None, **overrides: Any) -> 
         trainer: a :class:`BiEncoderTrainer` or :class:`CrossEncoderTrainer`.
         repo_id: the Hub repo the card will live in (used in the usage snippets).
         **overrides: ``license``, ``datasets`` (Hub ids), ``language``, ``model_name``, ``dataset_name``,
-            ``base_model`` (the Hub id of a base that was loaded from a local folder).
+            ``base_model`` (the Hub id of a base that was loaded from a local folder), ``gallery`` (the retrieval
+            gallery's file name in the folder, shown in the card).
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
     spec, args, state = model.spec, trainer.args, trainer.state
@@ -274,6 +275,7 @@ def render_card(info: dict[str, Any]) -> str:
         normalize=info["normalize"], adapter=info["adapter"], usage_library=library, usage_plain=plain,
         training_rows=[(k, _fmt(v)) for k, v in info["training"].items()], lora_rows=lora_rows,
         loss=info["loss"], eval_rows=eval_rows, versions=info["versions"], serving=info.get("serving") or [],
+        gallery=info.get("gallery"),
         eval_text=f"On {info['dataset_name'] or 'the held-out evaluation set'}, before and after fine-tuning.")
     return str(card)
 

@@ -91,6 +91,9 @@ def ranking_metrics(rankings: Sequence[Sequence[Hashable]],
     return {name: value / counted for name, value in sums.items()} if counted else {}
 
 
+GALLERY_TOP = 5  # documents per query in the gallery
+
+
 class RetrievalEvaluator:
     """Embeds queries and a corpus with a :class:`BiEncoder` and reports ranking metrics.
 
@@ -117,6 +120,10 @@ class RetrievalEvaluator:
             in float32 chunk by chunk). Scoring always runs in corpus chunks with a running top-k.
         show_progress: a bar over the corpus's encoding (default: 1,000 documents or more on a terminal; inside
             training, off with ``disable_tqdm``; see :mod:`hf_mm_rerank.progress`).
+        gallery: keep, at each evaluation, this many queries' top 5 (the same queries every time, a seeded draw) as
+            ``last_gallery``: ``[(query, [(document, relevant), ...])]``; the trainers draw them before and after
+            training into ``retrieval_gallery.png`` beside the model, shown in its card
+            (:mod:`hf_mm_rerank.publishing.gallery`). 0: none.
 
     Example:
         >>> evaluator = RetrievalEvaluator({"q1": "a red car"}, {"d1": "car.jpg", "d2": "boat.jpg"}, {"q1": {"d1"}})
@@ -128,9 +135,10 @@ class RetrievalEvaluator:
                  batch_size: int = 32, map_at: int = 100, shard_across_ranks: bool = True,
                  token_pooling: int | None = None, corpus_columns: tuple[str, str] = ("id", "document"),
                  store: str | None = None, store_dtype: str = "float32", chunk_rows: int = core.CHUNK_ROWS,
-                 show_progress: bool | None = None) -> None:
+                 show_progress: bool | None = None, gallery: int = 0) -> None:
         corpus = core.CorpusSource(corpus, corpus_columns)
         self.show_progress = show_progress
+        self.gallery, self.last_gallery = gallery, None
         unknown_q = [q for q in relevant if q not in queries]
         unknown_d = sorted({str(d) for docs in relevant.values() for d in docs if d not in corpus})
         if unknown_q or unknown_d:
@@ -180,12 +188,24 @@ class RetrievalEvaluator:
         depth = min(max(max(self.k_values), self.map_at), len(self.doc_ids))
         with progress.showing(self.show_progress):
             rankings = self.rankings(model, depth)
+        if self.gallery:
+            self.last_gallery = self._gallery(rankings)
         metrics = ranking_metrics(rankings, self.relevant, self.k_values, self.map_at)
         if self.index_vectors is not None:
             metrics["index_vectors"] = float(self.index_vectors)  # multi-vector: the corpus's stored vectors
         return metrics
 
     index_vectors: int | None = None
+
+    def _gallery(self, rankings: list[list[Hashable]], top: int = GALLERY_TOP) -> list[tuple[Any, list[tuple[Any, bool]]]]:
+        import random
+
+        picked = sorted(random.Random(0).sample(range(len(self.queries)), min(self.gallery, len(self.queries))))
+        where = {doc: j for j, doc in enumerate(self.doc_ids)}
+        wanted = [[where[doc] for doc in rankings[i][:top]] for i in picked]
+        cells = iter(self.corpus.cells([j for row in wanted for j in row]))
+        return [(self.queries[i], [(next(cells), grades(self.relevant[i]).get(self.doc_ids[j], 0) > 0) for j in row])
+                for i, row in zip(picked, wanted)]
 
     def rankings(self, model: Any, depth: int) -> list[list[Hashable]]:
         """Per query, the ids of its ``depth`` best documents (the model's scorer, scored in corpus chunks). For

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..publishing.gallery import GALLERY_FILE, draw_gallery
 from ..publishing.model_card import write_model_card
 from .checkpoints import LOSS_WEIGHTS, WRITE_ERRORS, AtomicCheckpointsMixin, copy_files, loadable_files, write_error
 from .hub_push import warn_if_local_base
@@ -44,11 +45,29 @@ class SavingMixin(AtomicCheckpointsMixin):
                 save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()},
                           os.path.join(output_dir, LOSS_WEIGHTS))
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            gallery = self._write_gallery(output_dir)
         except WRITE_ERRORS as error:
             if self._checkpoint_staging is not None:  # a checkpoint: _save_checkpoint cleans up and explains
                 raise
             raise write_error(output_dir, error, what="the model") from error
-        self._write_card(output_dir)
+        self._write_card(output_dir, gallery=gallery)
+
+    def keep_gallery(self, evaluators: Any) -> None:
+        """The first and the latest gallery of the first evaluator that keeps one (``RetrievalEvaluator(gallery=)``):
+        the card's "before" and "after" panels, titled by their step."""
+        for evaluator in evaluators:
+            shown = getattr(evaluator, "last_gallery", None)
+            if shown:
+                kept = getattr(self, "galleries", None) or {}
+                self.galleries = {**dict(list(kept.items())[:1]), f"step {self.state.global_step}": shown}
+                return
+
+    def _write_gallery(self, output_dir: str) -> str | None:
+        """``retrieval_gallery.png`` from the kept galleries (its file name, for the card), or None."""
+        if not getattr(self, "galleries", None):
+            return None
+        draw_gallery(self.galleries).save(os.path.join(output_dir, GALLERY_FILE), optimize=True)
+        return GALLERY_FILE
 
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
 

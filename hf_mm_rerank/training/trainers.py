@@ -276,6 +276,7 @@ class RetrievalTrainerMixin(SavingMixin, MixtureMixin):
         model = self.accelerator.unwrap_model(self.model)
         with progress.showing(False if self.args.disable_tqdm else None):  # the evaluators' bars follow disable_tqdm
             metrics = {f"{key}_{k}": float(v) for key, evaluator in runs.items() for k, v in evaluator(model).items()}
+        self.keep_gallery(runs.values())
         if self.state.global_step == 0:  # train() resets the log history: keep the baseline for the model card
             base = prefix.split("_")[0] + "_"
             self.metrics_before_training = {**(self.metrics_before_training or {}),
