@@ -227,3 +227,14 @@ def test_a_qwen3_vl_multi_vector_merged_export_is_the_colqwen3_layout(tiny_path,
     with pytest.raises(ExportError, match="no ColQwen2 layout"):
         export(qwen2, str(tmp_path / "qwen2"), "merged")
     assert not (tmp_path / "qwen2").exists()
+
+
+def test_a_dual_encoder_multi_vector_export_is_refused_with_the_reason(tiny_path, tmp_path):
+    from hf_mm_rerank import MultiVectorEncoder
+
+    model = MultiVectorEncoder.from_pretrained(tiny_path("clip"), dim=16)
+    with pytest.raises(ExportError, match="exports only as format='merged' of a chat VLM"):
+        export(model, str(tmp_path / "out"), "merged")
+    with pytest.raises(ExportError, match="exports only as format='merged'"):
+        export(model, str(tmp_path / "out"), "sentence-transformers")
+    assert not (tmp_path / "out").exists()

@@ -124,6 +124,8 @@ def export(source: Any, destination: str, format: str = "merged", *, dtype: str 
     if format == "classifier" and model.kind != "cross_encoder":
         raise ExportError("format='classifier' is for rerankers (CrossEncoder); a BiEncoder exports as 'merged' or "
                           "'sentence-transformers'.")
+    if model.kind == "multi_vector":
+        _check_late_interaction(model, format)  # before anything runs: the reason, not a failure deep inside
     expected = probe_outputs(model)
     reference_quantized = probe_outputs(quantized) if quantized is not None else None
     parent = os.path.dirname(os.path.abspath(destination))
@@ -298,18 +300,24 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
             f"{inner} plus the score row (`{_score_key(model)}`, where vLLM reads it), the computation that class runs"]
 
 
-def _write_late_interaction(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
-    """A chat VLM's multi-vector model in the layout vLLM's late-interaction runner loads: the merged weights inside
-    the base's ``*ForConditionalGeneration``, ``custom_text_proj`` at the top level and the architecture vLLM knows it
-    by. MultiVectorEncoder.from_pretrained loads it too (its hf_mm_rerank_config.json)."""
-    from safetensors.torch import load_file, save_file
-
+def _check_late_interaction(model: Any, format: str) -> None:
+    """A multi-vector model exports only as the merged ColQwen3 layout (see :func:`_write_late_interaction`)."""
     model_type = getattr(model.config, "model_type", None)
     if format != "merged" or model.spec.family != CHAT or model_type not in VLLM_LATE_INTERACTION:
         raise ExportError(
             f"a multi-vector {model_type} model exports only as format='merged' of a chat VLM vLLM's late-interaction "
             f"runner loads ({', '.join(VLLM_LATE_INTERACTION)}; vLLM 0.32 has no ColQwen2 layout). Fix: serve the "
             "saved folder with MultiVectorEncoder.from_pretrained, or sentence-transformers' MultiVectorEncoder.")
+
+
+def _write_late_interaction(model: Any, folder: str, format: str, dtype: Any) -> list[str]:
+    """A chat VLM's multi-vector model in the layout vLLM's late-interaction runner loads: the merged weights inside
+    the base's ``*ForConditionalGeneration``, ``custom_text_proj`` at the top level and the architecture vLLM knows it
+    by. MultiVectorEncoder.from_pretrained loads it too (its hf_mm_rerank_config.json)."""
+    from safetensors.torch import load_file, save_file
+
+    _check_late_interaction(model, format)
+    model_type = model.config.model_type
     full = _full_model(model, dtype)
     save_weights(full, folder, max_shard_size="100000GB")  # one file: the projection is added to it below
     weights = os.path.join(folder, "model.safetensors")
