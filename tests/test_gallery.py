@@ -40,10 +40,18 @@ def test_the_trainer_writes_the_gallery_before_and_after_and_the_card_shows_it(t
     assert f"![retrieval gallery]({GALLERY_FILE})" in card
 
 
-def test_relevant_documents_are_framed_green():
-    rows = [("a red square", [(solid("red"), True), ("a blue thing", False)])]
+def test_relevant_documents_are_framed_green_and_undecoded_images_drawn():
+    """Corpus cells as datasets leaves them undecoded ({"bytes", "path"}, the evaluators' form) are drawn as images."""
+    import io
+
+    buffer = io.BytesIO()
+    solid("blue", (60, 40)).save(buffer, format="PNG")
+    rows = [("a red square", [(solid("red"), True), ("a blue thing", False),
+                              ({"bytes": buffer.getvalue(), "path": None}, False)])]
     sheet = draw_gallery({"step 0": rows})
     side = TILE + 2 * FRAME
     y = 20 + GAP + 1  # inside the top frame of the first row
     first_doc, second_doc = GAP + side + GAP + 1, GAP + 2 * (side + GAP) + 1
     assert sheet.getpixel((first_doc, y)) == HIT and sheet.getpixel((second_doc, y)) != HIT
+    third_center = (GAP + 3 * (side + GAP) + side // 2, 20 + GAP + side // 2)
+    assert sheet.getpixel(third_center) == COLORS["blue"]

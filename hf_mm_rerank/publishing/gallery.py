@@ -30,8 +30,9 @@ HIT, MISS, QUERY = (30, 160, 60), (190, 190, 190), (70, 110, 200)
 def _cell(value: Any) -> Image.Image:
     """A tile for one query or document: an image as a thumbnail, anything else as its text."""
     tile = Image.new("RGB", (TILE, TILE), "white")
-    image = value.get("image") if isinstance(value, Mapping) else value
-    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):  # datasets' undecoded image
+    undecoded = isinstance(value, Mapping) and ("bytes" in value or "path" in value)  # datasets' undecoded image
+    image = value.get("image") if isinstance(value, Mapping) and not undecoded else value
+    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):
         import io
 
         image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
