@@ -527,6 +527,6 @@ def test_multi_vector_qwen3_vl(vllm_python, tiny_path, tmp_path):
     qwen2 = MultiVectorEncoder.from_pretrained(tiny_path("qwen2_vl_h32"), lora_config=LoraConfig(**LORA), dim=32)
     recipes, reason, _ = vllm_recipes(qwen2, "me/model")
     assert recipes == [] and "no layout for a multi-vector qwen2_vl model" in reason, reason
-    with pytest.raises(ExportError, match="vLLM 0.32 has no ColQwen2 layout"):
+    with pytest.raises(ExportError, match="has no export.*no ColQwen2 layout"):
         export(qwen2, str(tmp_path / "qwen2-merged"), "merged")
 

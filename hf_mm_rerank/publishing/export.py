@@ -303,11 +303,16 @@ def _write_classifier(model: Any, folder: str, dtype: Any) -> list[str]:
 def _check_late_interaction(model: Any, format: str) -> None:
     """A multi-vector model exports only as the merged ColQwen3 layout (see :func:`_write_late_interaction`)."""
     model_type = getattr(model.config, "model_type", None)
-    if format != "merged" or model.spec.family != CHAT or model_type not in VLLM_LATE_INTERACTION:
-        raise ExportError(
-            f"a multi-vector {model_type} model exports only as format='merged' of a chat VLM vLLM's late-interaction "
-            f"runner loads ({', '.join(VLLM_LATE_INTERACTION)}; vLLM 0.32 has no ColQwen2 layout). Fix: serve the "
-            "saved folder with MultiVectorEncoder.from_pretrained, or sentence-transformers' MultiVectorEncoder.")
+    fix = ("Fix: serve the saved folder itself: hf_mm_rerank.MultiVectorEncoder.from_pretrained(folder), or "
+           "sentence-transformers' MultiVectorEncoder(folder) for a chat VLM.")
+    if model.spec.family != CHAT or model_type not in VLLM_LATE_INTERACTION:
+        raise ExportError(f"a multi-vector {model_type} model has no export: the only one is the merged layout of "
+                          f"vLLM's late-interaction runner, which exists for {', '.join(VLLM_LATE_INTERACTION)} "
+                          f"({', '.join(VLLM_LATE_INTERACTION.values())}) only (vLLM 0.32 has no ColQwen2 layout and "
+                          f"serves no multi-vector dual encoder). {fix}")
+    if format != "merged":
+        raise ExportError(f"a multi-vector model exports only as format='merged' (the "
+                          f"{VLLM_LATE_INTERACTION[model_type]} layout vLLM loads), not {format!r}. {fix}")
 
 
 def _write_late_interaction(model: Any, folder: str, format: str, dtype: Any) -> list[str]:

@@ -10,6 +10,8 @@ from .export_check import snippet_task
 from .model_card import hub_id
 from .serving import serving_lines, vllm_recipes
 
+KIND_NAMES = {"bi_encoder": "bi-encoder", "multi_vector": "multi-vector encoder", "cross_encoder": "cross-encoder"}
+
 
 def write_export_card(model: Any, folder: str, report: Any) -> None:
     """The export's card: what it is and where it came from (Hub ids only, never a local path), how it was checked,
@@ -25,7 +27,7 @@ def write_export_card(model: Any, folder: str, report: Any) -> None:
                           if report.quantized_difference is not None else ""))
     name = os.path.basename(os.path.normpath(report.destination))
     lines = [f"# {name}", "",
-             f"The `{report.format}` export of an hf_mm_rerank {model.kind.replace('_', '-')} ({method}"
+             f"The `{report.format}` export of an hf_mm_rerank {KIND_NAMES.get(model.kind, model.kind)} ({method}"
              f"{f', base [{base}](https://huggingface.co/{base})' if base else ''}), made by "
              f"`python -m hf_mm_rerank.publishing.export_cli SOURCE {name} --format {report.format}`.", "",
              f"- **Checked:** {checked}.", *(f"- **Note:** {note}" for note in report.notes), "",

@@ -30,4 +30,11 @@ def main(argv: list[str] | None = None) -> ExportReport:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .export_check import ExportError
+
+    try:
+        main()
+    except (ExportError, FileExistsError, FileNotFoundError, ValueError) as error:  # the reason, not a traceback
+        sys.exit(f"export failed: {error}")

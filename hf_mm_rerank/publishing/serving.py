@@ -127,11 +127,12 @@ def _pixels(model: Any) -> dict[str, Any]:
 
 def _chat_inputs(model: Any) -> str:
     prompts = model.featurizer.prompts
-    system = (f"the side's prompt as the system turn ({', '.join(f'{k}: {v!r}' for k, v in prompts.items())}), "
+    system = (f"the side's prompt as the system turn ({', '.join(f'{k}: {v!r}' for k, v in prompts.items())}), then "
               if prompts else "")
     return ("prompts: `{\"prompt\": processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), "
-            "\"multi_modal_data\": {\"image\": image}}` (no `multi_modal_data` for text), the messages built as in the "
-            f"transformers snippet: {system}the image, then the text, in the user turn")
+            "\"multi_modal_data\": {\"image\": image}}` (no `multi_modal_data` for text), the messages: "
+            f"{system}one user turn holding the image (`{{\"type\": \"image\"}}`) and then the text "
+            "(`{\"type\": \"text\", \"text\": ...}`), whichever the input has")
 
 
 def vllm_recipes(model: Any, model_ref: str = "MODEL", base_ref: str = "BASE",
@@ -301,6 +302,10 @@ def _with_export(model_ref: str, out: str, format: str, source: str, command: st
 def _sentence_transformers(model: Any, model_ref: str, exported: str | None,
                            notes: list[str] | None = None) -> ServingTarget:
     notes = list(model.spec.sentence_transformers or []) if notes is None else list(notes)
+    if exported and model.kind == "multi_vector":  # the trained folder loads there; an export of it cannot be made
+        return ServingTarget("sentence-transformers", "no", "", "this export has no sentence-transformers "
+                             "configuration; the folder it was exported from loads in sentence-transformers' "
+                             "MultiVectorEncoder")
     if exported in ("merged", "classifier", "lora"):
         return ServingTarget("sentence-transformers", "export",
                              f"{EXPORT.format(model=model_ref, out='OUT', format='sentence-transformers')}",
