@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 GALLERY_FILE = "retrieval_gallery.png"
-TILE = 96  # pixels per cell (the card stays light: 4 queries x 6 cells x 2 panels is about 40 KB)
+TILE = 96  # pixels per cell (the card stays light: the demo's 4 queries x 6 cells x 2 panels of emoji is 127 KB)
 GAP = 6
 FRAME = 4
 HIT, MISS, QUERY = (30, 160, 60), (190, 190, 190), (70, 110, 200)
