@@ -38,6 +38,8 @@ def test_the_trainer_writes_the_gallery_before_and_after_and_the_card_shows_it(t
     assert before.tobytes() != after.tobytes()
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"![retrieval gallery]({GALLERY_FILE})" in card
+    trainer.create_model_card()  # Trainer.push_to_hub rewrites the card after saving: the picture stays in it
+    assert f"![retrieval gallery]({GALLERY_FILE})" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_relevant_documents_are_framed_green_and_undecoded_images_drawn():

@@ -72,6 +72,8 @@ class SavingMixin(AtomicCheckpointsMixin):
     def _write_card(self, output_dir: str, **overrides: Any) -> None:
 
         repo_id = self.hub_model_id if self.args.push_to_hub and hasattr(self, "hub_model_id") else None
+        if overrides.get("gallery") is None and os.path.isfile(os.path.join(output_dir, GALLERY_FILE)):
+            overrides["gallery"] = GALLERY_FILE  # a card rewritten later (Trainer.push_to_hub) keeps the picture
         try:
             fields = {**self.model_card_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
             write_model_card(self, output_dir, repo_id=repo_id, **fields)
