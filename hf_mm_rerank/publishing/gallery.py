@@ -20,6 +20,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.inputs import to_input
+
 GALLERY_FILE = "retrieval_gallery.png"
 TILE = 96  # pixels per cell (the card stays light: the demo's 4 queries x 6 cells x 2 panels of emoji is 127 KB)
 GAP = 6
@@ -28,23 +30,18 @@ HIT, MISS, QUERY = (30, 160, 60), (190, 190, 190), (70, 110, 200)
 
 
 def _cell(value: Any) -> Image.Image:
-    """A tile for one query or document: an image as a thumbnail, anything else as its text."""
+    """A tile for one query or document, read as every cell is (:func:`~hf_mm_rerank.data.inputs.to_input`): an
+    image as a thumbnail (over text, when a cell has both), a text as wrapped text."""
     tile = Image.new("RGB", (TILE, TILE), "white")
-    undecoded = isinstance(value, Mapping) and ("bytes" in value or "path" in value)  # datasets' undecoded image
-    image = value.get("image") if isinstance(value, Mapping) and not undecoded else value
-    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):
-        import io
-
-        image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    if isinstance(image, Image.Image):
-        thumb = image.convert("RGB")
+    item = to_input(value)
+    if item.image is not None:
+        thumb = item.image.convert("RGB")
         thumb.thumbnail((TILE, TILE))
         tile.paste(thumb, ((TILE - thumb.width) // 2, (TILE - thumb.height) // 2))
         return tile
-    text = value.get("text") if isinstance(value, Mapping) else value
-    draw = ImageDraw.Draw(tile)
-    lines = textwrap.wrap(str(text), width=15)[:7]
-    draw.multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(), spacing=2)
+    lines = textwrap.wrap(str(item.text), width=15)[:7]
+    ImageDraw.Draw(tile).multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(),
+                                        spacing=2)
     return tile
 
 
